@@ -1,0 +1,76 @@
+"""Float32 knowledge-distillation primitives shared by every method.
+
+All functions run with autocast disabled and upcast their inputs, so they stay finite under fp16/bf16 AMP
+(CPU autocast would otherwise keep softmax in bf16, and `torch.linalg.solve` refuses low precision).
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'bake_targets']
+
+
+def float32_region(tensor: torch.Tensor):
+    """A context that switches autocast off on the device of `tensor`."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`T^2 * KL(q || softmax(z / T))`, summed over classes and averaged over the batch.
+
+    Args:
+        student_logits: Student logits `z`, shape (N, K); gradients flow through them.
+        teacher_probs: Teacher distribution `q` at temperature T, shape (N, K), rows summing to 1; detached here.
+        temperature: Softening temperature T.
+    """
+    with float32_region(student_logits):
+        log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        kl = F.kl_div(log_p, teacher_probs.detach().float(), reduction='batchmean')
+        return kl * temperature ** 2
+
+
+def kd_kl_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`T^2 * KL(softmax(t / T) || softmax(z / T))` for teacher logits `t`, computed between log-probabilities."""
+    with float32_region(student_logits):
+        log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+        kl = F.kl_div(log_p, log_q, reduction='batchmean', log_target=True)
+        return kl * temperature ** 2
+
+
+@torch.no_grad()
+def bake_targets(
+        features: torch.Tensor,
+        logits: torch.Tensor,
+        omega: float,
+        temperature: float,
+) -> torch.Tensor:
+    """BAKE soft targets, eq. 9: `Q = (1 - w) (I - w A_hat)^-1 softmax(z / T)`.
+
+    `A_hat` is the row-softmax of the cosine affinities of the L2-normalised features (eq. 3) with the
+    diagonal removed (eq. 4). The linear system is solved in float32 (never inverted) and without gradient.
+    For `omega == 1` the series of eq. 7 does not converge, so a single propagation `A_hat P` is used, as the
+    paper does.
+
+    Args:
+        features: Pooled pre-logit features, shape (N, D).
+        logits: Logits of the same images, shape (N, K).
+        omega: Ensembling weight w in [0, 1].
+        temperature: Softening temperature T.
+
+    Returns:
+        Float32 tensor (N, K) whose rows are probability distributions.
+    """
+    if features.shape[0] < 2:
+        raise ValueError('BAKE needs at least two images in a batch to ensemble their knowledge')
+    with float32_region(features):
+        normed = F.normalize(features.float(), dim=1)
+        affinity = normed @ normed.t()
+        affinity.fill_diagonal_(float('-inf'))
+        affinity_hat = affinity.softmax(dim=1)
+        probs = (logits.float() / temperature).softmax(dim=1)
+        if omega >= 1:
+            return affinity_hat @ probs
+        system = torch.eye(probs.shape[0], device=probs.device, dtype=probs.dtype) - omega * affinity_hat
+        # solve_ex skips the error check that would synchronise the host with the device on every step
+        targets = torch.linalg.solve_ex(system, probs, check_errors=False).result
+        return targets.mul_(1 - omega).clamp_(min=0)

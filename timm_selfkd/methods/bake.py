@@ -1,0 +1,80 @@
+"""BAKE: batch knowledge ensembling (Ge et al., 2021, sec. 3.2-3.3, eq. 2-9, Alg. 1)."""
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+from ..losses import bake_targets, kd_kl
+from ..registry import register_method
+from ..samplers import ClassGroupBatchSampler
+from .base import LogitsAndFeatures, SelfKDTask, check_range
+
+
+@dataclass
+class BAKEHparams:
+    weight: float = field(default=1.0, metadata={'help': 'weight lambda of the distillation term (eq. 2)'})
+    temperature: float = field(default=4.0, metadata={'help': 'softening temperature tau (eq. 1-2)'})
+    omega: float = field(default=0.5, metadata={'help': 'ensembling weight w of eq. 9 (0.9 on some small sets)'})
+    same_class: int = field(default=1, metadata={'help': 'M: images of the anchor\'s class added per anchor '
+                                                         '(sec. 3.3; 3 on CIFAR/CUB)'})
+    global_batch: bool = field(default=True, metadata={'help': 'under DDP, ensemble over the batch of all ranks, '
+                                                               'as the official code does'})
+
+    def __post_init__(self):
+        check_range('bake', 'weight', self.weight, 0.)
+        check_range('bake', 'temperature', self.temperature, 1e-6)
+        check_range('bake', 'omega', self.omega, 0., 1.)
+        check_range('bake', 'same_class', self.same_class, 1)
+
+
+def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally-shaped tensors from all ranks (no gradient), in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+@register_method('bake', hparams=BAKEHparams, paper='Ge et al., Self-distillation with Batch Knowledge '
+                                                    'Ensembling Improves ImageNet Classification, 2021')
+class BAKETask(SelfKDTask):
+    """Distil soft targets ensembled from the other images of the batch, weighted by feature affinity.
+
+    Loss `ce(z, y) + lambda * T^2 * KL(Q || softmax(z / T))` over all images (eq. 2), with Q from eq. 9
+    (`timm_selfkd.losses.bake_targets`). Pooled features come from the same forward pass as the logits.
+    Batches hold whole groups of an anchor and M same-class images (`ClassGroupBatchSampler`).
+    """
+
+    mixup_conflict = 'mixed images have no single class for the per-class batches'
+
+    def wrap_model(self, model):
+        return LogitsAndFeatures(model)
+
+    @classmethod
+    def batch_sampler(cls, hparams, *, labels, batch_size, seed, rank, world_size, **_):
+        if labels is None:
+            raise ValueError('BAKE needs the class label of every training image for its per-class batches, '
+                             'and this dataset does not expose them')
+        return ClassGroupBatchSampler(labels, batch_size, hparams.same_class, seed=seed, rank=rank,
+                                      world_size=world_size)
+
+    def soft_targets(self, output: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Eq. 9 targets for this rank's images; over the global batch when asked and distributed."""
+        if not (self.hparams.global_batch and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return bake_targets(features, output, self.hparams.omega, self.hparams.temperature)
+        batch = output.shape[0]
+        targets = bake_targets(_gather_rows(features.detach()), _gather_rows(output.detach()),
+                               self.hparams.omega, self.hparams.temperature)
+        return targets[dist.get_rank() * batch:(dist.get_rank() + 1) * batch]
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        output, features = self.trainable_module(input)
+        loss_ce = self.cross_entropy(output, target)
+        loss_kd = kd_kl(output, self.soft_targets(output, features), self.hparams.temperature)
+        return {
+            'loss': loss_ce + self.hparams.weight * loss_kd,
+            'output': output,
+            'loss_ce': loss_ce,
+            'loss_kd': loss_kd,
+        }

@@ -1,0 +1,135 @@
+"""What every self-KD task shares: the trainable module, timm's criterion, DDP/compile/eval-model plumbing."""
+import inspect
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Sampler
+from timm.task import TrainingTask, resolve_classification_loss
+
+from ..losses import float32_region
+
+__all__ = ['SelfKDTask', 'LogitsAndFeatures', 'check_range']
+
+
+def check_range(method: str, name: str, value: float, low: float, high: float = float('inf')) -> None:
+    """Raise a ValueError naming the hyper-parameter when `value` lies outside [low, high]."""
+    if not low <= value <= high:
+        upper = '' if high == float('inf') else f' and <= {high}'
+        raise ValueError(f'{method} {name} must be >= {low}{upper}, got {value}')
+
+
+class LogitsAndFeatures(nn.Module):
+    """A timm model that returns `(logits, pooled pre-logit features)` from one forward pass.
+
+    All gradient work happens inside this module's `forward`, so DDP sees a single forward per step.
+    Parameter names gain a `model.` prefix; weight-decay exclusions follow the wrapped model.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not _has_pooled_features(model):
+            raise ValueError(f'model {type(model).__name__} has no forward_features/forward_head(pre_logits=True), '
+                             'which this method needs for pooled features')
+        self.model = model
+
+    def no_weight_decay(self):
+        return {f'model.{name}' for name in getattr(self.model, 'no_weight_decay', lambda: ())()}
+
+    def forward(self, input: torch.Tensor):
+        feature_map = self.model.forward_features(input)
+        return self.model.forward_head(feature_map), self.model.forward_head(feature_map, pre_logits=True)
+
+
+def _has_pooled_features(model: nn.Module) -> bool:
+    head = getattr(model, 'forward_head', None)
+    return (callable(getattr(model, 'forward_features', None)) and callable(head)
+            and 'pre_logits' in inspect.signature(head).parameters)
+
+
+class SelfKDTask(TrainingTask):
+    """Base class of every method: returns `loss`, `output` and named loss terms from `forward`.
+
+    Subclasses implement `forward`, and may override `wrap_model` (to change what the trainable module
+    returns), `check_setup` (to refuse option combinations that cannot work), `batch_sampler` (to choose which
+    images share a batch) and `get_task_state`/`load_task_state` (for state that must survive `--resume`).
+
+    Args:
+        model: A timm model, already on `device`.
+        hparams: The method's hyper-parameter dataclass.
+        criterion: Hard-label loss; created by timm's `create_classification_loss(**criterion_kwargs)` if None.
+        criterion_kwargs: e.g. `dict(smoothing=0.1)`.
+        device: Device of the task's tensors.
+    """
+
+    method_name = ''
+    supports_mixup = False
+    mixup_conflict = 'its soft targets are not defined for mixed images'
+
+    def __init__(
+            self,
+            model: nn.Module,
+            hparams: Any,
+            criterion: Optional[Union[nn.Module, Callable]] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = False,
+    ):
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        self.hparams = hparams
+        self.trainable_module = self.wrap_model(model)
+        self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module that owns the parameters and runs the forward pass (the model itself by default)."""
+        return model
+
+    @classmethod
+    def check_setup(cls, hparams: Any, *, batch_size: int, mixup: bool) -> None:
+        """Raise a ValueError for option combinations this method cannot train correctly."""
+        if mixup and not cls.supports_mixup:
+            raise ValueError(f'--mixup/--cutmix are not supported with --selfkd {cls.method_name}: {cls.mixup_conflict}')
+
+    @classmethod
+    def batch_sampler(
+            cls,
+            hparams: Any,
+            *,
+            index_sampler: Sampler[int],
+            labels: Optional[Sequence[int]],
+            batch_size: int,
+            seed: int,
+            rank: int,
+            world_size: int,
+    ) -> Optional[Sampler]:
+        """The batch sampler that replaces the loader's own, or None to keep timm's batching."""
+        return None
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The hard-label term, in float32 under any autocast."""
+        with float32_region(logits):
+            return self.criterion(logits.float(), target)
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'SelfKDTask':
+        from torch.nn.parallel import DistributedDataParallel
+        self.trainable_module = DistributedDataParallel(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        eval_model = self.get_eval_model()
+        wrapped = eval_model is not self.trainable_module
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        self.eval_model = torch.compile(eval_model, backend=backend, mode=mode, **compile_kwargs) \
+            if wrapped else self.trainable_module
+        return self.eval_model
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        """The bare timm model inside any wrapper (DDP, EMA, compile, `LogitsAndFeatures`)."""
+        resolved = super().get_eval_model(module=module, ema=ema)
+        current = resolved
+        while current is not None:
+            if isinstance(current, LogitsAndFeatures):
+                return current.model
+            current = getattr(current, 'module', None) or getattr(current, '_orig_mod', None)
+        return resolved

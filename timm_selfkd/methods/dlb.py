@@ -1,0 +1,71 @@
+"""DLB: self-distillation from the last mini-batch (Shen et al., CVPR 2022, sec. 3.2, eq. 4-5, Alg. 1)."""
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..losses import kd_kl_from_logits
+from ..registry import register_method
+from ..samplers import LastBatchSampler
+from .base import SelfKDTask, check_range
+
+
+@dataclass
+class DLBHparams:
+    alpha: float = field(default=1.0, metadata={'help': 'weight of the last-batch consistency loss L_LB (eq. 5)'})
+    temperature: float = field(default=3.0, metadata={'help': 'softening temperature tau of L_LB (eq. 4)'})
+
+    def __post_init__(self):
+        check_range('dlb', 'alpha', self.alpha, 0.)
+        check_range('dlb', 'temperature', self.temperature, 1e-6)
+
+
+@register_method('dlb', hparams=DLBHparams, paper='Shen et al., Self-Distillation from the Last Mini-Batch '
+                                                  'for Consistency Regularization, CVPR 2022')
+class DLBTask(SelfKDTask):
+    """Distil the logits each image got one step earlier, when it was in the previous batch's second half.
+
+    With `LastBatchSampler` batches, the first `n` images of batch t are the images whose float32 logits
+    were kept from step t-1 (`n` = their number); the loss is
+    `ce(z, y) + alpha * T^2 * KL(softmax(z_prev / T) || softmax(z[:n] / T))` (eq. 5), from one forward pass.
+    The kept logits are the only state; they are saved as task state so `--resume` keeps the KD term.
+    """
+
+    mixup_conflict = ('a repeated image is mixed with a different partner than one step earlier, '
+                      'so the kept logits would describe another image')
+
+    def __init__(self, model, hparams: DLBHparams, **kwargs):
+        super().__init__(model, hparams, **kwargs)
+        self.last_logits: Optional[torch.Tensor] = None
+
+    @classmethod
+    def batch_sampler(cls, hparams, *, index_sampler, batch_size, **_):
+        return LastBatchSampler(index_sampler, batch_size)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        output = self.trainable_module(input)
+        loss_ce = self.cross_entropy(output, target)
+        repeated = 0 if self.last_logits is None else self.last_logits.shape[0]
+        if repeated:
+            loss_kd = kd_kl_from_logits(output[:repeated], self.last_logits, self.hparams.temperature)
+        else:  # the first batch of a stream is two new halves: no teacher yet
+            loss_kd = output.new_zeros((), dtype=torch.float32)
+        new_from = repeated if repeated else input.shape[0] // 2
+        self.last_logits = output[new_from:].detach().float()
+        return {
+            'loss': loss_ce + self.hparams.alpha * loss_kd,
+            'output': output,
+            'loss_ce': loss_ce,
+            'loss_kd': loss_kd,
+        }
+
+    def get_task_state(self, module=None, ema: bool = False) -> Dict[str, Any]:
+        if ema or self.last_logits is None:
+            return {}
+        return {'last_logits': self.last_logits.cpu()}
+
+    def load_task_state(self, state, strict: bool = True, module=None, ema: bool = False) -> None:
+        if ema:
+            return
+        logits = (state or {}).get('last_logits')
+        self.last_logits = None if logits is None else logits.to(self.device, torch.float32)

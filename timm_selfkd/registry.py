@@ -1,0 +1,110 @@
+"""Method registry: one name -> one `TrainingTask` subclass, its hyper-parameters and its paper.
+
+A method is a `TrainingTask` subclass decorated with `register_method`. Its hyper-parameters are a dataclass
+whose fields carry the paper defaults and a help text; the CLI flags (`--dlb-alpha`), YAML keys (`dlb_alpha`)
+and `--list-selfkd` are generated from it.
+
+Example:
+    >>> @dataclass
+    ... class MyHparams:
+    ...     weight: float = field(default=1.0, metadata={'help': 'KD weight (eq. 2)'})
+    >>> @register_method('mine', hparams=MyHparams, paper='Someone et al., 2024')
+    ... class MyTask(SelfKDTask):
+    ...     ...
+
+Third-party packages register methods the same way and expose the module that does it through the entry
+point group `timm_selfkd.methods`; it is imported the first time the registry is read.
+"""
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Dict, List, Type
+
+__all__ = ['MethodSpec', 'register_method', 'get_method', 'list_methods', 'hparam_fields', 'build_hparams']
+
+ENTRY_POINT_GROUP = 'timm_selfkd.methods'
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the trainer needs to know about one method."""
+    name: str
+    task_cls: Type
+    hparams_cls: Type
+    paper: str
+    summary: str
+
+
+_METHODS: Dict[str, MethodSpec] = {}
+_plugins_loaded = False
+
+
+def register_method(name: str, *, hparams: Type, paper: str = ''):
+    """Class decorator that registers a `TrainingTask` subclass under `name`.
+
+    Args:
+        name: CLI/YAML name; also the prefix of the hyper-parameter flags (`--{name}-{field}`).
+        hparams: Dataclass of the method's hyper-parameters, defaults as in the paper.
+        paper: Citation shown by `--list-selfkd`.
+    """
+    if not dataclasses.is_dataclass(hparams):
+        raise TypeError(f'hparams for method {name!r} must be a dataclass, got {hparams!r}')
+    if not name.isidentifier() or name != name.lower():
+        raise ValueError(f'method name must be a lower-case identifier, got {name!r}')
+
+    def decorator(task_cls):
+        if name in _METHODS and _METHODS[name].task_cls is not task_cls:
+            raise ValueError(f'a method named {name!r} is already registered ({_METHODS[name].task_cls.__name__})')
+        summary = (task_cls.__doc__ or '').strip().splitlines()[0] if task_cls.__doc__ else ''
+        _METHODS[name] = MethodSpec(name, task_cls, hparams, paper, summary)
+        task_cls.method_name = name
+        return task_cls
+
+    return decorator
+
+
+def _load_methods() -> None:
+    """Import the built-in methods and any installed plug-ins (once)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from . import methods  # noqa: F401  (registers the built-in methods)
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        entry_point.load()
+
+
+def list_methods() -> List[str]:
+    """Names of every registered method, `none` (plain timm classification) first."""
+    _load_methods()
+    return sorted(_METHODS, key=lambda n: (n != 'none', n))
+
+
+def get_method(name: str) -> MethodSpec:
+    """Return the spec of a registered method; an unknown name raises a ValueError with the closest match."""
+    _load_methods()
+    if name not in _METHODS:
+        raise ValueError(f'unknown self-KD method {name!r}{did_you_mean(name, _METHODS)}; '
+                         f'choose from: {", ".join(list_methods())}')
+    return _METHODS[name]
+
+
+def hparam_fields(spec: MethodSpec) -> List[dataclasses.Field]:
+    """The dataclass fields of a method's hyper-parameters."""
+    return list(dataclasses.fields(spec.hparams_cls))
+
+
+def build_hparams(spec: MethodSpec, values: Dict[str, Any]):
+    """Instantiate the hyper-parameter dataclass; an unknown name is a ValueError naming the closest field."""
+    names = [f.name for f in hparam_fields(spec)]
+    for key in values:
+        if key not in names:
+            raise ValueError(f'method {spec.name!r} has no hyper-parameter {key!r}{did_you_mean(key, names)}')
+    return spec.hparams_cls(**values)
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """A ' (did you mean X?)' suffix for error messages, or '' when nothing is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f' (did you mean {close[0]!r}?)' if close else ''
