@@ -51,8 +51,8 @@ class SelfKDTask(TrainingTask):
     """Base class of every method: returns `loss`, `output` and named loss terms from `forward`.
 
     Subclasses implement `forward`, and may override `wrap_model` (to change what the trainable module
-    returns), `check_setup` (to refuse option combinations that cannot work), `batch_sampler` (to choose which
-    images share a batch) and `get_task_state`/`load_task_state` (for state that must survive `--resume`).
+    returns), `check_setup` (to refuse option combinations that cannot work), `batch_sampler` and
+    `bind_batch_sampler` (to choose which images share a batch) and `get_task_state`/`load_task_state` (for state that must survive `--resume`).
 
     Args:
         model: A timm model, already on `device`.
@@ -105,6 +105,9 @@ class SelfKDTask(TrainingTask):
     ) -> Optional[Sampler]:
         """The batch sampler that replaces the loader's own, or None to keep timm's batching."""
         return None
+
+    def bind_batch_sampler(self, batch_sampler: Sampler) -> None:
+        """Receive the sampler `batch_sampler()` returned, for tasks that depend on its batch layout."""
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The hard-label term, in float32 under any autocast."""

@@ -25,8 +25,8 @@ class DLBHparams:
 class DLBTask(SelfKDTask):
     """Distil the logits each image got one step earlier, when it was in the previous batch's second half.
 
-    With `LastBatchSampler` batches, the first `n` images of batch t are the images whose float32 logits
-    were kept from step t-1 (`n` = their number); the loss is
+    With `LastBatchSampler` batches (`bind_batch_sampler` tells the task their half size), the first `n`
+    images of batch t are the images whose float32 logits were kept from step t-1; the loss is
     `ce(z, y) + alpha * T^2 * KL(softmax(z_prev / T) || softmax(z[:n] / T))` (eq. 5), from one forward pass.
     The kept logits are the only state; they are saved as task state so `--resume` keeps the KD term.
     """
@@ -37,10 +37,14 @@ class DLBTask(SelfKDTask):
     def __init__(self, model, hparams: DLBHparams, **kwargs):
         super().__init__(model, hparams, **kwargs)
         self.last_logits: Optional[torch.Tensor] = None
+        self.new_per_step: Optional[int] = None  # batch_size // 2, from the sampler; else half of each batch
 
     @classmethod
     def batch_sampler(cls, hparams, *, index_sampler, batch_size, **_):
         return LastBatchSampler(index_sampler, batch_size)
+
+    def bind_batch_sampler(self, batch_sampler: LastBatchSampler) -> None:
+        self.new_per_step = batch_sampler.half
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         output = self.trainable_module(input)
@@ -50,8 +54,10 @@ class DLBTask(SelfKDTask):
             loss_kd = kd_kl_from_logits(output[:repeated], self.last_logits, self.hparams.temperature)
         else:  # the first batch of a stream is two new halves: no teacher yet
             loss_kd = output.new_zeros((), dtype=torch.float32)
-        new_from = repeated if repeated else input.shape[0] // 2
-        self.last_logits = output[new_from:].detach().float()
+        # the next batch repeats this batch's new part: all but the repeated rows, or, at the start of a stream
+        # (also a resume without state, whose first batch may begin with a short carried half), the last half
+        new = input.shape[0] - repeated if repeated else (self.new_per_step or input.shape[0] // 2)
+        self.last_logits = output[-new:].detach().float()
         return {
             'loss': loss_ce + self.hparams.alpha * loss_kd,
             'output': output,

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny image-folder data sets written to a temporary directory (no network)."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+NUM_CLASSES = 4
+TRAIN_PER_CLASS = 8
+VAL_PER_CLASS = 4
+
+
+def write_image_folder(root, per_class, num_classes=NUM_CLASSES, size=32, seed=0):
+    """Class k's images are noisy versions of one colour, so a model can learn them quickly."""
+    rng = np.random.default_rng(seed)
+    for label, count in enumerate(per_class if isinstance(per_class, list) else [per_class] * num_classes):
+        folder = os.path.join(root, f'class_{label}')
+        os.makedirs(folder, exist_ok=True)
+        colour = np.array([(label * 67) % 256, (label * 131) % 256, (label * 29 + 90) % 256])
+        for i in range(count):
+            pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f'{i}.png'))
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    """`train/` with 4 classes x 8 images and `validation/` with 4 x 4, 32x32 RGB PNGs."""
+    root = tmp_path_factory.mktemp('images')
+    write_image_folder(str(root / 'train'), TRAIN_PER_CLASS, seed=0)
+    write_image_folder(str(root / 'validation'), VAL_PER_CLASS, seed=1)
+    return str(root)

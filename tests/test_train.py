@@ -1,0 +1,163 @@
+"""End to end through train.py: every method on real timm models, AMP, resume, DDP and bad input."""
+import csv
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from conftest import NUM_CLASSES, TRAIN_PER_CLASS, write_image_folder
+from timm_selfkd.train import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_IMAGES = NUM_CLASSES * TRAIN_PER_CLASS
+BATCH = 8
+
+# Images one epoch reads: timm's loader drops the last partial batch; DLB reads its new halves plus the
+# repeated ones (the first batch is all new); BAKE reads every image once as an anchor plus one partner each.
+IMAGES_PER_EPOCH = {
+    'none': TRAIN_IMAGES // BATCH * BATCH,
+    'dlb': BATCH + (TRAIN_IMAGES - BATCH) * 2,
+    'bake': 2 * TRAIN_IMAGES,
+}
+
+MODELS = {
+    'resnet18': ['--img-size', '32'],
+    'efficientnet_b0': ['--img-size', '32'],
+    'swin_tiny_patch4_window7_224': ['--img-size', '64', '--model-kwargs', 'img_size=64'],
+}
+
+
+def train_args(data_dir, output, *extra):
+    return ['--data-dir', data_dir, '--output', str(output), '--experiment', 'run', '-b', str(BATCH),
+            '--epochs', '1', '--warmup-epochs', '0', '--device', 'cpu', '-j', '0', '--lr', '0.01',
+            '--log-interval', '1', *extra]
+
+
+def read_summary(output):
+    with open(os.path.join(output, 'run', 'summary.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('model', sorted(MODELS))
+@pytest.mark.parametrize('method', ['none', 'dlb', 'bake'])
+def test_one_epoch_end_to_end(image_folder, tmp_path, model, method):
+    """One epoch per model family and method: finite losses, the images each method reads, and a
+    checkpoint that timm loads as a plain model."""
+    main(train_args(image_folder, tmp_path, '--model', model, '--selfkd', method, *MODELS[model]))
+    (row,) = read_summary(tmp_path)
+    assert math.isfinite(float(row['train_loss'])) and math.isfinite(float(row['eval_loss']))
+    assert float(row['train_images']) == IMAGES_PER_EPOCH[method]
+    if method != 'none':
+        assert float(row['train_loss_kd']) > 0
+    kwargs = {'img_size': 64} if model.startswith('swin') else {}
+    timm.create_model(model, num_classes=NUM_CLASSES, checkpoint_path=str(tmp_path / 'run' / 'last.pth.tar'),
+                      **kwargs)
+
+
+@pytest.mark.parametrize('method', ['dlb', 'bake'])
+def test_bf16_autocast_on_cpu_stays_finite(image_folder, tmp_path, method):
+    main(train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32', '--amp',
+                    '--amp-dtype', 'bfloat16'))
+    (row,) = read_summary(tmp_path)
+    for key in ('train_loss', 'train_loss_ce', 'train_loss_kd', 'eval_loss'):
+        assert math.isfinite(float(row[key])), key
+
+
+def _first_step_kd(caplog, epoch):
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f'Train {epoch} [   1/'))
+    return float(line.split('loss_kd ')[1].split()[0])
+
+
+def test_resume_restores_dlb_state(image_folder, tmp_path, caplog):
+    """The kept logits travel in the checkpoint, so the first step after --resume already has a KD term."""
+    caplog.set_level('INFO', logger='train')
+    # --no-aug: the resumed run must see the very same pixels as the uninterrupted one
+    main(train_args(image_folder, tmp_path, '--selfkd', 'dlb', '--img-size', '32', '--epochs', '2', '--no-aug'))
+    assert _first_step_kd(caplog, 0) == 0  # a fresh stream has no teacher on its first step
+    checkpoint = torch.load(tmp_path / 'run' / 'checkpoint-0.pth.tar', map_location='cpu', weights_only=False)
+    assert checkpoint['task_state']['last_logits'].shape == (BATCH // 2, NUM_CLASSES)
+    uninterrupted = _first_step_kd(caplog, 1)
+
+    caplog.clear()
+    resumed = tmp_path / 'resumed'
+    main(train_args(image_folder, resumed, '--selfkd', 'dlb', '--img-size', '32', '--epochs', '2', '--no-aug',
+                    '--resume', str(tmp_path / 'run' / 'checkpoint-0.pth.tar')))
+    assert _first_step_kd(caplog, 1) == pytest.approx(uninterrupted, rel=1e-4)
+    assert [int(r['epoch']) for r in read_summary(resumed)] == [1]
+
+
+@pytest.mark.parametrize('method', ['dlb', 'bake'])
+def test_torchrun_two_process_gloo(image_folder, tmp_path, method):
+    """DDP on CPU: two processes, gloo; the summary counts the images of both ranks."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(REPO, 'train.py'), *train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32')]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = read_summary(tmp_path)
+    # each rank takes half of the data: per-rank counts follow the same rules with half the images
+    per_rank = {'dlb': BATCH + (TRAIN_IMAGES // 2 - BATCH) * 2, 'bake': TRAIN_IMAGES}[method]
+    assert float(row['train_images']) == 2 * per_rank
+    assert math.isfinite(float(row['train_loss_kd']))
+
+
+def test_fashion_mnist_from_debian_package(tmp_path):
+    """The `fashion_mnist` data set reads the IDX files of `dataset-fashion-mnist`, no download."""
+    main(['--dataset', 'fashion_mnist', '--train-subset', '64', '--val-subset', '32', '--img-size', '28',
+          '--output', str(tmp_path), '--experiment', 'run', '-b', '16', '--epochs', '1', '--device', 'cpu',
+          '-j', '0', '--selfkd', 'bake'])
+    (row,) = read_summary(tmp_path)
+    assert float(row['train_images']) == 128
+    assert float(row['eval_top1']) >= 0
+
+
+def _fails(capsys, tmp_path, argv, expected):
+    """The run exits with status 2, one error line naming the problem, and no output folder."""
+    output = tmp_path / 'out'
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ['--output', str(output), '--device', 'cpu', '-j', '0', '--epochs', '1'])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'error:' in err[0] and expected in err[0], err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize('extra, expected', [
+    (['--selfkd', 'dbl'], "unknown self-KD method 'dbl' (did you mean 'dlb'?)"),
+    (['--selfkd', 'dlb', '-b', '7'], 'even batch size'),
+    (['--selfkd', 'bake', '-b', '9'], 'multiple of 2'),
+    (['--selfkd', 'bake', '--bake-same-class', '3', '-b', '6'], 'multiple of 4'),
+    (['--selfkd', 'dlb', '--mixup', '0.2'], '--mixup/--cutmix are not supported with --selfkd dlb'),
+    (['--selfkd', 'bake', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd bake'),
+    (['--selfkd', 'dlb', '--bake-omega', '0.9'], 'hyper-parameter of bake'),
+    (['--selfkd', 'bake', '--bake-omega', '1.5'], 'omega must be'),
+    (['--model', 'no_such_model'], 'Unknown model'),
+])
+def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
+    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32'] + extra, expected)
+
+
+def test_missing_dataset(tmp_path, capsys):
+    _fails(capsys, tmp_path, ['--data-dir', str(tmp_path / 'nowhere')], 'does not exist')
+    _fails(capsys, tmp_path, ['--dataset', 'fashion_mnist', '--data-dir', str(tmp_path)], 'Fashion-MNIST files')
+    _fails(capsys, tmp_path, ['--dataset', 'torch/cifar10', '--data-dir', str(tmp_path)], 'could not be loaded')
+
+
+def test_bake_class_with_single_image(tmp_path, capsys):
+    write_image_folder(str(tmp_path / 'data' / 'train'), [4, 4, 1])
+    write_image_folder(str(tmp_path / 'data' / 'validation'), [2, 2, 2])
+    _fails(capsys, tmp_path, ['--data-dir', str(tmp_path / 'data'), '--selfkd', 'bake', '-b', '4'],
+           'class 2 has one')
+
+
+def test_unknown_recipe_key_names_closest(tmp_path, capsys):
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text('selfkd: dlb\ndlb_alpah: 0.5\n')
+    _fails(capsys, tmp_path, ['-c', str(recipe)], "unknown key 'dlb_alpah' in recipe")
+    _fails(capsys, tmp_path, ['-c', str(recipe)], "(did you mean 'dlb_alpha'?)")
+    recipe.write_text('bach_size: 32\n')
+    _fails(capsys, tmp_path, ['-c', str(recipe)], "(did you mean 'batch_size'?)")

@@ -1,0 +1,236 @@
+"""Command line of `train.py`: timm's flag names, timm's YAML semantics, and one flag per method
+hyper-parameter generated from the registry.
+
+`-c recipe.yaml` sets argparse defaults and the command line overrides them, as in timm; unlike timm, an
+unknown YAML key is an error that names the closest valid key.
+"""
+import argparse
+import sys
+from typing import Any, Dict, List, Optional
+
+import yaml
+from timm.utils import ParseKwargs
+
+from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods
+
+__all__ = ['UsageError', 'parse_args', 'method_hparams', 'format_methods']
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line and a non-zero exit."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Reports a usage error as a single line naming the problem (the full usage is in `--help`)."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+
+def _flag(method: str, field_name: str) -> str:
+    return f'--{method}-{field_name.replace("_", "-")}'
+
+
+def _dest(method: str, field_name: str) -> str:
+    return f'{method}_{field_name}'
+
+
+_TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}  # dataclass annotations given as strings
+
+
+def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Self-KD', 'method and its hyper-parameters (see --list-selfkd)')
+    group.add_argument('--selfkd', default='none', metavar='NAME',
+                       help=f'self-KD method: {", ".join(list_methods())} (default: none = plain timm training)')
+    group.add_argument('--list-selfkd', action='store_true', help='list methods, hyper-parameters and papers; exit')
+    for name in list_methods():
+        spec = get_method(name)
+        for field in hparam_fields(spec):
+            kwargs: Dict[str, Any] = dict(dest=_dest(name, field.name), default=None,
+                                          help=f'{name}: {field.metadata.get("help", "")} (default: {field.default})')
+            field_type = _TYPES.get(field.type, field.type)
+            if field_type is bool:
+                kwargs['action'] = argparse.BooleanOptionalAction
+            else:
+                kwargs.update(type=field_type, metavar='')
+            group.add_argument(_flag(name, field.name), **kwargs)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog='train.py', description='Train a timm model with a self-knowledge-distillation method')
+    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe; its keys set the defaults')
+
+    g = p.add_argument_group('Dataset')
+    g.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional is *deprecated*)')
+    g.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+    g.add_argument('--dataset', default='', metavar='NAME',
+                   help='fashion_mnist (local IDX files), or any timm dataset: torch/cifar10, hfds/..., '
+                        'empty = image folder (default: "")')
+    g.add_argument('--train-split', default='train', metavar='NAME')
+    g.add_argument('--val-split', default='validation', metavar='NAME')
+    g.add_argument('--dataset-download', action='store_true', default=False,
+                   help='allow torchvision datasets to download (needs a network)')
+    g.add_argument('--train-subset', type=int, default=0, metavar='N', help='train on N random images (0 = all)')
+    g.add_argument('--val-subset', type=int, default=0, metavar='N', help='validate on N random images (0 = all)')
+
+    g = p.add_argument_group('Model')
+    g.add_argument('--model', default='resnet18', type=str, metavar='MODEL')
+    g.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
+    g.add_argument('--num-classes', type=int, default=None, metavar='N')
+    g.add_argument('--in-chans', type=int, default=None, metavar='N')
+    g.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (default: model default)')
+    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                   help='input dimensions (d h w, e.g. --input-size 3 224 224)')
+    g.add_argument('--crop-pct', default=None, type=float, metavar='N')
+    g.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
+    g.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
+    g.add_argument('--interpolation', default='', type=str, metavar='NAME')
+    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='images per step per process')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path (stochastic depth) rate')
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                   help='torch.compile the model with this backend')
+
+    g = p.add_argument_group('Optimizer')
+    g.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER')
+    g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
+    g.add_argument('--clip-mode', type=str, default='norm', help='norm, value or agc')
+    g.add_argument('--layer-decay', type=float, default=None)
+
+    g = p.add_argument_group('Learning rate schedule')
+    g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
+    g.add_argument('--sched-on-updates', action='store_true', default=False)
+    g.add_argument('--lr', type=float, default=None, metavar='LR',
+                   help='learning rate (default: --lr-base scaled by the global batch size)')
+    g.add_argument('--lr-base', type=float, default=0.1, metavar='LR')
+    g.add_argument('--lr-base-size', type=int, default=256, metavar='DIV')
+    g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='linear or sqrt (default: by opt)')
+    g.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR')
+    g.add_argument('--min-lr', type=float, default=0, metavar='LR')
+    g.add_argument('--epochs', type=int, default=300, metavar='N')
+    g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES')
+    g.add_argument('--decay-epochs', type=float, default=90, metavar='N')
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
+    g.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
+    g.add_argument('--warmup-prefix', action='store_true', default=False)
+    g.add_argument('--cooldown-epochs', type=int, default=0, metavar='N')
+
+    g = p.add_argument_group('Augmentation and regularization')
+    g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT')
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO')
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.)
+    g.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT')
+    g.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto augment policy, e.g. rand-m9-mstd0.5')
+    g.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob')
+    g.add_argument('--remode', type=str, default='pixel')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0')
+    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', type=str, default='batch')
+    g.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing of the cross-entropy term')
+    g.add_argument('--train-interpolation', type=str, default='random')
+
+    g = p.add_argument_group('Model exponential moving average')
+    g.add_argument('--model-ema', action='store_true', default=False)
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-warmup', action='store_true')
+
+    g = p.add_argument_group('Miscellaneous')
+    g.add_argument('--seed', type=int, default=42, metavar='S')
+    g.add_argument('--log-interval', type=int, default=50, metavar='N')
+    g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N')
+    g.add_argument('-j', '--workers', type=int, default=4, metavar='N')
+    g.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
+    g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    g.add_argument('--no-prefetcher', action='store_true', default=False)
+    g.add_argument('--pin-mem', action='store_true', default=False)
+    g.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output/train)')
+    g.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of the run\'s sub-folder')
+    g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC')
+    g.add_argument('--resume', default='', type=str, metavar='PATH', help='resume from this checkpoint')
+    g.add_argument('--no-resume-opt', action='store_true', default=False)
+    g.add_argument('--device', default='cuda', type=str, help='cuda, cpu, cuda:1 ... (cuda falls back to cpu)')
+    g.add_argument('--dist-backend', default=None, type=str, help='default: nccl on cuda, gloo otherwise')
+
+    _add_method_flags(p)
+    return p
+
+
+def _load_recipe(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UsageError(f'cannot read recipe {path!r}: {e.strerror}') from e
+    except yaml.YAMLError as e:
+        raise UsageError(f'recipe {path!r} is not valid YAML: {str(e).splitlines()[0]}') from e
+    if not isinstance(recipe, dict):
+        raise UsageError(f'recipe {path!r} must be a mapping of option names to values')
+    valid = {a.dest for a in parser._actions} - {'help', 'config', 'list_selfkd'}
+    for key in recipe:
+        if key not in valid:
+            raise UsageError(f'unknown key {key!r} in recipe {path}{did_you_mean(str(key), valid)}')
+    return recipe
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse `argv` with timm's semantics: recipe values become defaults, flags override them."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='')
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        try:
+            parser.set_defaults(**_load_recipe(parser, known.config))
+        except UsageError as e:
+            parser.error(str(e))
+    args = parser.parse_args(argv)
+    if args.list_selfkd:
+        return args
+    try:
+        method_hparams(args)  # checked here so that a bad value is a usage error; Setup builds them again
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def method_hparams(args: argparse.Namespace):
+    """The selected method's hyper-parameter dataclass; setting another method's hyper-parameter is an error."""
+    spec = get_method(args.selfkd)
+    values = {}
+    for name in list_methods():
+        for field in hparam_fields(get_method(name)):
+            value = getattr(args, _dest(name, field.name))
+            if value is None:
+                continue
+            if name != spec.name:
+                raise UsageError(f'{_flag(name, field.name)} ({_dest(name, field.name)}) is a hyper-parameter of '
+                                 f'{name}, but the method is {spec.name!r}')
+            values[field.name] = value
+    return build_hparams(spec, values)
+
+
+def format_methods() -> str:
+    """The text of `--list-selfkd`: every method, its paper, and each hyper-parameter with its default."""
+    lines = []
+    for name in list_methods():
+        spec = get_method(name)
+        lines.append(f'{name}: {spec.summary}')
+        lines.append(f'    paper: {spec.paper}')
+        for field in hparam_fields(spec):
+            lines.append(f'    {_flag(name, field.name):<26} {_dest(name, field.name):<22} '
+                         f'default {field.default!s:<6} {field.metadata.get("help", "")}')
+    return '\n'.join(lines)

@@ -1,0 +1,152 @@
+"""Data sets and loaders: timm's `create_dataset`/`create_loader`, Fashion-MNIST from local files, and the
+injection of a method's batch sampler into timm's loader."""
+import gzip
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from timm.data import create_dataset
+from timm.data.loader import PrefetchLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+__all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'SubsetDataset', 'DatasetNotFoundError', 'build_dataset',
+           'dataset_labels', 'index_sampler', 'replace_batch_sampler', 'set_loader_epoch']
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The requested data set is not where the user said it is."""
+
+
+def _read_idx(path: str, header_bytes: int) -> np.ndarray:
+    with gzip.open(path, 'rb') as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=header_bytes)
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST read from its IDX `.gz` files, with no download.
+
+    Looks in `root` (the layout of Debian's `dataset-fashion-mnist`) and in `root/FashionMNIST/raw`
+    (torchvision's layout). Images are PIL images in `img_mode` ('RGB' for 3-channel models, 'L' for 1).
+    """
+
+    def __init__(self, root: str, train: bool = True, img_mode: str = 'RGB', transform=None):
+        prefix = 'train' if train else 't10k'
+        folder = next((d for d in (root, os.path.join(root, 'FashionMNIST', 'raw'))
+                       if os.path.isfile(os.path.join(d, f'{prefix}-labels-idx1-ubyte.gz'))), None)
+        if folder is None:
+            raise DatasetNotFoundError(
+                f'Fashion-MNIST files ({prefix}-*-ubyte.gz) not found in {root}; '
+                f'install them with `apt-get install dataset-fashion-mnist` or pass --data-dir')
+        self.targets = _read_idx(os.path.join(folder, f'{prefix}-labels-idx1-ubyte.gz'), 8).astype(np.int64)
+        self.images = _read_idx(os.path.join(folder, f'{prefix}-images-idx3-ubyte.gz'), 16).reshape(-1, 28, 28)
+        self.img_mode = img_mode
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index], mode='L')
+        if self.img_mode != 'L':
+            image = image.convert(self.img_mode)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+class SubsetDataset(Dataset):
+    """A fixed subset of a data set whose `transform` (set by timm's `create_loader`) is the parent's."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform):
+        self.dataset.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[int(self.indices[index])]
+
+
+def build_dataset(name: str, root: Optional[str], split: str, is_training: bool, in_chans: int,
+                  download: bool = False, subset: int = 0, seed: int = 0) -> Dataset:
+    """`fashion_mnist` from local files, anything else through timm's `create_dataset`.
+
+    Args:
+        subset: If > 0, keep this many images, drawn at random with `seed` (the same on every rank).
+    """
+    img_mode = 'L' if in_chans == 1 else 'RGB'
+    if name == 'fashion_mnist':
+        dataset = FashionMNIST(root or FASHION_MNIST_DIR, train=is_training, img_mode=img_mode)
+    else:
+        if not name and (not root or not os.path.exists(root)):
+            raise DatasetNotFoundError(f'image folder {root!r} does not exist (set --data-dir)')
+        try:
+            dataset = create_dataset(name, root=root, split=split, is_training=is_training, download=download,
+                                     input_img_mode=img_mode, seed=seed)
+        except (RuntimeError, AssertionError, FileNotFoundError, OSError) as e:
+            raise DatasetNotFoundError(f'data set {name or "folder"!r} ({split}) could not be loaded from '
+                                       f'{root!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
+    if subset and subset < len(dataset):
+        indices = np.sort(np.random.default_rng(seed).choice(len(dataset), subset, replace=False))
+        dataset = SubsetDataset(dataset, indices)
+    return dataset
+
+
+def dataset_labels(dataset: Dataset) -> Optional[np.ndarray]:
+    """Class index of every item without reading any image, or None if the data set does not expose them."""
+    if isinstance(dataset, SubsetDataset):
+        labels = dataset_labels(dataset.dataset)
+        return None if labels is None else labels[dataset.indices]
+    if hasattr(dataset, 'targets'):
+        return np.asarray(dataset.targets, dtype=np.int64)
+    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    if samples is not None:
+        return np.asarray([target for _, target in samples], dtype=np.int64)
+    return None
+
+
+def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int) -> Sampler[int]:
+    """A shuffling index sampler that is rank-aware and replayable per epoch (seed, epoch)."""
+    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+
+
+def replace_batch_sampler(loader, batch_sampler: Sampler):
+    """Rebuild the `DataLoader` inside a timm loader around `batch_sampler`.
+
+    Transforms, collate (fast collate, mixup), workers and their seeding and the prefetcher stay timm's.
+    """
+    inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
+    kwargs = dict(
+        batch_sampler=batch_sampler,
+        num_workers=inner.num_workers,
+        collate_fn=inner.collate_fn,
+        pin_memory=inner.pin_memory,
+        worker_init_fn=inner.worker_init_fn,
+        persistent_workers=inner.persistent_workers,
+    )
+    if inner.num_workers > 0:
+        kwargs['prefetch_factor'] = inner.prefetch_factor
+    rebuilt = DataLoader(inner.dataset, **kwargs)
+    if isinstance(loader, PrefetchLoader):
+        loader.loader = rebuilt
+        return loader
+    return rebuilt
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Tell the loader's sampler (timm's) or batch sampler (ours) which epoch starts."""
+    for sampler in (getattr(loader, 'sampler', None), getattr(loader, 'batch_sampler', None)):
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
