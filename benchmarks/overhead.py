@@ -43,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--num-classes', type=int, default=100)
     parser.add_argument('--batch-size', type=int, default=64, help='images per step, the same for every method')
     parser.add_argument('--img-size', type=int, default=64)
-    parser.add_argument('--steps', type=int, default=30, help='timed steps (rounds) per method')
+    parser.add_argument('--steps', type=int, default=40, help='timed steps (rounds) per method')
     parser.add_argument('--warmup', type=int, default=5, help='untimed steps per method before timing')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast around the forward pass')
@@ -54,7 +54,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(',') if m.strip()]
     for name in methods:
-        timm_selfkd.get_method(name)  # an unknown name fails here with the closest match
+        try:
+            timm_selfkd.get_method(name)
+        except ValueError as error:  # names the closest registered method
+            parser.error(str(error))
     args.methods = ['none'] + [m for m in dict.fromkeys(methods) if m != 'none']
     if args.batch_size < 4 or args.batch_size % 2:
         parser.error('--batch-size must be even and >= 4 (DLB halves, BAKE groups)')

@@ -107,9 +107,9 @@ def test_torchrun_two_process_gloo(image_folder, tmp_path, method):
 
 def test_fashion_mnist_from_debian_package(tmp_path):
     """The `fashion_mnist` data set reads the IDX files of `dataset-fashion-mnist`, no download."""
-    main(['--dataset', 'fashion_mnist', '--train-subset', '64', '--val-subset', '32', '--img-size', '28',
+    main(['--dataset', 'fashion_mnist', '--train-subset', '64', '--val-subset', '32', '--img-size', '28', '-j', '2',
           '--output', str(tmp_path), '--experiment', 'run', '-b', '16', '--epochs', '1', '--device', 'cpu',
-          '-j', '0', '--selfkd', 'bake'])
+          '--selfkd', 'bake'])
     (row,) = read_summary(tmp_path)
     assert float(row['train_images']) == 128
     assert float(row['eval_top1']) >= 0

@@ -57,7 +57,7 @@ class DLBTask(SelfKDTask):
         # the next batch repeats this batch's new part: all but the repeated rows, or, at the start of a stream
         # (also a resume without state, whose first batch may begin with a short carried half), the last half
         new = input.shape[0] - repeated if repeated else (self.new_per_step or input.shape[0] // 2)
-        self.last_logits = output[-new:].detach().float()
+        self.last_logits = output[-new:].detach().to(torch.float32, copy=True)  # not a view of the batch
         return {
             'loss': loss_ce + self.hparams.alpha * loss_kd,
             'output': output,

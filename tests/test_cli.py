@@ -1,0 +1,50 @@
+"""Command line and recipes: timm's YAML semantics, generated method flags, --list-selfkd."""
+import glob
+import os
+
+import pytest
+
+from timm_selfkd.args import format_methods, method_hparams, parse_args
+from timm_selfkd.methods.bake import BAKEHparams
+from timm_selfkd.train import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_recipe_sets_defaults_and_flags_override(tmp_path):
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('selfkd: bake\nbake_omega: 0.9\nbatch_size: 32\nepochs: 7\n')
+    args = parse_args(['-c', str(recipe), '--epochs', '3', '--bake-same-class', '3'])
+    assert (args.selfkd, args.batch_size, args.epochs) == ('bake', 32, 3)
+    assert method_hparams(args) == BAKEHparams(omega=0.9, same_class=3)
+
+
+def test_method_defaults_are_the_papers():
+    args = parse_args(['--selfkd', 'dlb'])
+    hparams = method_hparams(args)
+    assert (hparams.alpha, hparams.temperature) == (1.0, 3.0)
+    bake = method_hparams(parse_args(['--selfkd', 'bake', '--no-bake-global-batch']))
+    assert (bake.weight, bake.temperature, bake.omega, bake.same_class, bake.global_batch) == (1.0, 4.0, 0.5, 1, False)
+
+
+@pytest.mark.parametrize('recipe', sorted(glob.glob(os.path.join(REPO, 'configs', '*.yaml'))))
+def test_shipped_recipes_parse(recipe):
+    args = parse_args(['-c', recipe])
+    method_hparams(args)
+
+
+def test_list_selfkd_shows_every_flag_default_and_paper(capsys):
+    main(['--list-selfkd'])
+    out = capsys.readouterr().out
+    for text in ('dlb:', 'bake:', 'none:', '--dlb-alpha', 'dlb_temperature', 'default 3.0', '--bake-omega',
+                 'default 0.5', 'bake_same_class', 'Shen et al.', 'Ge et al.'):
+        assert text in out, text
+    assert out.strip() == format_methods()
+
+
+def test_help_lists_generated_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(['--help'])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert '--bake-same-class' in out and '--dlb-temperature' in out and '--selfkd' in out
