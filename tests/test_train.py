@@ -161,3 +161,15 @@ def test_unknown_recipe_key_names_closest(tmp_path, capsys):
     _fails(capsys, tmp_path, ['-c', str(recipe)], "(did you mean 'dlb_alpha'?)")
     recipe.write_text('bach_size: 32\n')
     _fails(capsys, tmp_path, ['-c', str(recipe)], "(did you mean 'batch_size'?)")
+
+
+def test_plain_training_with_mixup_and_cutmix(image_folder, tmp_path):
+    """`none` keeps timm's mixup/cutmix collate and its soft-target cross-entropy."""
+    main(train_args(image_folder, tmp_path, '--selfkd', 'none', '--img-size', '32', '--mixup', '0.2',
+                    '--cutmix', '1.0'))
+    (row,) = read_summary(tmp_path)
+    assert math.isfinite(float(row['train_loss']))
+
+
+def test_sync_bn_needs_cuda(image_folder, tmp_path, capsys):
+    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--sync-bn'], '--sync-bn needs CUDA')

@@ -163,6 +163,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-resume-opt', action='store_true', default=False)
     g.add_argument('--device', default='cuda', type=str, help='cuda, cpu, cuda:1 ... (cuda falls back to cpu)')
     g.add_argument('--dist-backend', default=None, type=str, help='default: nccl on cuda, gloo otherwise')
+    g.add_argument('--sync-bn', action='store_true', default=False,
+                   help='synchronise BatchNorm statistics across processes (CUDA; matters for BAKE\'s per-class '
+                        'batches)')
 
     _add_method_flags(p)
     return p

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from timm.data import Mixup, FastCollateMixup, create_loader, resolve_data_config
+from timm.layers import convert_sync_batchnorm
 from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -73,6 +74,8 @@ class Setup:
             _logger.warning(f'--device {args.device} requested but CUDA is not available: using the CPU')
             args.device = 'cpu'
         self.device = init_distributed_device(args)
+        if args.sync_bn and self.device.type != 'cuda':
+            raise UsageError('--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm does not run on the CPU)')
         random_seed(args.seed, args.rank)
         self.amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if args.amp else nullcontext
@@ -113,9 +116,10 @@ class Setup:
         set_loader_epoch(self.train_loader, self.start_epoch)
         self.scheduler, self.num_epochs = create_scheduler_v2(
             self.optimizer, **scheduler_kwargs(args), updates_per_epoch=len(self.train_loader))
-        if self.start_epoch > 0:
-            self.scheduler.step(self.start_epoch) if not args.sched_on_updates else \
-                self.scheduler.step_update(self.start_epoch * len(self.train_loader))
+        if self.start_epoch > 0 and args.sched_on_updates:
+            self.scheduler.step_update(self.start_epoch * len(self.train_loader))
+        elif self.start_epoch > 0:
+            self.scheduler.step(self.start_epoch)
 
     def _create_model(self, labels):
         """timm's model; without --num-classes, as many classes as the training labels have."""
@@ -135,6 +139,8 @@ class Setup:
             raise UsageError(f'the data set has class index {int(labels.max())} but the model has '
                              f'{model.num_classes} classes (set --num-classes)')
         args.num_classes = model.num_classes
+        if args.sync_bn and args.distributed:
+            model = convert_sync_batchnorm(model)
         return model.to(self.device)
 
     def _datasets(self):
