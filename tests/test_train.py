@@ -1,6 +1,7 @@
 """End to end through train.py: every method on real timm models, AMP, resume, DDP and bad input."""
 import csv
 import glob
+import gzip
 import math
 import os
 import subprocess
@@ -173,3 +174,27 @@ def test_plain_training_with_mixup_and_cutmix(image_folder, tmp_path):
 
 def test_sync_bn_needs_cuda(image_folder, tmp_path, capsys):
     _fails(capsys, tmp_path, ['--data-dir', image_folder, '--sync-bn'], '--sync-bn needs CUDA')
+
+
+def test_model_ema_with_wrapped_bake_model(image_folder, tmp_path):
+    """EMA of BAKE's (logits, features) module is validated and saved as the plain timm model."""
+    main(train_args(image_folder, tmp_path, '--selfkd', 'bake', '--img-size', '32', '--model-ema'))
+    (row,) = read_summary(tmp_path)
+    assert math.isfinite(float(row['eval_ema_top1']))
+    checkpoint = torch.load(tmp_path / 'run' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    model = timm.create_model('resnet18', num_classes=NUM_CLASSES)
+    model.load_state_dict(checkpoint['state_dict_ema'])
+
+
+def test_torchvision_grayscale_dataset_feeds_rgb_model(tmp_path):
+    """timm's `torch/fashion_mnist` (torchvision layout, grayscale PIL images) with a 3-channel model."""
+    raw = tmp_path / 'data' / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for path in glob.glob('/usr/share/datasets/fashion-mnist/*.gz'):  # torchvision reads the unpacked files
+        with gzip.open(path) as packed:
+            (raw / os.path.basename(path)[:-3]).write_bytes(packed.read())
+    main(['--dataset', 'torch/fashion_mnist', '--data-dir', str(tmp_path / 'data'), '--train-subset', '32',
+          '--val-subset', '16', '--img-size', '28', '--output', str(tmp_path), '--experiment', 'run', '-b', '8',
+          '--epochs', '1', '--device', 'cpu', '-j', '0', '--selfkd', 'dlb', '--val-split', 'test'])
+    (row,) = read_summary(tmp_path)
+    assert math.isfinite(float(row['eval_loss']))

@@ -10,7 +10,7 @@ from timm.data import create_dataset
 from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'SubsetDataset', 'DatasetNotFoundError', 'build_dataset',
+__all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
            'dataset_labels', 'index_sampler', 'replace_batch_sampler', 'set_loader_epoch']
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
@@ -57,26 +57,30 @@ class FashionMNIST(Dataset):
         return image, int(self.targets[index])
 
 
-class SubsetDataset(Dataset):
-    """A fixed subset of a data set whose `transform` (set by timm's `create_loader`) is the parent's."""
+class DatasetView(Dataset):
+    """A data set seen through an optional subset of its indices and an optional PIL image-mode conversion.
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+    The view owns the transform (timm's `create_loader` sets `transform` on the data set it gets) and applies
+    it after the conversion, so torchvision's grayscale sets (`torch/mnist`, ...) feed 3-channel models.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Optional[Sequence[int]] = None, img_mode: Optional[str] = None):
         self.dataset = dataset
-        self.indices = np.asarray(indices, dtype=np.int64)
-
-    @property
-    def transform(self):
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, transform):
-        self.dataset.transform = transform
+        self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.img_mode = img_mode
+        self.transform = getattr(dataset, 'transform', None)
+        dataset.transform = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int):
-        return self.dataset[int(self.indices[index])]
+        image, target = self.dataset[int(self.indices[index])]
+        if self.img_mode is not None and isinstance(image, Image.Image) and image.mode != self.img_mode:
+            image = image.convert(self.img_mode)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
 
 
 def build_dataset(name: str, root: Optional[str], split: str, is_training: bool, in_chans: int,
@@ -87,6 +91,7 @@ def build_dataset(name: str, root: Optional[str], split: str, is_training: bool,
         subset: If > 0, keep this many images, drawn at random with `seed` (the same on every rank).
     """
     img_mode = 'L' if in_chans == 1 else 'RGB'
+    convert_mode = None  # timm's own readers and ours produce img_mode already; torchvision's sets do not
     if name == 'fashion_mnist':
         dataset = FashionMNIST(root or FASHION_MNIST_DIR, train=is_training, img_mode=img_mode)
     else:
@@ -98,15 +103,19 @@ def build_dataset(name: str, root: Optional[str], split: str, is_training: bool,
         except (RuntimeError, AssertionError, FileNotFoundError, OSError) as e:
             raise DatasetNotFoundError(f'data set {name or "folder"!r} ({split}) could not be loaded from '
                                        f'{root!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
+        if name.lower().startswith('torch/'):
+            convert_mode = img_mode
+    indices = None
     if subset and subset < len(dataset):
         indices = np.sort(np.random.default_rng(seed).choice(len(dataset), subset, replace=False))
-        dataset = SubsetDataset(dataset, indices)
+    if indices is not None or convert_mode is not None:
+        dataset = DatasetView(dataset, indices, convert_mode)
     return dataset
 
 
 def dataset_labels(dataset: Dataset) -> Optional[np.ndarray]:
     """Class index of every item without reading any image, or None if the data set does not expose them."""
-    if isinstance(dataset, SubsetDataset):
+    if isinstance(dataset, DatasetView):
         labels = dataset_labels(dataset.dataset)
         return None if labels is None else labels[dataset.indices]
     if hasattr(dataset, 'targets'):
