@@ -48,3 +48,34 @@ def test_help_lists_generated_flags(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert '--bake-same-class' in out and '--dlb-temperature' in out and '--selfkd' in out
+
+
+def test_recipe_baseline_ignores_the_recipes_method_hparams():
+    """`-c dlb_recipe.yaml --selfkd none` is the recipe's baseline; on the command line it stays an error."""
+    recipe = os.path.join(REPO, 'configs', 'dlb_cifar100.yaml')
+    args = parse_args(['-c', recipe, '--selfkd', 'none'])
+    assert args.dlb_alpha is None and method_hparams(args).__class__.__name__ == 'PlainHparams'
+    with pytest.raises(SystemExit):
+        parse_args(['-c', recipe, '--selfkd', 'none', '--dlb-alpha', '0.5'])
+
+
+def test_run_args_yaml_is_a_recipe(tmp_path):
+    from timm_selfkd.args import recipe_values
+    import yaml
+    args = parse_args(['--selfkd', 'bake', '--bake-omega', '0.7', '-b', '32'])
+    args.world_size, args.rank, args.local_rank, args.distributed = 1, 0, 0, False  # set by the trainer
+    (tmp_path / 'args.yaml').write_text(yaml.safe_dump(recipe_values(args)))
+    again = parse_args(['-c', str(tmp_path / 'args.yaml')])
+    assert method_hparams(again) == method_hparams(args) and again.batch_size == 32
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('selfkd: bake\nbake_same_class: 2.0\n', '--bake-same-class must be int, got 2.0'),
+    ('selfkd: dlb\ndlb_alpha: "high"\n', "--dlb-alpha: invalid float value: 'high'"),  # argparse's check
+])
+def test_recipe_values_of_the_wrong_type(tmp_path, capsys, text, expected):
+    (tmp_path / 'r.yaml').write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(['-c', str(tmp_path / 'r.yaml')])
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err

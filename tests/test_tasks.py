@@ -135,8 +135,9 @@ def test_dlb_task_state_round_trip():
     (x1, y1), (x2, y2), _ = dlb_batches()
     task(x1, y1)
     state = task.get_task_state()
-    assert set(state) == {'last_logits'}
-    assert state['last_logits'].dtype == torch.float32 and state['last_logits'].shape == (4, NUM_CLASSES)
+    assert set(state) == {'last_logits', 'new_per_step'}
+    # one row block per process (one here), saved with the layout it belongs to
+    assert state['last_logits'].dtype == torch.float32 and state['last_logits'].shape == (1, 4, NUM_CLASSES)
     state = copy.deepcopy(state)
 
     restored = timm_selfkd.create_task('dlb', copy.deepcopy(model), alpha=0.5, temperature=2.0)
@@ -156,6 +157,34 @@ def test_dlb_task_state_empty_cases():
     task(x1, y1)
     assert task.get_task_state(ema=True) == {}
     task.load_task_state(None)
+    assert task(x2, y2)['loss_kd'].item() == 0.0
+
+
+@pytest.mark.parametrize('change', ['world_size', 'new_per_step'])
+def test_dlb_state_of_another_layout_is_dropped(change, caplog):
+    """Logits saved by another number of processes or another batch size cannot belong to the next batch."""
+    model = tiny_model()
+    task = timm_selfkd.create_task('dlb', model)
+    (x1, y1), (x2, y2), _ = dlb_batches()
+    task(x1, y1)
+    state = task.get_task_state()
+    if change == 'world_size':
+        state['last_logits'] = state['last_logits'].repeat(2, 1, 1)
+    else:
+        state['new_per_step'] = 8
+    restored = timm_selfkd.create_task('dlb', copy.deepcopy(model))
+    restored.load_task_state(state)
+    assert restored.last_logits is None and 'do not fit' in caplog.text
+    assert restored(x2, y2)['loss_kd'].item() == 0.0
+
+
+def test_dlb_ignores_kept_logits_that_cannot_head_the_batch():
+    """Kept rows for another class count, or as many rows as the batch, are not a teacher."""
+    task = timm_selfkd.create_task('dlb', tiny_model())
+    (x1, y1), (x2, y2), _ = dlb_batches()
+    task.last_logits = torch.zeros(4, NUM_CLASSES + 1)
+    assert task(x2, y2)['loss_kd'].item() == 0.0
+    task.last_logits = torch.zeros(x2.shape[0], NUM_CLASSES)
     assert task(x2, y2)['loss_kd'].item() == 0.0
 
 

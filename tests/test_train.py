@@ -81,7 +81,7 @@ def test_resume_restores_dlb_state(image_folder, tmp_path, caplog):
     main(train_args(image_folder, tmp_path, '--selfkd', 'dlb', '--img-size', '32', '--epochs', '2', '--no-aug'))
     assert _first_step_kd(caplog, 0) == 0  # a fresh stream has no teacher on its first step
     checkpoint = torch.load(tmp_path / 'run' / 'checkpoint-0.pth.tar', map_location='cpu', weights_only=False)
-    assert checkpoint['task_state']['last_logits'].shape == (BATCH // 2, NUM_CLASSES)
+    assert checkpoint['task_state']['last_logits'].shape == (1, BATCH // 2, NUM_CLASSES)
     uninterrupted = _first_step_kd(caplog, 1)
 
     caplog.clear()
@@ -90,20 +90,40 @@ def test_resume_restores_dlb_state(image_folder, tmp_path, caplog):
                     '--resume', str(tmp_path / 'run' / 'checkpoint-0.pth.tar')))
     assert _first_step_kd(caplog, 1) == pytest.approx(uninterrupted, rel=1e-4)
     assert [int(r['epoch']) for r in read_summary(resumed)] == [1]
+    assert float(read_summary(tmp_path)[0]['lr']) == pytest.approx(0.01)  # the lr epoch 0 trained with
+
+
+def torchrun(*args):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(REPO, 'train.py'), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize('method', ['dlb', 'bake'])
 def test_torchrun_two_process_gloo(image_folder, tmp_path, method):
     """DDP on CPU: two processes, gloo; the summary counts the images of both ranks."""
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           os.path.join(REPO, 'train.py'), *train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32')]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(*train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32'))
     (row,) = read_summary(tmp_path)
     # each rank takes half of the data: per-rank counts follow the same rules with half the images
     per_rank = {'dlb': BATCH + (TRAIN_IMAGES // 2 - BATCH) * 2, 'bake': TRAIN_IMAGES}[method]
     assert float(row['train_images']) == 2 * per_rank
     assert math.isfinite(float(row['train_loss_kd']))
+
+
+def test_torchrun_resume_restores_every_ranks_dlb_state(image_folder, tmp_path):
+    """Each rank keeps its own last-batch logits; the checkpoint holds both, and a resumed 2-process run
+    trains its next epoch exactly like the uninterrupted one (same pixels with --no-aug)."""
+    common = ('--selfkd', 'dlb', '--img-size', '32', '--epochs', '2', '--no-aug')
+    torchrun(*train_args(image_folder, tmp_path / 'full', *common))
+    logits = torch.load(tmp_path / 'full' / 'run' / 'checkpoint-0.pth.tar', map_location='cpu',
+                        weights_only=False)['task_state']['last_logits']
+    assert logits.shape == (2, BATCH // 2, NUM_CLASSES) and not torch.allclose(logits[0], logits[1])
+    torchrun(*train_args(image_folder, tmp_path / 'resumed', *common,
+                         '--resume', str(tmp_path / 'full' / 'run' / 'checkpoint-0.pth.tar')))
+    uninterrupted, resumed = read_summary(tmp_path / 'full')[1], read_summary(tmp_path / 'resumed')[0]
+    for key in ('train_loss_kd', 'train_loss_ce'):
+        assert float(resumed[key]) == pytest.approx(float(uninterrupted[key]), rel=1e-3), key
 
 
 def test_fashion_mnist_from_debian_package(tmp_path):
@@ -198,3 +218,14 @@ def test_torchvision_grayscale_dataset_feeds_rgb_model(tmp_path):
           '--epochs', '1', '--device', 'cpu', '-j', '0', '--selfkd', 'dlb', '--val-split', 'test'])
     (row,) = read_summary(tmp_path)
     assert math.isfinite(float(row['eval_loss']))
+
+
+def test_one_channel_input_size_and_a_subset_missing_classes(tmp_path):
+    """`--input-size 1 28 28` gives a 1-channel model and data; a 16-image subset lacking some classes
+    still gets a model with every class of the data set."""
+    main(['--dataset', 'fashion_mnist', '--input-size', '1', '28', '28', '--train-subset', '16', '--seed', '3',
+          '--val-subset', '64', '--output', str(tmp_path), '--experiment', 'run', '-b', '8', '--epochs', '1',
+          '--device', 'cpu', '-j', '0'])
+    checkpoint = torch.load(tmp_path / 'run' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert checkpoint['state_dict']['conv1.weight'].shape[1] == 1
+    assert checkpoint['state_dict']['fc.weight'].shape[0] == 10

@@ -13,7 +13,7 @@ from timm.utils import ParseKwargs
 
 from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods
 
-__all__ = ['UsageError', 'parse_args', 'method_hparams', 'format_methods']
+__all__ = ['UsageError', 'parse_args', 'method_hparams', 'recipe_values', 'format_methods']
 
 
 class UsageError(ValueError):
@@ -36,6 +36,7 @@ def _dest(method: str, field_name: str) -> str:
 
 
 _TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}  # dataclass annotations given as strings
+_RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank'}  # not recipe keys
 
 
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
@@ -181,11 +182,16 @@ def _load_recipe(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
         raise UsageError(f'recipe {path!r} is not valid YAML: {str(e).splitlines()[0]}') from e
     if not isinstance(recipe, dict):
         raise UsageError(f'recipe {path!r} must be a mapping of option names to values')
-    valid = {a.dest for a in parser._actions} - {'help', 'config', 'list_selfkd'}
+    valid = {a.dest for a in parser._actions} - {'help'} - _RUN_ONLY
     for key in recipe:
-        if key not in valid:
+        if key not in valid and key not in _RUN_ONLY:
             raise UsageError(f'unknown key {key!r} in recipe {path}{did_you_mean(str(key), valid)}')
-    return recipe
+    return {key: value for key, value in recipe.items() if key not in _RUN_ONLY}
+
+
+def recipe_values(args: argparse.Namespace) -> Dict[str, Any]:
+    """The run's options as a recipe (a run's `args.yaml` can be passed back with `-c`)."""
+    return {key: value for key, value in vars(args).items() if key not in _RUN_ONLY}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -195,19 +201,42 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='')
     known, _ = config_parser.parse_known_args(argv)
+    recipe = {}
     if known.config:
         try:
-            parser.set_defaults(**_load_recipe(parser, known.config))
+            recipe = _load_recipe(parser, known.config)
         except UsageError as e:
             parser.error(str(e))
+        parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     if args.list_selfkd:
         return args
+    _drop_recipe_hparams_of_other_methods(args, recipe)
     try:
         method_hparams(args)  # checked here so that a bad value is a usage error; Setup builds them again
     except ValueError as e:
         parser.error(str(e))
     return args
+
+
+def _drop_recipe_hparams_of_other_methods(args: argparse.Namespace, recipe: Dict[str, Any]) -> None:
+    """`-c dlb_recipe.yaml --selfkd none` runs the recipe's baseline: the recipe's DLB values do not apply."""
+    for name in list_methods():
+        if name == args.selfkd:
+            continue
+        for field in hparam_fields(get_method(name)):
+            dest = _dest(name, field.name)
+            if dest in recipe and getattr(args, dest) == recipe[dest]:
+                setattr(args, dest, None)
+
+
+def _coerce(flag: str, field_type: type, value: Any) -> Any:
+    """A recipe value as the field's type (YAML gives ints for floats, and anything for anything)."""
+    if field_type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, field_type) and (field_type is bool or not isinstance(value, bool)):
+        return value
+    raise UsageError(f'{flag} must be {field_type.__name__}, got {value!r}')
 
 
 def method_hparams(args: argparse.Namespace):
@@ -222,7 +251,7 @@ def method_hparams(args: argparse.Namespace):
             if name != spec.name:
                 raise UsageError(f'{_flag(name, field.name)} ({_dest(name, field.name)}) is a hyper-parameter of '
                                  f'{name}, but the method is {spec.name!r}')
-            values[field.name] = value
+            values[field.name] = _coerce(_flag(name, field.name), _TYPES.get(field.type, field.type), value)
     return build_hparams(spec, values)
 
 

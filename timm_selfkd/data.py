@@ -11,7 +11,7 @@ from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
-           'dataset_labels', 'index_sampler', 'replace_batch_sampler', 'set_loader_epoch']
+           'class_count', 'dataset_labels', 'index_sampler', 'replace_batch_sampler', 'set_loader_epoch']
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
 
@@ -124,6 +124,12 @@ def dataset_labels(dataset: Dataset) -> Optional[np.ndarray]:
     if samples is not None:
         return np.asarray([target for _, target in samples], dtype=np.int64)
     return None
+
+
+def class_count(dataset: Dataset) -> Optional[int]:
+    """Number of classes of the whole data set (a subset may miss some), or None if labels are not exposed."""
+    labels = dataset_labels(dataset.dataset if isinstance(dataset, DatasetView) else dataset)
+    return None if labels is None or not labels.size else int(labels.max()) + 1
 
 
 def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int) -> Sampler[int]:

@@ -31,8 +31,7 @@ class LastBatchSampler(Sampler[List[int]]):
     """
 
     def __init__(self, sampler: Sampler[int], batch_size: int):
-        if batch_size < 2 or batch_size % 2:
-            raise ValueError(f'DLB needs an even batch size of at least 2 (half new, half repeated), got {batch_size}')
+        self.check_batch_size(batch_size)
         if len(sampler) < batch_size:
             raise ValueError(f'DLB needs at least batch size ({batch_size}) images per process, got {len(sampler)}')
         self.sampler = sampler
@@ -40,6 +39,11 @@ class LastBatchSampler(Sampler[List[int]]):
         self.half = batch_size // 2
         self.epoch = 0
         self._carry: Optional[List[int]] = None  # new half of the last batch yielded by this object
+
+    @staticmethod
+    def check_batch_size(batch_size: int) -> None:
+        if batch_size < 2 or batch_size % 2:
+            raise ValueError(f'DLB needs an even batch size of at least 2 (half new, half repeated), got {batch_size}')
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # a jump: the kept half belongs to another epoch, replay instead
@@ -106,12 +110,7 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
             rank: int = 0,
             world_size: int = 1,
     ):
-        if num_same_class < 1:
-            raise ValueError(f'BAKE needs at least one same-class image per anchor, got {num_same_class}')
-        group = num_same_class + 1
-        if batch_size < group or batch_size % group:
-            raise ValueError(f'BAKE batch size {batch_size} cannot hold whole groups of one anchor and '
-                             f'{num_same_class} same-class images; use a multiple of {group}')
+        self.check_batch_size(batch_size, num_same_class)
         labels = np.asarray(labels, dtype=np.int64)
         counts = np.bincount(labels)
         single = np.flatnonzero(counts == 1)
@@ -124,12 +123,21 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
         self.position = np.empty_like(labels)
         self.position[self.by_class] = np.arange(labels.size) - self.class_start[labels[self.by_class]]
         self.num_same_class = num_same_class
-        self.anchors_per_batch = batch_size // group
+        self.anchors_per_batch = batch_size // (num_same_class + 1)
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.num_anchors = math.ceil(labels.size / world_size)
         self.epoch = 0
+
+    @staticmethod
+    def check_batch_size(batch_size: int, num_same_class: int) -> None:
+        if num_same_class < 1:
+            raise ValueError(f'BAKE needs at least one same-class image per anchor, got {num_same_class}')
+        group = num_same_class + 1
+        if batch_size < group or batch_size % group:
+            raise ValueError(f'BAKE batch size {batch_size} cannot hold whole groups of one anchor and '
+                             f'{num_same_class} same-class images; use a multiple of {group}')
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -25,8 +25,8 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint, evaluati
 from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, get_outdir, init_distributed_device,
                         random_seed, setup_default_logging, update_summary)
 
-from .args import UsageError, format_methods, method_hparams, parse_args
-from .data import build_dataset, dataset_labels, index_sampler, replace_batch_sampler, set_loader_epoch
+from .args import UsageError, format_methods, method_hparams, parse_args, recipe_values
+from .data import build_dataset, class_count, dataset_labels, index_sampler, replace_batch_sampler, set_loader_epoch
 from .registry import get_method
 
 _logger = logging.getLogger('train')
@@ -80,8 +80,10 @@ class Setup:
         self.amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if args.amp else nullcontext
 
+        if args.in_chans is None and args.input_size:
+            args.in_chans = args.input_size[0]
         self.train_dataset, self.eval_dataset = self._datasets()
-        self.model = self._create_model(dataset_labels(self.train_dataset))
+        self.model = self._create_model(class_count(self.train_dataset))
         self.data_config = resolve_data_config(vars(args), model=self.model)
         self.mixup = _mixup(args, self.model.num_classes)
         self.train_loader, self.eval_loader = self._loaders()
@@ -121,11 +123,11 @@ class Setup:
         elif self.start_epoch > 0:
             self.scheduler.step(self.start_epoch)
 
-    def _create_model(self, labels):
-        """timm's model; without --num-classes, as many classes as the training labels have."""
+    def _create_model(self, num_labels: Optional[int]):
+        """timm's model; without --num-classes, as many classes as the training set has."""
         args = self.args
-        if args.num_classes is None and labels is not None and not args.pretrained:
-            args.num_classes = int(labels.max()) + 1
+        if args.num_classes is None and num_labels is not None and not args.pretrained:
+            args.num_classes = num_labels
         kwargs = dict(args.model_kwargs)
         for key, value in (('num_classes', args.num_classes), ('in_chans', args.in_chans),
                            ('drop_path_rate', args.drop_path)):
@@ -133,11 +135,11 @@ class Setup:
                 kwargs[key] = value
         try:
             model = create_model(args.model, pretrained=args.pretrained, drop_rate=args.drop, **kwargs)
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:  # unknown model, or --model-kwargs it does not take
             raise UsageError(str(e).splitlines()[0]) from e
-        if labels is not None and labels.max() >= model.num_classes:
-            raise UsageError(f'the data set has class index {int(labels.max())} but the model has '
-                             f'{model.num_classes} classes (set --num-classes)')
+        if num_labels is not None and num_labels > model.num_classes:
+            raise UsageError(f'the data set has {num_labels} classes but the model has {model.num_classes} '
+                             '(set --num-classes)')
         args.num_classes = model.num_classes
         if args.sync_bn and args.distributed:
             model = convert_sync_batchnorm(model)
@@ -146,8 +148,7 @@ class Setup:
     def _datasets(self):
         args = self.args
         root = args.data_dir or args.data
-        in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-        common = dict(name=args.dataset, root=root, in_chans=in_chans, download=args.dataset_download, seed=args.seed)
+        common = dict(name=args.dataset, root=root, in_chans=args.in_chans or 3, download=args.dataset_download, seed=args.seed)
         train = build_dataset(split=args.train_split, is_training=True, subset=args.train_subset, **common)
         evaluation = build_dataset(split=args.val_split, is_training=False, subset=args.val_subset, **common)
         return train, evaluation
@@ -273,7 +274,7 @@ def main(argv: Optional[list] = None) -> None:
     if args.rank == 0:
         output_dir = _output_dir(args)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(vars(args), f, sort_keys=False)
+            yaml.safe_dump(recipe_values(args), f, sort_keys=False)
         saver = CheckpointSaver(model=s.task.get_eval_model(), optimizer=s.optimizer, args=args, task=s.task,
                                 amp_scaler=s.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                 decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
@@ -288,12 +289,14 @@ def main(argv: Optional[list] = None) -> None:
         eval_metrics = validate(s)
         if args.model_ema:
             eval_metrics.update({f'ema_{k}': v for k, v in validate(s, ema=True).items()})
-        s.scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+        s.task.sync_task_state()
         if args.rank == 0:
+            lrs = [group['lr'] for group in s.optimizer.param_groups]
             _logger.info(f'Eval {epoch}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
             update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
-                           lr=s.optimizer.param_groups[0]['lr'])
+                           lr=sum(lrs) / len(lrs))
             best = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+        s.scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
     if args.rank == 0 and best is not None and best[0] is not None:
         _logger.info(f'*** Best {args.eval_metric}: {best[0]:.4f} (epoch {best[1]})')
     if args.distributed:

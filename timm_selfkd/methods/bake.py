@@ -51,6 +51,11 @@ class BAKETask(SelfKDTask):
         return LogitsAndFeatures(model)
 
     @classmethod
+    def check_setup(cls, hparams, *, batch_size, mixup):
+        super().check_setup(hparams, batch_size=batch_size, mixup=mixup)
+        ClassGroupBatchSampler.check_batch_size(batch_size, hparams.same_class)
+
+    @classmethod
     def batch_sampler(cls, hparams, *, labels, batch_size, seed, rank, world_size, **_):
         if labels is None:
             raise ValueError('BAKE needs the class label of every training image for its per-class batches, '

@@ -5,6 +5,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from torch.utils.data import Sampler
+from timm.models import group_parameters
 from timm.task import TrainingTask, resolve_classification_loss
 
 from ..losses import float32_region
@@ -22,8 +23,12 @@ def check_range(method: str, name: str, value: float, low: float, high: float = 
 class LogitsAndFeatures(nn.Module):
     """A timm model that returns `(logits, pooled pre-logit features)` from one forward pass.
 
+    The features are the input of the model's classifier, captured while `forward_head` runs once, so the
+    head (pooling, head convs and norms, dropout) runs once per step as in plain training. Models whose
+    classifier is not one module (e.g. distilled DeiT's two heads) get `forward_head(pre_logits=True)` too.
     All gradient work happens inside this module's `forward`, so DDP sees a single forward per step.
-    Parameter names gain a `model.` prefix; weight-decay exclusions follow the wrapped model.
+    Parameter names gain a `model.` prefix; weight-decay exclusions and layer groups (for `--layer-decay`)
+    follow the wrapped model.
     """
 
     def __init__(self, model: nn.Module):
@@ -36,9 +41,25 @@ class LogitsAndFeatures(nn.Module):
     def no_weight_decay(self):
         return {f'model.{name}' for name in getattr(self.model, 'no_weight_decay', lambda: ())()}
 
+    def group_matcher(self, coarse: bool = False):
+        if not hasattr(self.model, 'group_matcher'):  # one group: layer decay then has no effect, as in timm
+            return lambda name: 0
+        layer_of = group_parameters(self.model, self.model.group_matcher(coarse=coarse), reverse=True)
+        last = max(layer_of.values(), default=0)
+        return lambda name: layer_of.get(name[len('model.'):], last)
+
     def forward(self, input: torch.Tensor):
         feature_map = self.model.forward_features(input)
-        return self.model.forward_head(feature_map), self.model.forward_head(feature_map, pre_logits=True)
+        classifier = self.model.get_classifier() if hasattr(self.model, 'get_classifier') else None
+        if not isinstance(classifier, nn.Module):
+            return self.model.forward_head(feature_map), self.model.forward_head(feature_map, pre_logits=True)
+        captured = []
+        handle = classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            logits = self.model.forward_head(feature_map)
+        finally:
+            handle.remove()
+        return logits, captured[0] if captured else self.model.forward_head(feature_map, pre_logits=True)
 
 
 def _has_pooled_features(model: nn.Module) -> bool:
@@ -52,7 +73,8 @@ class SelfKDTask(TrainingTask):
 
     Subclasses implement `forward`, and may override `wrap_model` (to change what the trainable module
     returns), `check_setup` (to refuse option combinations that cannot work), `batch_sampler` and
-    `bind_batch_sampler` (to choose which images share a batch) and `get_task_state`/`load_task_state` (for state that must survive `--resume`).
+    `bind_batch_sampler` (to choose which images share a batch) and `get_task_state`/`load_task_state` with
+    `sync_task_state` (for state that must survive `--resume`, per rank under DDP).
 
     Args:
         model: A timm model, already on `device`.
@@ -108,6 +130,9 @@ class SelfKDTask(TrainingTask):
 
     def bind_batch_sampler(self, batch_sampler: Sampler) -> None:
         """Receive the sampler `batch_sampler()` returned, for tasks that depend on its batch layout."""
+
+    def sync_task_state(self) -> None:
+        """Collective run on every rank before rank 0 saves a checkpoint, for per-rank task state."""
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The hard-label term, in float32 under any autocast."""

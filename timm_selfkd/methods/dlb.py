@@ -1,13 +1,17 @@
 """DLB: self-distillation from the last mini-batch (Shen et al., CVPR 2022, sec. 3.2, eq. 4-5, Alg. 1)."""
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
+import torch.distributed as dist
 
 from ..losses import kd_kl_from_logits
 from ..registry import register_method
 from ..samplers import LastBatchSampler
 from .base import SelfKDTask, check_range
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,7 +32,9 @@ class DLBTask(SelfKDTask):
     With `LastBatchSampler` batches (`bind_batch_sampler` tells the task their half size), the first `n`
     images of batch t are the images whose float32 logits were kept from step t-1; the loss is
     `ce(z, y) + alpha * T^2 * KL(softmax(z_prev / T) || softmax(z[:n] / T))` (eq. 5), from one forward pass.
-    The kept logits are the only state; they are saved as task state so `--resume` keeps the KD term.
+    The kept logits are the only state. Each rank keeps its own; `sync_task_state` gathers them so that the
+    checkpoint holds every rank's, and `--resume` with the same world size and batch size keeps the KD term
+    from its first step (other state is dropped with a warning: no KD term until the next batch).
     """
 
     mixup_conflict = ('a repeated image is mixed with a different partner than one step earlier, '
@@ -38,6 +44,12 @@ class DLBTask(SelfKDTask):
         super().__init__(model, hparams, **kwargs)
         self.last_logits: Optional[torch.Tensor] = None
         self.new_per_step: Optional[int] = None  # batch_size // 2, from the sampler; else half of each batch
+        self.gathered_logits: Optional[torch.Tensor] = None  # (world, n, K), by sync_task_state under DDP
+
+    @classmethod
+    def check_setup(cls, hparams, *, batch_size, mixup):
+        super().check_setup(hparams, batch_size=batch_size, mixup=mixup)
+        LastBatchSampler.check_batch_size(batch_size)
 
     @classmethod
     def batch_sampler(cls, hparams, *, index_sampler, batch_size, **_):
@@ -49,7 +61,7 @@ class DLBTask(SelfKDTask):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         output = self.trainable_module(input)
         loss_ce = self.cross_entropy(output, target)
-        repeated = 0 if self.last_logits is None else self.last_logits.shape[0]
+        repeated = self._repeated_rows(*output.shape)
         if repeated:
             loss_kd = kd_kl_from_logits(output[:repeated], self.last_logits, self.hparams.temperature)
         else:  # the first batch of a stream is two new halves: no teacher yet
@@ -65,13 +77,39 @@ class DLBTask(SelfKDTask):
             'loss_kd': loss_kd,
         }
 
+    def _repeated_rows(self, batch: int, num_classes: int) -> int:
+        """How many kept rows this batch starts with; 0 if none are kept or they cannot belong to it."""
+        last = self.last_logits
+        if last is None or last.shape[1] != num_classes or not 0 < last.shape[0] < batch:
+            return 0
+        return last.shape[0]
+
+    def sync_task_state(self) -> None:
+        if self.last_logits is not None and _world_size() > 1:
+            parts = [torch.empty_like(self.last_logits) for _ in range(_world_size())]
+            dist.all_gather(parts, self.last_logits)
+            self.gathered_logits = torch.stack(parts)
+
     def get_task_state(self, module=None, ema: bool = False) -> Dict[str, Any]:
         if ema or self.last_logits is None:
             return {}
-        return {'last_logits': self.last_logits.cpu()}
+        logits = self.gathered_logits if _world_size() > 1 else self.last_logits[None]
+        return {} if logits is None else {'last_logits': logits.cpu(), 'new_per_step': self.new_per_step}
 
     def load_task_state(self, state, strict: bool = True, module=None, ema: bool = False) -> None:
         if ema:
             return
         logits = (state or {}).get('last_logits')
-        self.last_logits = None if logits is None else logits.to(self.device, torch.float32)
+        self.last_logits = None
+        if logits is None:
+            return
+        if logits.ndim != 3 or logits.shape[0] != _world_size() or state.get('new_per_step') != self.new_per_step:
+            _logger.warning(f'DLB: the saved last-batch logits {tuple(logits.shape)} (new images per step '
+                            f'{state.get("new_per_step")}) do not fit {_world_size()} process(es) with '
+                            f'{self.new_per_step} new images per step; the KD term restarts with the next batch')
+            return
+        self.last_logits = logits[dist.get_rank() if _world_size() > 1 else 0].to(self.device, torch.float32)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
