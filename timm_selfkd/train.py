@@ -1,7 +1,7 @@
 """The training loop of `train.py`, built from timm's library: one loop for plain training and every method.
 
-Set-up order: arguments -> method and its checks -> device/DDP -> model -> data -> task -> optimizer, AMP,
-resume, EMA, compile, DDP -> scheduler -> output folder. Every user error is raised before the output folder
+Set-up order: arguments -> method and its checks -> device/DDP -> data -> model -> loaders -> task ->
+optimizer, AMP, resume, EMA, compile, DDP -> scheduler -> output folder. Every user error is raised before the output folder
 exists, and is reported as one line with exit status 2.
 """
 import logging
@@ -197,7 +197,7 @@ def train_one_epoch(epoch: int, s: Setup, num_updates: int):
         else:
             s.mixup.mixup_enabled = False
     sums: Dict[str, torch.Tensor] = {}
-    images = torch.zeros((), dtype=torch.float64, device=s.device)
+    images = 0
     steps = len(s.train_loader)
     start = time.time()
     for step, (input, target) in enumerate(s.train_loader):
@@ -229,10 +229,9 @@ def train_one_epoch(epoch: int, s: Setup, num_updates: int):
             _logger.info(f'Train {epoch} [{step + 1:>4d}/{steps}]  {terms}  '
                          f'lr {s.optimizer.param_groups[0]["lr"]:.3e}  {(time.time() - start):.1f}s')
     metrics = _reduce_mean({n: v / steps for n, v in sums.items()}, args.distributed)
-    totals = _reduce_mean({'images': images, 'steps': torch.tensor(float(steps), device=s.device)},
-                          args.distributed)
+    totals = _reduce_mean({'images': torch.tensor(float(images), device=s.device)}, args.distributed)
     metrics['images'] = totals['images'] * args.world_size
-    metrics['steps'] = totals['steps']
+    metrics['steps'] = steps
     metrics['time'] = time.time() - start
     return metrics, num_updates
 
