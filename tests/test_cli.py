@@ -50,27 +50,36 @@ def test_help_lists_generated_flags(capsys):
     assert '--bake-same-class' in out and '--dlb-temperature' in out and '--selfkd' in out
 
 
-def test_recipe_baseline_ignores_the_recipes_method_hparams():
-    """`-c dlb_recipe.yaml --selfkd none` is the recipe's baseline; on the command line it stays an error."""
+def test_recipe_baseline_ignores_the_recipes_method_hparams(tmp_path):
+    """`-c dlb_recipe.yaml --selfkd none` is the recipe's baseline; on the command line (even with the
+    recipe's own value) or inside a recipe of another method, another method's value stays an error."""
     recipe = os.path.join(REPO, 'configs', 'dlb_cifar100.yaml')
     args = parse_args(['-c', recipe, '--selfkd', 'none'])
     assert args.dlb_alpha is None and method_hparams(args).__class__.__name__ == 'PlainHparams'
     with pytest.raises(SystemExit):
-        parse_args(['-c', recipe, '--selfkd', 'none', '--dlb-alpha', '0.5'])
+        parse_args(['-c', recipe, '--selfkd', 'none', '--dlb-alpha', '1.0'])
+    (tmp_path / 'typo.yaml').write_text('selfkd: bake\ndlb_alpha: 0.5\n')
+    with pytest.raises(SystemExit):
+        parse_args(['-c', str(tmp_path / 'typo.yaml')])
 
 
 def test_run_args_yaml_is_a_recipe(tmp_path):
     from timm_selfkd.args import recipe_values
     import yaml
-    args = parse_args(['--selfkd', 'bake', '--bake-omega', '0.7', '-b', '32'])
+    args = parse_args(['--selfkd', 'bake', '--bake-omega', '0.7', '-b', '32', '--decay-milestones', '5', '9'])
     args.world_size, args.rank, args.local_rank, args.distributed = 1, 0, 0, False  # set by the trainer
     (tmp_path / 'args.yaml').write_text(yaml.safe_dump(recipe_values(args)))
     again = parse_args(['-c', str(tmp_path / 'args.yaml')])
     assert method_hparams(again) == method_hparams(args) and again.batch_size == 32
+    assert again.decay_milestones == [5, 9] and again.scale == args.scale
 
 
 @pytest.mark.parametrize('text, expected', [
-    ('selfkd: bake\nbake_same_class: 2.0\n', '--bake-same-class must be int, got 2.0'),
+    ('selfkd: bake\nbake_same_class: 2.0\n', "recipe key 'bake_same_class' must be int, got 2.0"),
+    ('epochs: 1.5\n', "recipe key 'epochs' must be int, got 1.5"),
+    ('amp: 1\n', "recipe key 'amp' must be bool, got 1"),
+    ('decay_milestones: [10, 20.5]\n', "recipe key 'decay_milestones' must be int"),
+    ('selfkd: bake\nbake_global_batch: "no"\n', "recipe key 'bake_global_batch' must be bool"),
     ('selfkd: dlb\ndlb_alpha: "high"\n', "--dlb-alpha: invalid float value: 'high'"),  # argparse's check
 ])
 def test_recipe_values_of_the_wrong_type(tmp_path, capsys, text, expected):

@@ -13,6 +13,8 @@ FAMILIES = {
     'convnext_atto': {},
     'vit_tiny_patch16_224': {'img_size': 32, 'patch_size': 8},
     'deit_tiny_distilled_patch16_224': {'img_size': 32, 'patch_size': 8},  # two heads: no single classifier
+    'resnetv2_18': {},  # 1x1 conv classifiers see (B, C, 1, 1)
+    'dla34': {},
 }
 
 

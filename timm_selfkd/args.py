@@ -182,11 +182,31 @@ def _load_recipe(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
         raise UsageError(f'recipe {path!r} is not valid YAML: {str(e).splitlines()[0]}') from e
     if not isinstance(recipe, dict):
         raise UsageError(f'recipe {path!r} must be a mapping of option names to values')
-    valid = {a.dest for a in parser._actions} - {'help'} - _RUN_ONLY
+    actions = {a.dest: a for a in parser._actions if a.dest != 'help' and a.dest not in _RUN_ONLY}
     for key in recipe:
-        if key not in valid and key not in _RUN_ONLY:
-            raise UsageError(f'unknown key {key!r} in recipe {path}{did_you_mean(str(key), valid)}')
-    return {key: value for key, value in recipe.items() if key not in _RUN_ONLY}
+        if key not in actions and key not in _RUN_ONLY:
+            raise UsageError(f'unknown key {key!r} in recipe {path}{did_you_mean(str(key), actions)}')
+    return {key: _typed(actions[key], value) for key, value in recipe.items() if key not in _RUN_ONLY}
+
+
+def _typed(action: argparse.Action, value: Any) -> Any:
+    """A recipe value checked against its flag's type (argparse converts only string defaults)."""
+    flag_type = bool if action.nargs == 0 else action.type
+    if flag_type not in (bool, int, float) or value is None or (isinstance(value, str) and flag_type is not bool):
+        return value
+
+    def fits(item):
+        if flag_type is bool or isinstance(item, bool):
+            return isinstance(item, bool) and flag_type is bool
+        return isinstance(item, int) or (flag_type is float and isinstance(item, float))
+
+    items = value if isinstance(value, list) else [value]
+    wrong = next((item for item in items if not fits(item)), None)
+    if wrong is not None or (isinstance(value, list) and action.nargs in (None, 0)):
+        raise UsageError(f'recipe key {action.dest!r} must be {flag_type.__name__}, got {value!r}')
+    if flag_type is float:
+        return [float(v) for v in value] if isinstance(value, list) else float(value)
+    return value
 
 
 def recipe_values(args: argparse.Namespace) -> Dict[str, Any]:
@@ -211,7 +231,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.list_selfkd:
         return args
-    _drop_recipe_hparams_of_other_methods(args, recipe)
+    _drop_recipe_hparams_of_other_methods(args, recipe, _given_on_command_line(argv))
     try:
         method_hparams(args)  # checked here so that a bad value is a usage error; Setup builds them again
     except ValueError as e:
@@ -219,24 +239,24 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _drop_recipe_hparams_of_other_methods(args: argparse.Namespace, recipe: Dict[str, Any]) -> None:
-    """`-c dlb_recipe.yaml --selfkd none` runs the recipe's baseline: the recipe's DLB values do not apply."""
+def _given_on_command_line(argv: List[str]) -> set:
+    """The destinations of the flags present in `argv` (parsed again with every default suppressed)."""
+    parser = _build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def _drop_recipe_hparams_of_other_methods(args: argparse.Namespace, recipe: Dict[str, Any], given: set) -> None:
+    """`-c dlb_recipe.yaml --selfkd none` runs the recipe's baseline: the recipe's DLB values do not apply
+    once the command line picks another method (given on the command line, they are still an error)."""
+    if args.selfkd == recipe.get('selfkd', 'none'):
+        return
     for name in list_methods():
-        if name == args.selfkd:
-            continue
         for field in hparam_fields(get_method(name)):
             dest = _dest(name, field.name)
-            if dest in recipe and getattr(args, dest) == recipe[dest]:
+            if name != args.selfkd and dest in recipe and dest not in given:
                 setattr(args, dest, None)
-
-
-def _coerce(flag: str, field_type: type, value: Any) -> Any:
-    """A recipe value as the field's type (YAML gives ints for floats, and anything for anything)."""
-    if field_type is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, field_type) and (field_type is bool or not isinstance(value, bool)):
-        return value
-    raise UsageError(f'{flag} must be {field_type.__name__}, got {value!r}')
 
 
 def method_hparams(args: argparse.Namespace):
@@ -251,7 +271,7 @@ def method_hparams(args: argparse.Namespace):
             if name != spec.name:
                 raise UsageError(f'{_flag(name, field.name)} ({_dest(name, field.name)}) is a hyper-parameter of '
                                  f'{name}, but the method is {spec.name!r}')
-            values[field.name] = _coerce(_flag(name, field.name), _TYPES.get(field.type, field.type), value)
+            values[field.name] = value
     return build_hparams(spec, values)
 
 

@@ -264,6 +264,7 @@ def main(argv: Optional[list] = None) -> None:
     if args.list_selfkd:
         print(format_methods())
         return
+    recipe = recipe_values(args)  # as given, before Setup resolves the lr, device and class count
     try:
         s = Setup(args)
     except (ValueError, FileNotFoundError) as e:  # UsageError, DatasetNotFoundError, a method's own checks
@@ -273,7 +274,7 @@ def main(argv: Optional[list] = None) -> None:
     if args.rank == 0:
         output_dir = _output_dir(args)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(recipe_values(args), f, sort_keys=False)
+            yaml.safe_dump(recipe, f, sort_keys=False)
         saver = CheckpointSaver(model=s.task.get_eval_model(), optimizer=s.optimizer, args=args, task=s.task,
                                 amp_scaler=s.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                 decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)

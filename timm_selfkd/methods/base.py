@@ -24,7 +24,8 @@ class LogitsAndFeatures(nn.Module):
     """A timm model that returns `(logits, pooled pre-logit features)` from one forward pass.
 
     The features are the input of the model's classifier, captured while `forward_head` runs once, so the
-    head (pooling, head convs and norms, dropout) runs once per step as in plain training. Models whose
+    head (pooling, head convs and norms, dropout) runs once per step as in plain training. (With `--drop`,
+    models that drop out after their pre-logits, e.g. MobileNetV3, give dropped-out features.) Models whose
     classifier is not one module (e.g. distilled DeiT's two heads) get `forward_head(pre_logits=True)` too.
     All gradient work happens inside this module's `forward`, so DDP sees a single forward per step.
     Parameter names gain a `model.` prefix; weight-decay exclusions and layer groups (for `--layer-decay`)
@@ -42,7 +43,7 @@ class LogitsAndFeatures(nn.Module):
         return {f'model.{name}' for name in getattr(self.model, 'no_weight_decay', lambda: ())()}
 
     def group_matcher(self, coarse: bool = False):
-        if not hasattr(self.model, 'group_matcher'):  # one group: layer decay then has no effect, as in timm
+        if not hasattr(self.model, 'group_matcher'):  # not a timm model: one group, layer decay has no effect
             return lambda name: 0
         layer_of = group_parameters(self.model, self.model.group_matcher(coarse=coarse), reverse=True)
         last = max(layer_of.values(), default=0)
@@ -59,7 +60,9 @@ class LogitsAndFeatures(nn.Module):
             logits = self.model.forward_head(feature_map)
         finally:
             handle.remove()
-        return logits, captured[0] if captured else self.model.forward_head(feature_map, pre_logits=True)
+        if not captured:
+            return logits, self.model.forward_head(feature_map, pre_logits=True)
+        return logits, captured[0].flatten(1)  # conv classifiers (ResNetV2, DLA, DPN) take (B, C, 1, 1)
 
 
 def _has_pooled_features(model: nn.Module) -> bool:

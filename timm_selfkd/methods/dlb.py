@@ -44,7 +44,7 @@ class DLBTask(SelfKDTask):
         super().__init__(model, hparams, **kwargs)
         self.last_logits: Optional[torch.Tensor] = None
         self.new_per_step: Optional[int] = None  # batch_size // 2, from the sampler; else half of each batch
-        self.gathered_logits: Optional[torch.Tensor] = None  # (world, n, K), by sync_task_state under DDP
+        self.gathered_logits: Optional[torch.Tensor] = None  # (world, n, K) on rank 0, by sync_task_state
 
     @classmethod
     def check_setup(cls, hparams, *, batch_size, mixup):
@@ -85,10 +85,13 @@ class DLBTask(SelfKDTask):
         return last.shape[0]
 
     def sync_task_state(self) -> None:
-        if self.last_logits is not None and _world_size() > 1:
-            parts = [torch.empty_like(self.last_logits) for _ in range(_world_size())]
-            dist.all_gather(parts, self.last_logits)
-            self.gathered_logits = torch.stack(parts)
+        """Gather every rank's kept logits on rank 0 (on the CPU) for its checkpoint. All ranks run the same
+        steps with equally sized batches, so all have kept logits of the same shape."""
+        if self.last_logits is None or _world_size() == 1:
+            return
+        parts = [torch.empty_like(self.last_logits) for _ in range(_world_size())] if dist.get_rank() == 0 else None
+        dist.gather(self.last_logits, parts, dst=0)
+        self.gathered_logits = torch.stack(parts).cpu() if parts is not None else None
 
     def get_task_state(self, module=None, ema: bool = False) -> Dict[str, Any]:
         if ema or self.last_logits is None:
