@@ -8,7 +8,7 @@ import torch.distributed as dist
 from ..losses import bake_targets, kd_kl
 from ..registry import register_method
 from ..samplers import ClassGroupBatchSampler
-from .base import LogitsAndFeatures, SelfKDTask, check_range
+from .base import LogitsAndFeatures, SelfKDTask, check_range, world_size
 
 
 @dataclass
@@ -30,7 +30,7 @@ class BAKEHparams:
 
 def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equally-shaped tensors from all ranks (no gradient), in rank order."""
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
@@ -65,8 +65,7 @@ class BAKETask(SelfKDTask):
 
     def soft_targets(self, output: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Eq. 9 targets for this rank's images; over the global batch when asked and distributed."""
-        if not (self.hparams.global_batch and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not (self.hparams.global_batch and world_size() > 1):
             return bake_targets(features, output, self.hparams.omega, self.hparams.temperature)
         batch = output.shape[0]
         targets = bake_targets(_gather_rows(features.detach()), _gather_rows(output.detach()),

@@ -3,6 +3,7 @@ import inspect
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Sampler
 from timm.models import group_parameters
@@ -10,7 +11,12 @@ from timm.task import TrainingTask, resolve_classification_loss
 
 from ..losses import float32_region
 
-__all__ = ['SelfKDTask', 'LogitsAndFeatures', 'check_range']
+__all__ = ['SelfKDTask', 'LogitsAndFeatures', 'check_range', 'world_size']
+
+
+def world_size() -> int:
+    """Number of processes of the initialised process group, 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def check_range(method: str, name: str, value: float, low: float, high: float = float('inf')) -> None:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from ..losses import kd_kl_from_logits
 from ..registry import register_method
 from ..samplers import LastBatchSampler
-from .base import SelfKDTask, check_range
+from .base import SelfKDTask, check_range, world_size
 
 _logger = logging.getLogger(__name__)
 
@@ -87,16 +87,16 @@ class DLBTask(SelfKDTask):
     def sync_task_state(self) -> None:
         """Gather every rank's kept logits on rank 0 (on the CPU) for its checkpoint. All ranks run the same
         steps with equally sized batches, so all have kept logits of the same shape."""
-        if self.last_logits is None or _world_size() == 1:
+        if self.last_logits is None or world_size() == 1:
             return
-        parts = [torch.empty_like(self.last_logits) for _ in range(_world_size())] if dist.get_rank() == 0 else None
+        parts = [torch.empty_like(self.last_logits) for _ in range(world_size())] if dist.get_rank() == 0 else None
         dist.gather(self.last_logits, parts, dst=0)
         self.gathered_logits = torch.stack(parts).cpu() if parts is not None else None
 
     def get_task_state(self, module=None, ema: bool = False) -> Dict[str, Any]:
         if ema or self.last_logits is None:
             return {}
-        logits = self.gathered_logits if _world_size() > 1 else self.last_logits[None]
+        logits = self.gathered_logits if world_size() > 1 else self.last_logits[None]
         return {} if logits is None else {'last_logits': logits.cpu(), 'new_per_step': self.new_per_step}
 
     def load_task_state(self, state, strict: bool = True, module=None, ema: bool = False) -> None:
@@ -106,13 +106,10 @@ class DLBTask(SelfKDTask):
         self.last_logits = None
         if logits is None:
             return
-        if logits.ndim != 3 or logits.shape[0] != _world_size() or state.get('new_per_step') != self.new_per_step:
+        if logits.ndim != 3 or logits.shape[0] != world_size() or state.get('new_per_step') != self.new_per_step:
             _logger.warning(f'DLB: the saved last-batch logits {tuple(logits.shape)} (new images per step '
-                            f'{state.get("new_per_step")}) do not fit {_world_size()} process(es) with '
+                            f'{state.get("new_per_step")}) do not fit {world_size()} process(es) with '
                             f'{self.new_per_step} new images per step; the KD term restarts with the next batch')
             return
-        self.last_logits = logits[dist.get_rank() if _world_size() > 1 else 0].to(self.device, torch.float32)
+        self.last_logits = logits[dist.get_rank() if world_size() > 1 else 0].to(self.device, torch.float32)
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
