@@ -24,7 +24,11 @@ IMAGES_PER_EPOCH = {
     'none': TRAIN_IMAGES // BATCH * BATCH,
     'dlb': BATCH + (TRAIN_IMAGES - BATCH) * 2,
     'bake': 2 * TRAIN_IMAGES,
+    **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], TRAIN_IMAGES // BATCH * BATCH),
 }
+# Method flags the tiny 4-class data set needs (TC's default gamma 0.25 is the uniform teacher for 4 classes)
+METHOD_ARGS = {'lsrkd_tc': ['--lsrkd-tc-gamma', '0.5']}
+NEW_METHODS = ['lsrkd', 'lsrkd_tc', 'tfkd_reg']
 
 MODELS = {
     'resnet18': ['--img-size', '32'],
@@ -49,7 +53,8 @@ def read_summary(output):
 def test_one_epoch_end_to_end(image_folder, tmp_path, model, method):
     """One epoch per model family and method: finite losses, the images each method reads, and a
     checkpoint that timm loads as a plain model."""
-    main(train_args(image_folder, tmp_path, '--model', model, '--selfkd', method, *MODELS[model]))
+    main(train_args(image_folder, tmp_path, '--model', model, '--selfkd', method, *MODELS[model],
+                    *METHOD_ARGS.get(method, [])))
     (row,) = read_summary(tmp_path)
     assert math.isfinite(float(row['train_loss'])) and math.isfinite(float(row['eval_loss']))
     assert float(row['train_images']) == IMAGES_PER_EPOCH[method]
@@ -60,10 +65,17 @@ def test_one_epoch_end_to_end(image_folder, tmp_path, model, method):
                       **kwargs)
 
 
-@pytest.mark.parametrize('method', ['dlb', 'bake'])
+@pytest.mark.parametrize('model', ['resnet18', 'swin_tiny_patch4_window7_224'])
+@pytest.mark.parametrize('method', NEW_METHODS)
+def test_one_epoch_end_to_end_new_methods(image_folder, tmp_path, model, method):
+    """The methods of issue 6 on a ResNet and a small Swin; same checks as above."""
+    test_one_epoch_end_to_end(image_folder, tmp_path, model, method)
+
+
+@pytest.mark.parametrize('method', ['dlb', 'bake', *NEW_METHODS])
 def test_bf16_autocast_on_cpu_stays_finite(image_folder, tmp_path, method):
     main(train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32', '--amp',
-                    '--amp-dtype', 'bfloat16'))
+                    '--amp-dtype', 'bfloat16', *METHOD_ARGS.get(method, [])))
     (row,) = read_summary(tmp_path)
     for key in ('train_loss', 'train_loss_ce', 'train_loss_kd', 'eval_loss'):
         assert math.isfinite(float(row[key])), key
@@ -157,6 +169,10 @@ def _fails(capsys, tmp_path, argv, expected):
     (['--selfkd', 'dlb', '--bake-omega', '0.9'], 'hyper-parameter of bake'),
     (['--selfkd', 'bake', '--bake-omega', '1.5'], 'omega must be'),
     (['--model', 'no_such_model'], 'Unknown model'),
+    (['--selfkd', 'lsrkd_tc'], 'lsrkd_tc gamma must be > 1/K = 0.25 for 4 classes'),
+    (['--selfkd', 'tfkd_reg', '--tfkd-reg-gamma', '0.2'], 'tfkd_reg gamma must be > 1/K = 0.25 for 4 classes'),
+    (['--selfkd', 'lsrkd_tc', '--lsrkd-tc-gamma', '1.0'], 'lsrkd_tc gamma must be > 0 and < 1'),
+    (['--selfkd', 'lsrkd_tc', '--mixup', '0.2', '--lsrkd-tc-gamma', '0.5'], 'its teacher puts its mass'),
 ])
 def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
     _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32'] + extra, expected)

@@ -3,10 +3,13 @@
 All functions run with autocast disabled and upcast their inputs, so they stay finite under fp16/bf16 AMP
 (CPU autocast would otherwise keep softmax in bf16, and `torch.linalg.solve` refuses low precision).
 """
+import math
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'bake_targets']
+__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'corrected_teacher', 'class_teacher_kl', 'bake_targets']
 
 
 def float32_region(tensor: torch.Tensor):
@@ -35,6 +38,52 @@ def kd_kl_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
         kl = F.kl_div(log_p, log_q, reduction='batchmean', log_target=True)
         return kl * temperature ** 2
+
+
+def corrected_teacher(num_classes: int, gamma: float) -> Tuple[float, float]:
+    """The teacher of Teacher Correction (LsrKD paper, eq. 11) as `(true_prob, other_prob)`: `gamma` on the true
+    class and `(1 - gamma) / (K - 1)` on each other class. `gamma = 1 / K` is the uniform teacher of LSR/LsrKD.
+
+    Raises:
+        ValueError: if `gamma` is not in [1/K, 1), i.e. the teacher would favour a wrong class or be one-hot.
+    """
+    if num_classes < 2:
+        raise ValueError(f'a class teacher needs at least 2 classes, got {num_classes}')
+    if not 1 / num_classes - 1e-12 <= gamma < 1:
+        raise ValueError(f'gamma must be >= 1/K = {1 / num_classes:.4g} (uniform) and < 1 for {num_classes} classes, '
+                         f'got {gamma}')
+    return gamma, (1 - gamma) / (num_classes - 1)
+
+
+def class_teacher_kl(
+        student_logits: torch.Tensor,
+        target: torch.Tensor,
+        true_prob: float,
+        other_prob: float,
+        temperature: float,
+) -> torch.Tensor:
+    """`KL(q || softmax(z / T))` for a teacher `q` that is `true_prob` on the label and `other_prob` elsewhere.
+
+    Summed over classes and averaged over the batch, without the `T` or `T^2` factor (methods scale it their
+    way). The teacher is never materialised: with `log p = log_softmax(z / T)`,
+    `KL = sum_k q_k log q_k - other_prob * sum_k log p_k - (true_prob - other_prob) * log p_y`, whose first
+    term is a constant of the class count.
+
+    Args:
+        student_logits: Student logits `z`, shape (N, K).
+        target: Class indices, shape (N,); not read when the teacher is uniform (`true_prob == other_prob`).
+        true_prob: Teacher probability of the labelled class.
+        other_prob: Teacher probability of every other class (`(1 - true_prob) / (K - 1)`).
+        temperature: Softening temperature T of the student.
+    """
+    num_classes = student_logits.shape[-1]
+    neg_entropy = sum(count * p * math.log(p) for count, p in ((1, true_prob), (num_classes - 1, other_prob)) if p > 0)
+    with float32_region(student_logits):
+        log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        cross = other_prob * log_p.sum(dim=-1)
+        if true_prob != other_prob:
+            cross = cross + (true_prob - other_prob) * log_p.gather(-1, target[:, None]).squeeze(-1)
+        return neg_entropy - cross.mean()
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from timm.models import group_parameters
 from timm.task import TrainingTask, resolve_classification_loss
 
 from ..losses import float32_region
+from ..registry import method_name
 
 __all__ = ['SelfKDTask', 'LogitsAndFeatures', 'check_range', 'world_size']
 
@@ -93,7 +94,6 @@ class SelfKDTask(TrainingTask):
         device: Device of the task's tensors.
     """
 
-    method_name = ''
     supports_mixup = False
     mixup_conflict = 'its soft targets are not defined for mixed images'
 
@@ -120,7 +120,8 @@ class SelfKDTask(TrainingTask):
     def check_setup(cls, hparams: Any, *, batch_size: int, mixup: bool) -> None:
         """Raise a ValueError for option combinations this method cannot train correctly."""
         if mixup and not cls.supports_mixup:
-            raise ValueError(f'--mixup/--cutmix are not supported with --selfkd {cls.method_name}: {cls.mixup_conflict}')
+            raise ValueError(f'--mixup/--cutmix are not supported with --selfkd {method_name(hparams)}: '
+                             f'{cls.mixup_conflict}')
 
     @classmethod
     def batch_sampler(
