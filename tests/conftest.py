@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny image-folder data sets written to a temporary directory (no network)."""
+"""Shared fixtures: tiny image-folder data sets written to a temporary directory (no network); plain-math
+references shared by the loss tests."""
+import math
 import os
 
 import numpy as np
@@ -29,3 +31,16 @@ def image_folder(tmp_path_factory):
     write_image_folder(str(root / 'train'), TRAIN_PER_CLASS, seed=0)
     write_image_folder(str(root / 'validation'), VAL_PER_CLASS, seed=1)
     return str(root)
+
+
+def log_softmax_row(row, temperature=1.0):
+    """log softmax(row / T) of a list of floats, in plain math."""
+    scaled = [v / temperature for v in row]
+    top = max(scaled)
+    log_total = top + math.log(sum(math.exp(v - top) for v in scaled))
+    return [v - log_total for v in scaled]
+
+
+def hand_ce(rows, labels):
+    """mean_i -log softmax(z_i)[y_i], in plain math."""
+    return -sum(log_softmax_row(z)[y] for z, y in zip(rows, labels)) / len(labels)

@@ -11,18 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_selfkd
+from conftest import hand_ce, log_softmax_row
 from timm_selfkd.losses import class_teacher_kl, corrected_teacher
 from timm_selfkd.methods.label import LabelTeacherTask, LsrKDHparams, LsrKDTCHparams, TfKDRegHparams
 
 LOGITS = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0]]
 TARGET = [3, 0, 1]
-
-
-def log_softmax_row(row, temperature=1.0):
-    scaled = [v / temperature for v in row]
-    top = max(scaled)
-    log_total = top + math.log(sum(math.exp(v - top) for v in scaled))
-    return [v - log_total for v in scaled]
 
 
 def hand_kl(teacher_rows, logit_rows, temperature):
@@ -32,10 +26,6 @@ def hand_kl(teacher_rows, logit_rows, temperature):
         log_p = log_softmax_row(z, temperature)
         total += sum(qk * (math.log(qk) - lp) for qk, lp in zip(q, log_p) if qk > 0)
     return total / len(teacher_rows)
-
-
-def hand_ce(logit_rows, target):
-    return -sum(log_softmax_row(z)[y] for z, y in zip(logit_rows, target)) / len(target)
 
 
 def eq11_rows(gamma, target, num_classes):

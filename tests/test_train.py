@@ -25,10 +25,12 @@ IMAGES_PER_EPOCH = {
     'dlb': BATCH + (TRAIN_IMAGES - BATCH) * 2,
     'bake': 2 * TRAIN_IMAGES,
     **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], TRAIN_IMAGES // BATCH * BATCH),
+    'cskd': 2 * TRAIN_IMAGES,  # every image an anchor once, with one partner
+    'ddgsd': TRAIN_IMAGES // (BATCH // 2) * BATCH,  # B/2 images per step, two views each
 }
 # Method flags the tiny 4-class data set needs (TC's default gamma 0.25 is the uniform teacher for 4 classes)
 METHOD_ARGS = {'lsrkd_tc': ['--lsrkd-tc-gamma', '0.5']}
-NEW_METHODS = ['lsrkd', 'lsrkd_tc', 'tfkd_reg']
+NEW_METHODS = ['lsrkd', 'lsrkd_tc', 'tfkd_reg', 'cskd', 'ddgsd']
 
 MODELS = {
     'resnet18': ['--img-size', '32'],
@@ -173,6 +175,10 @@ def _fails(capsys, tmp_path, argv, expected):
     (['--selfkd', 'tfkd_reg', '--tfkd-reg-gamma', '0.2'], 'tfkd_reg gamma must be > 1/K = 0.25 for 4 classes'),
     (['--selfkd', 'lsrkd_tc', '--lsrkd-tc-gamma', '1.0'], 'lsrkd_tc gamma must be > 0 and < 1'),
     (['--selfkd', 'lsrkd_tc', '--mixup', '0.2', '--lsrkd-tc-gamma', '0.5'], 'its teacher puts its mass'),
+    (['--selfkd', 'cskd', '-b', '9'], 'CS-KD batch size 9 cannot hold whole groups'),
+    (['--selfkd', 'ddgsd', '-b', '7'], 'DDGSD batch size 7 cannot hold whole sets of 2 views'),
+    (['--selfkd', 'ddgsd', '--ddgsd-mmd-weight', '-0.5'], 'ddgsd mmd_weight must be >= 0'),
+    (['--selfkd', 'cskd', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd cskd'),
 ])
 def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
     _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32'] + extra, expected)
@@ -184,11 +190,12 @@ def test_missing_dataset(tmp_path, capsys):
     _fails(capsys, tmp_path, ['--dataset', 'torch/cifar10', '--data-dir', str(tmp_path)], 'could not be loaded')
 
 
-def test_bake_class_with_single_image(tmp_path, capsys):
+@pytest.mark.parametrize('method, name', [('bake', 'BAKE'), ('cskd', 'CS-KD')])
+def test_class_with_single_image(tmp_path, capsys, method, name):
     write_image_folder(str(tmp_path / 'data' / 'train'), [4, 4, 1])
     write_image_folder(str(tmp_path / 'data' / 'validation'), [2, 2, 2])
-    _fails(capsys, tmp_path, ['--data-dir', str(tmp_path / 'data'), '--selfkd', 'bake', '-b', '4'],
-           'class 2 has one')
+    _fails(capsys, tmp_path, ['--data-dir', str(tmp_path / 'data'), '--selfkd', method, '-b', '4'],
+           f'{name} needs at least two images per class, but class 2 has one')
 
 
 def test_unknown_recipe_key_names_closest(tmp_path, capsys):

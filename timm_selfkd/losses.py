@@ -9,7 +9,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'corrected_teacher', 'class_teacher_kl', 'bake_targets']
+__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'corrected_teacher', 'class_teacher_kl',
+           'linear_mmd', 'bake_targets']
 
 
 def float32_region(tensor: torch.Tensor):
@@ -84,6 +85,17 @@ def class_teacher_kl(
         if true_prob != other_prob:
             cross = cross + (true_prob - other_prob) * log_p.gather(-1, target[:, None]).squeeze(-1)
         return neg_entropy - cross.mean()
+
+
+def linear_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared maximum mean discrepancy with a linear kernel, `||mean_i x_i - mean_i y_i||^2`, in float32.
+
+    Args:
+        x: Samples of one distribution, shape (N, D); gradients flow through both arguments.
+        y: Samples of the other, shape (M, D).
+    """
+    with float32_region(x):
+        return (x.float().mean(dim=0) - y.float().mean(dim=0)).square().sum()
 
 
 @torch.no_grad()

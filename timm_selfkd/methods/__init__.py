@@ -4,3 +4,5 @@ from .plain import PlainTask
 from .dlb import DLBTask
 from .bake import BAKETask
 from .label import LabelTeacherTask
+from .cskd import CSKDTask
+from .ddgsd import DDGSDTask

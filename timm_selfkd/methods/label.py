@@ -44,6 +44,17 @@ class ClassTeacher:
     def kl_scale(self, num_classes: int) -> float:
         raise NotImplementedError
 
+    def check_gamma(self) -> None:
+        if not 0 < self.gamma < 1:
+            raise ValueError(f'{method_name(self)} gamma must be > 0 and < 1, got {self.gamma}')
+
+    def corrected(self, num_classes: int) -> Tuple[float, float]:
+        """Eq. 11 with this preset's gamma; a ValueError unless gamma > 1/K (1/K is the uniform teacher)."""
+        if self.gamma <= 1 / num_classes:
+            raise ValueError(f'{method_name(self)} gamma must be > 1/K = {1 / num_classes:.4g} for {num_classes} '
+                             f'classes (1/K is the uniform teacher), got {self.gamma}')
+        return corrected_teacher(num_classes, self.gamma)
+
 
 @dataclass
 class LsrKDHparams(ClassTeacher):
@@ -78,14 +89,10 @@ class LsrKDTCHparams(LsrKDHparams):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 < self.gamma < 1:
-            raise ValueError(f'{method_name(self)} gamma must be > 0 and < 1, got {self.gamma}')
+        self.check_gamma()
 
     def teacher(self, num_classes: int) -> Tuple[float, float]:
-        if self.gamma <= 1 / num_classes:
-            raise ValueError(f'{method_name(self)} gamma must be > 1/K = {1 / num_classes:.4g} for {num_classes} '
-                             f'classes (at 1/K the teacher is uniform: use lsrkd), got {self.gamma}')
-        return corrected_teacher(num_classes, self.gamma)
+        return self.corrected(num_classes)
 
 
 @dataclass
@@ -106,14 +113,10 @@ class TfKDRegHparams(ClassTeacher):
         check_range(name, 'alpha', self.alpha, 0., 1.)
         check_range(name, 'temperature', self.temperature, 1e-6)
         check_range(name, 'multiplier', self.multiplier, 0.)
-        if not 0 < self.gamma < 1:
-            raise ValueError(f'{name} gamma must be > 0 and < 1, got {self.gamma}')
+        self.check_gamma()
 
     def teacher(self, num_classes: int) -> Tuple[float, float]:
-        if self.gamma <= 1 / num_classes:
-            raise ValueError(f'{method_name(self)} gamma must be > 1/K = {1 / num_classes:.4g} for {num_classes} '
-                             f'classes, got {self.gamma}')
-        true_prob, other_prob = corrected_teacher(num_classes, self.gamma)
+        true_prob, other_prob = self.corrected(num_classes)
         # softmax(q / T) of a vector with two distinct values, in closed form
         other_weight = (num_classes - 1) * math.exp((other_prob - true_prob) / self.temperature)
         softened = 1 / (1 + other_weight)

@@ -1,0 +1,22 @@
+"""CS-KD and DDGSD under torchrun: two CPU processes (gloo), one module so the process starts stay few."""
+import math
+
+import pytest
+
+from conftest import NUM_CLASSES, TRAIN_PER_CLASS
+from test_train import BATCH, read_summary, torchrun, train_args
+
+PER_RANK = NUM_CLASSES * TRAIN_PER_CLASS // 2
+
+
+@pytest.mark.parametrize('method, extra, per_rank_images', [
+    ('cskd', [], 2 * PER_RANK),  # each rank's anchors (half the data) with one partner each
+    ('ddgsd', ['--ddgsd-mmd-weight', '0.1'], PER_RANK // (BATCH // 2) * BATCH),  # two views, features for MMD
+])
+def test_torchrun_two_process_gloo(image_folder, tmp_path, method, extra, per_rank_images):
+    torchrun(*train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32', *extra))
+    (row,) = read_summary(tmp_path)
+    assert float(row['train_images']) == 2 * per_rank_images
+    assert math.isfinite(float(row['train_loss_kd'])) and float(row['train_loss_kd']) > 0
+    if method == 'ddgsd':
+        assert math.isfinite(float(row['train_loss_mmd']))
