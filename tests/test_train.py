@@ -154,7 +154,7 @@ def _fails(capsys, tmp_path, argv, expected):
     """The run exits with status 2, one error line naming the problem, and no output folder."""
     output = tmp_path / 'out'
     with pytest.raises(SystemExit) as exc:
-        main(argv + ['--output', str(output), '--device', 'cpu', '-j', '0', '--epochs', '1'])
+        main(['--device', 'cpu', '-j', '0', '--epochs', '1'] + argv + ['--output', str(output)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'error:' in err[0] and expected in err[0], err
@@ -181,7 +181,29 @@ def _fails(capsys, tmp_path, argv, expected):
     (['--selfkd', 'cskd', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd cskd'),
 ])
 def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
-    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32'] + extra, expected)
+    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32', '-b', '8'] + extra, expected)
+
+
+@pytest.mark.parametrize('extra, expected', [
+    (['--epochs', '0'], '--epochs must be >= 1, got 0'),
+    (['-b', '0'], '--batch-size must be >= 1, got 0'),
+    (['--smoothing', '1.0'], '--smoothing must be >= 0 and < 1'),
+    (['--log-interval', '0'], '--log-interval must be >= 1'),
+    (['--reprob', '1.5'], '--reprob must be in [0, 1]'),
+    (['--checkpoint-hist', '0'], '--checkpoint-hist must be >= 1'),
+    (['--train-crop-mode', 'pad', '--train-crop-padding', '-2'], '--train-crop-padding must be >= 0'),
+    (['-b', '64'], 'does not fill one batch of 64: lower -b'),
+])
+def test_bad_values_are_one_line(image_folder, tmp_path, capsys, extra, expected):
+    """Values timm would meet with an assertion or a crash mid-run (an empty epoch) are usage errors."""
+    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32', '-b', '8'] + extra, expected)
+
+
+def test_pad_crop_trains(image_folder, tmp_path):
+    """--train-crop-mode pad (the CIFAR recipes' crop) through timm's loader and prefetcher."""
+    main(train_args(image_folder, tmp_path, '--img-size', '32', '--train-crop-mode', 'pad'))
+    (row,) = read_summary(tmp_path)
+    assert math.isfinite(float(row['train_loss']))
 
 
 def test_missing_dataset(tmp_path, capsys):

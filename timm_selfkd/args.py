@@ -12,6 +12,7 @@ import yaml
 from timm.utils import ParseKwargs
 
 from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods
+from .transforms import TRAIN_CROP_MODES
 
 __all__ = ['UsageError', 'parse_args', 'method_hparams', 'recipe_values', 'format_methods']
 
@@ -124,6 +125,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('Augmentation and regularization')
     g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--train-crop-mode', default=None, choices=TRAIN_CROP_MODES,
+                   help='training crop: timm\'s rrc (random-resized crop, default), rkrc, rkrr, or pad: the CIFAR '
+                        'papers\' zero-pad and random crop (with --train-crop-padding)')
+    g.add_argument('--train-crop-padding', type=int, default=4, metavar='N',
+                   help='zero padding on each side for --train-crop-mode pad (default: 4)')
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT')
     g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO')
     g.add_argument('--hflip', type=float, default=0.5)
@@ -190,7 +196,11 @@ def _load_recipe(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
 
 
 def _typed(action: argparse.Action, value: Any) -> Any:
-    """A recipe value checked against its flag's type (argparse converts only string defaults)."""
+    """A recipe value checked against its flag's type and choices (argparse converts only string defaults and
+    checks choices only on the command line)."""
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise UsageError(f'recipe key {action.dest!r} must be one of {", ".join(map(str, action.choices))}, '
+                         f'got {value!r}')
     flag_type = bool if action.nargs == 0 else action.type
     if flag_type not in (bool, int, float) or value is None or (isinstance(value, str) and flag_type is not bool):
         return value
@@ -231,12 +241,38 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.list_selfkd:
         return args
+    try:
+        check_values(args)
+    except UsageError as e:
+        parser.error(str(e))
     _drop_recipe_hparams_of_other_methods(args, recipe, _given_on_command_line(argv))
     try:
         method_hparams(args)  # checked here so that a bad value is a usage error; Setup builds them again
     except ValueError as e:
         parser.error(str(e))
     return args
+
+
+_AT_LEAST = {'epochs': 1, 'batch_size': 1, 'validation_batch_size': 1, 'img_size': 1, 'log_interval': 1,
+             'checkpoint_hist': 1, 'recount': 1, 'warmup_epochs': 0, 'cooldown_epochs': 0, 'workers': 0,
+             'train_subset': 0, 'val_subset': 0, 'train_crop_padding': 0, 'mixup': 0., 'cutmix': 0., 'lr': 0.,
+             'weight_decay': 0., 'mixup_off_epoch': 0}
+_PROBABILITIES = ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay')
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Refuse option values that timm would reject later with a traceback (or use without complaint)."""
+    for dest, low in _AT_LEAST.items():
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            raise UsageError(f'--{dest.replace("_", "-")} must be >= {low}, got {value}')
+    for dest in _PROBABILITIES:
+        if not 0 <= getattr(args, dest) <= 1:
+            raise UsageError(f'--{dest.replace("_", "-")} must be in [0, 1], got {getattr(args, dest)}')
+    if not 0 <= args.smoothing < 1:
+        raise UsageError(f'--smoothing must be >= 0 and < 1, got {args.smoothing}')
+    if args.input_size is not None and min(args.input_size) < 1:
+        raise UsageError(f'--input-size must be positive, got {args.input_size}')
 
 
 def _given_on_command_line(argv: List[str]) -> set:

@@ -28,6 +28,7 @@ from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, get_o
 from .args import UsageError, format_methods, method_hparams, parse_args, recipe_values
 from .data import build_dataset, class_count, dataset_labels, index_sampler, replace_batch_sampler, set_loader_epoch
 from .registry import get_method
+from .transforms import with_pad_crop
 
 _logger = logging.getLogger('train')
 
@@ -162,8 +163,12 @@ class Setup:
             self.train_dataset, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio,
             hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-            train_crop_mode=None, collate_fn=self.mixup if isinstance(self.mixup, FastCollateMixup) else None,
+            train_crop_mode=None if args.train_crop_mode == 'pad' else args.train_crop_mode,
+            collate_fn=self.mixup if isinstance(self.mixup, FastCollateMixup) else None,
             **{**common, 'interpolation': args.train_interpolation})
+        if args.train_crop_mode == 'pad':
+            train_loader.dataset.transform = with_pad_crop(train_loader.dataset.transform, cfg['input_size'][-2:],
+                                                           args.train_crop_padding, args.train_interpolation)
         self.batch_sampler = self.spec.task_cls.batch_sampler(
             self.hparams, index_sampler=index_sampler(self.train_dataset, args.seed, args.rank,
                                                              args.world_size),
@@ -171,6 +176,9 @@ class Setup:
             rank=args.rank, world_size=args.world_size)
         if self.batch_sampler is not None:
             train_loader = replace_batch_sampler(train_loader, self.batch_sampler)
+        if len(train_loader) == 0:
+            raise UsageError(f'the training set ({len(self.train_dataset)} images, split over {args.world_size} '
+                             f'process(es)) does not fill one batch of {args.batch_size}: lower -b')
         eval_loader = create_loader(self.eval_dataset, batch_size=args.validation_batch_size or args.batch_size,
                                     is_training=False, crop_pct=cfg['crop_pct'], **common)
         return train_loader, eval_loader
