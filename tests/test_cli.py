@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from timm_selfkd import list_methods
 from timm_selfkd.args import format_methods, method_hparams, parse_args
 from timm_selfkd.methods.bake import BAKEHparams
 from timm_selfkd.train import main
@@ -33,6 +34,11 @@ def test_shipped_recipes_parse(recipe):
     method_hparams(args)
     if 'cifar' in args.dataset:  # the papers' CIFAR augmentation: pad-4 random crop and flip
         assert (args.train_crop_mode, args.train_crop_padding, args.hflip) == ('pad', 4, 0.5), recipe
+
+
+def test_every_method_ships_a_recipe():
+    methods = {parse_args(['-c', recipe]).selfkd for recipe in glob.glob(os.path.join(REPO, 'configs', '*.yaml'))}
+    assert set(list_methods()) <= methods
 
 
 def test_list_selfkd_shows_every_flag_default_and_paper(capsys):
