@@ -164,6 +164,11 @@ class LabelTeacherTask(SelfKDTask):
     def check_setup(cls, hparams, *, batch_size, mixup):
         super().check_setup(hparams, batch_size=batch_size, mixup=mixup and hparams.uses_label)
 
+    def bind_run(self, run) -> None:
+        super().bind_run(run)
+        if run.num_classes != self.num_classes:
+            self.set_num_classes(run.num_classes)
+
     def set_num_classes(self, num_classes: int) -> None:
         """Build the teacher for K classes (a ValueError if the preset's gamma does not fit K)."""
         self.teacher_probs = self.hparams.teacher(num_classes)
