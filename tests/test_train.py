@@ -192,6 +192,7 @@ def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
     (['--reprob', '1.5'], '--reprob must be in [0, 1]'),
     (['--checkpoint-hist', '0'], '--checkpoint-hist must be >= 1'),
     (['--train-crop-mode', 'pad', '--train-crop-padding', '-2'], '--train-crop-padding must be >= 0'),
+    (['--cutout', '-16'], '--cutout must be >= 0'),
     (['-b', '64'], 'does not fill one batch of 64: lower -b'),
 ])
 def test_bad_values_are_one_line(image_folder, tmp_path, capsys, extra, expected):
@@ -199,11 +200,13 @@ def test_bad_values_are_one_line(image_folder, tmp_path, capsys, extra, expected
     _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32', '-b', '8'] + extra, expected)
 
 
-def test_pad_crop_trains(image_folder, tmp_path):
-    """--train-crop-mode pad (the CIFAR recipes' crop) through timm's loader and prefetcher."""
-    main(train_args(image_folder, tmp_path, '--img-size', '32', '--train-crop-mode', 'pad'))
+@pytest.mark.parametrize('prefetcher', [[], ['--no-prefetcher']])
+def test_dlb_with_pad_crop_and_cutout(image_folder, tmp_path, prefetcher):
+    """CutOut + DLB with the CIFAR recipes' crop, through timm's loader with and without its prefetcher."""
+    main(train_args(image_folder, tmp_path, '--img-size', '32', '--selfkd', 'dlb', '--train-crop-mode', 'pad',
+                    '--cutout', '16', *prefetcher))
     (row,) = read_summary(tmp_path)
-    assert math.isfinite(float(row['train_loss']))
+    assert math.isfinite(float(row['train_loss'])) and float(row['train_loss_kd']) > 0
 
 
 def test_missing_dataset(tmp_path, capsys):

@@ -63,3 +63,49 @@ def test_other_image_sizes_are_resized_first(size):
     image = Image.fromarray(np.full((size, size, 3), 200, np.uint8))
     transform = with_pad_crop(create_transform(SIZE, is_training=True, use_prefetcher=True), SIZE, PAD)
     assert np.asarray(transform(image)).shape == (3, SIZE, SIZE)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cutout
+# ---------------------------------------------------------------------------------------------------------------------
+
+MEAN = (0.5, 0.25, 1.0)
+
+
+def hole_of(before, after):
+    """The (rows, cols) bounding box of the changed pixels, and whether it is one filled rectangle."""
+    changed = (before != after).any(dim=0)
+    rows, cols = changed.any(dim=1).nonzero().flatten(), changed.any(dim=0).nonzero().flatten()
+    box = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+    return box, bool(changed[box[0]:box[1], box[2]:box[3]].all())
+
+
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.float32])
+def test_cutout_one_square_of_the_mean_colour_clipped_at_borders(dtype):
+    """uint8 (prefetcher) images get mean x 255, normalised ones 0; the hole is 6x6 inside the image and
+    clipped at each of the four borders when its centre is near one."""
+    from timm_selfkd.transforms import CutOut
+    cutout = CutOut(6, MEAN)
+    image = torch.full((3, 16, 16), 7, dtype=dtype)
+    torch.manual_seed(0)
+    sizes, borders = set(), set()
+    for _ in range(400):
+        out = cutout(image)
+        (top, bottom, left, right), filled = hole_of(image, out)
+        assert filled and image.eq(7).all(), 'the input was changed or the hole is not a rectangle'
+        expected = torch.tensor([128, 64, 255]) if dtype == torch.uint8 else torch.zeros(3)
+        assert out[:, top, left].tolist() == expected.to(dtype).tolist()
+        assert (bottom - top == 6 or top == 0 or bottom == 16) and (right - left == 6 or left == 0 or right == 16)
+        sizes.add((bottom - top, right - left))
+        borders |= {name for name, hit in (('top', top == 0), ('bottom', bottom == 16), ('left', left == 0),
+                                           ('right', right == 16)) if hit}
+    assert (6, 6) in sizes and any(h < 6 for h, _ in sizes), 'never inside, or never clipped'
+    assert borders == {'top', 'bottom', 'left', 'right'}
+
+
+def test_with_cutout_appends_to_timm_transform():
+    from timm_selfkd.transforms import CutOut, with_cutout
+    timm_transform = create_transform(SIZE, is_training=True, use_prefetcher=True)
+    transform = with_cutout(timm_transform, 4, MEAN)
+    assert isinstance(transform.transforms[-1], CutOut) and transform.transforms[:-1] == timm_transform.transforms
+    assert np.asarray(transform(gradient_image())).shape == (3, SIZE, SIZE)

@@ -40,7 +40,8 @@ _TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}  # dataclass ann
 _MINIMUMS = {'epochs': 1, 'batch_size': 1, 'recovery_interval': 0, 'check_interval': 0, 'nonfinite_patience': 1,
              'validation_batch_size': 1, 'img_size': 1, 'log_interval': 1, 'checkpoint_hist': 1, 'recount': 1,
              'warmup_epochs': 0, 'cooldown_epochs': 0, 'workers': 0, 'train_subset': 0, 'val_subset': 0,
-             'train_crop_padding': 0, 'mixup': 0., 'cutmix': 0., 'lr': 0., 'weight_decay': 0., 'mixup_off_epoch': 0}
+             'train_crop_padding': 0, 'cutout': 0, 'mixup': 0., 'cutmix': 0., 'lr': 0., 'weight_decay': 0.,
+             'mixup_off_epoch': 0}
 _PROBABILITIES = ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay')
 _RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank'}  # not recipe keys
 
@@ -137,6 +138,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         'papers\' zero-pad and random crop (with --train-crop-padding)')
     g.add_argument('--train-crop-padding', type=int, default=4, metavar='N',
                    help='zero padding on each side for --train-crop-mode pad (default: 4)')
+    g.add_argument('--cutout', type=int, default=0, metavar='N',
+                   help='Cutout: one NxN hole per image, mean colour, centre uniform and clipped at the border '
+                        '(DLB sec. 4.3: 16; default 0: off)')
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT')
     g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO')
     g.add_argument('--hflip', type=float, default=0.5)

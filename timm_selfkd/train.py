@@ -43,7 +43,7 @@ from .guard import RunGuard, Verdict
 from .methods.base import RunInfo
 from .registry import get_method
 from .stream import seed_everything, step_seed
-from .transforms import with_pad_crop
+from .transforms import with_cutout, with_pad_crop
 
 _logger = logging.getLogger('train')
 
@@ -252,6 +252,8 @@ class Setup:
         if args.train_crop_mode == 'pad':
             train_loader.dataset.transform = with_pad_crop(train_loader.dataset.transform, cfg['input_size'][-2:],
                                                            args.train_crop_padding, args.train_interpolation)
+        if args.cutout and not args.no_aug:
+            train_loader.dataset.transform = with_cutout(train_loader.dataset.transform, args.cutout, cfg['mean'])
         eval_loader = create_loader(self.eval_dataset, batch_size=args.validation_batch_size or args.batch_size,
                                     is_training=False, crop_pct=cfg['crop_pct'], **common)
         return train_loader, eval_loader
