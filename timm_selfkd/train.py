@@ -67,14 +67,14 @@ def _mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-def _mixup(args, num_classes: int):
-    """timm's Mixup/CutMix (collate or batch form), or None when off."""
+def _mixup(args, num_classes: int, in_task: bool = False):
+    """timm's Mixup/CutMix (collate or batch form; the batch form for a task that mixes itself), or None."""
     if not _mixup_active(args):
         return None
     mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                       label_smoothing=args.smoothing, num_classes=num_classes)
-    return FastCollateMixup(**mixup_args) if not args.no_prefetcher else Mixup(**mixup_args)
+    return FastCollateMixup(**mixup_args) if not (args.no_prefetcher or in_task) else Mixup(**mixup_args)
 
 
 @dataclass
@@ -151,7 +151,7 @@ class Setup:
         self.train_dataset, self.eval_dataset = self._datasets()
         self.model = self._create_model(class_count(self.train_dataset))
         self.data_config = resolve_data_config(vars(args), model=self.model)
-        self.mixup = _mixup(args, self.model.num_classes)
+        self.mixup = _mixup(args, self.model.num_classes, in_task=self.spec.task_cls.mixes_batches)
         self.train_loader, self.eval_loader = self._loaders()
         # the loop erases on the batch, under the step's seed (the prefetcher would draw it a step early)
         self.random_erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount,
@@ -161,6 +161,8 @@ class Setup:
         self.task = self.spec.task_cls(
             self.model, self.hparams, device=self.device,
             criterion_kwargs=dict(smoothing=args.smoothing, soft_targets=self.mixup is not None))
+        if self.mixup is not None and self.task.mixes_batches:
+            self.task.bind_mixup(self.mixup)
         self.train_loader, self.stream = install_batch_stream(
             self.train_loader, self.task, self.hparams, self.train_dataset, batch_size=args.batch_size,
             seed=args.seed, rank=args.rank, world_size=args.world_size)
@@ -333,10 +335,7 @@ class Run:
         s, args, task, p = self.s, self.s.args, self.s.task, self.s.position
         task.train()
         if s.mixup is not None and args.mixup_off_epoch and p.epoch >= args.mixup_off_epoch:
-            if hasattr(s.train_loader, 'mixup_enabled'):
-                s.train_loader.mixup_enabled = False
-            else:
-                s.mixup.mixup_enabled = False
+            s.mixup.mixup_enabled = False  # the loader's collate mixup, the loop's or the task's: the same object
         s.stream.start_at(p.epoch, p.step)
         steps = s.steps_per_epoch
         start = time.time() - p.seconds
@@ -344,7 +343,7 @@ class Run:
             seed_everything(step_seed(args.seed, args.rank, p.epoch, p.step))
             if args.no_prefetcher:
                 input, target = input.to(s.device), target.to(s.device)
-                if s.mixup is not None:
+                if s.mixup is not None and not task.mixes_batches:
                     input, target = s.mixup(input, target)
             if s.random_erasing is not None:
                 input = s.random_erasing(input)

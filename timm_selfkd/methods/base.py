@@ -114,7 +114,9 @@ class SelfKDTask(TrainingTask):
     `bind_batch_sampler` (to choose which images share a batch), `bind_run` (to learn the run's length and
     data set size) and `get_task_state`/`load_task_state` with `sync_task_state` (for state that must survive
     `--resume`, per rank under DDP). A task that sets `needs_batch_info` calls `batch_info()` once per training
-    `forward` to learn the epoch, step and dataset indices of its batch.
+    `forward` to learn the epoch, step and dataset indices of its batch. A task that sets `mixes_batches`
+    receives timm's batch-form `Mixup` through `bind_mixup` when mixup/CutMix is on, gets its batches unmixed
+    (hard labels) and mixes them itself (DLB replays the previous step's mix on its repeated half).
 
     Args:
         model: A timm model, already on `device`.
@@ -126,6 +128,7 @@ class SelfKDTask(TrainingTask):
 
     supports_mixup = False
     needs_batch_info = False
+    mixes_batches = False  # with mixup/CutMix on, the loop leaves batches unmixed and calls bind_mixup
     mixup_conflict = 'its soft targets are not defined for mixed images'
 
     def __init__(
@@ -173,6 +176,9 @@ class SelfKDTask(TrainingTask):
 
     def bind_batch_sampler(self, batch_sampler: Sampler) -> None:
         """Receive the sampler `batch_sampler()` returned, for tasks that depend on its batch layout."""
+
+    def bind_mixup(self, mixup) -> None:
+        """Receive timm's batch-form `Mixup` (tasks with `mixes_batches`, which mix each batch in `forward`)."""
 
     def bind_run(self, run: RunInfo) -> None:
         """Receive the run's facts before the first step (stored as `self.run`)."""
