@@ -9,7 +9,7 @@ from timm.data import Mixup
 
 import timm_selfkd
 import timm_selfkd.train as train_module
-from test_train import BATCH, read_summary, train_args, _fails
+from test_train import BATCH, read_summary, train_args
 from timm_selfkd.mixing import NO_BOX, MixParams, ReplayMixup
 from timm_selfkd.train import main
 
@@ -160,8 +160,3 @@ def test_train_cutmix_dlb_replays_the_mix(image_folder, tmp_path, monkeypatch, p
         assert torch.equal(after[:half], before[half:])
     boxes = [mix.box != NO_BOX for mix in drawn]
     assert any(boxes) and not all(boxes)  # each new half is cut-mixed with probability 0.5
-
-
-def test_mixup_mode_elem_with_dlb_is_refused(image_folder, tmp_path, capsys):
-    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32', '-b', '8', '--selfkd', 'dlb',
-                              '--cutmix', '1.0', '--mixup-mode', 'elem'], 'needs --mixup-mode batch')

@@ -166,7 +166,7 @@ def _fails(capsys, tmp_path, argv, expected):
     (['--selfkd', 'dlb', '-b', '7'], 'even batch size'),
     (['--selfkd', 'bake', '-b', '9'], 'multiple of 2'),
     (['--selfkd', 'bake', '--bake-same-class', '3', '-b', '6'], 'multiple of 4'),
-    (['--selfkd', 'dlb', '--mixup', '0.2'], '--mixup/--cutmix are not supported with --selfkd dlb'),
+    (['--selfkd', 'dlb', '--mixup', '0.2', '--mixup-mode', 'pair'], 'a replayed mix needs --mixup-mode batch'),
     (['--selfkd', 'bake', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd bake'),
     (['--selfkd', 'dlb', '--bake-omega', '0.9'], 'hyper-parameter of bake'),
     (['--selfkd', 'bake', '--bake-omega', '1.5'], 'omega must be'),
