@@ -44,3 +44,12 @@ def log_softmax_row(row, temperature=1.0):
 def hand_ce(rows, labels):
     """mean_i -log softmax(z_i)[y_i], in plain math."""
     return -sum(log_softmax_row(z)[y] for z, y in zip(rows, labels)) / len(labels)
+
+
+def hand_kd(teacher_rows, student_rows, temperature):
+    """T^2 * mean_i KL(softmax(t_i / T) || softmax(z_i / T)) from teacher and student logit rows, in plain math."""
+    total = 0.0
+    for t, z in zip(teacher_rows, student_rows):
+        log_q, log_p = log_softmax_row(t, temperature), log_softmax_row(z, temperature)
+        total += sum(math.exp(lq) * (lq - lp) for lq, lp in zip(log_q, log_p))
+    return temperature ** 2 * total / len(teacher_rows)

@@ -3,7 +3,6 @@
 References are written with plain `math` on lists from the formulas (METHODS.md, CS-KD eq. 3), never by
 calling the code under test.
 """
-import math
 
 import pytest
 import torch
@@ -11,21 +10,12 @@ import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
 import timm_selfkd
-from conftest import hand_ce, log_softmax_row
+from conftest import hand_ce, hand_kd
 from timm_selfkd.samplers import ClassGroupBatchSampler, ViewsBatchSampler
 
 # Six rows of logits over 3 classes
 ROWS = [[1.0, 2.0, 0.5], [0.0, 1.5, -1.0], [2.0, 0.0, 0.0], [0.3, 0.3, 2.5], [1.0, -1.0, 1.0], [0.0, 2.0, 1.0]]
 LABELS = [1, 1, 0, 2, 0, 1]
-
-
-def hand_kd(teacher_rows, student_rows, temperature):
-    """T^2 * mean_i KL(softmax(t_i / T) || softmax(z_i / T))."""
-    total = 0.0
-    for t, z in zip(teacher_rows, student_rows):
-        log_q, log_p = log_softmax_row(t, temperature), log_softmax_row(z, temperature)
-        total += sum(math.exp(lq) * (lq - lp) for lq, lp in zip(log_q, log_p))
-    return temperature ** 2 * total / len(teacher_rows)
 
 
 class Identity(nn.Module):

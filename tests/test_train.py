@@ -27,10 +27,11 @@ IMAGES_PER_EPOCH = {
     **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], TRAIN_IMAGES // BATCH * BATCH),
     'cskd': 2 * TRAIN_IMAGES,  # every image an anchor once, with one partner
     'ddgsd': TRAIN_IMAGES // (BATCH // 2) * BATCH,  # B/2 images per step, two views each
+    'ddgsd+dlb': 2 * (BATCH // 2 + (TRAIN_IMAGES - BATCH // 2) * 2),  # DLB's count for B/2 images, two views each
 }
 # Method flags the tiny 4-class data set needs (TC's default gamma 0.25 is the uniform teacher for 4 classes)
 METHOD_ARGS = {'lsrkd_tc': ['--lsrkd-tc-gamma', '0.5']}
-NEW_METHODS = ['lsrkd', 'lsrkd_tc', 'tfkd_reg', 'cskd', 'ddgsd']
+NEW_METHODS = ['lsrkd', 'lsrkd_tc', 'tfkd_reg', 'cskd', 'ddgsd', 'ddgsd+dlb']
 
 MODELS = {
     'resnet18': ['--img-size', '32'],
@@ -179,6 +180,9 @@ def _fails(capsys, tmp_path, argv, expected):
     (['--selfkd', 'ddgsd', '-b', '7'], 'DDGSD batch size 7 cannot hold whole sets of 2 views'),
     (['--selfkd', 'ddgsd', '--ddgsd-mmd-weight', '-0.5'], 'ddgsd mmd_weight must be >= 0'),
     (['--selfkd', 'cskd', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd cskd'),
+    (['--selfkd', 'ddgsd+dlb', '-b', '6'], 'ddgsd+dlb with -b 6 gives dlb batches of 3 images'),
+    (['--selfkd', 'ddgsd+cskd'], 'cskd cannot carry a batch layout'),
+    (['--selfkd', 'ddgsd+dlb', '--ddgsd-mmd-weight', '0.1'], 'mmd_weight must be 0 when DDGSD is stacked'),
 ])
 def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
     _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32', '-b', '8'] + extra, expected)

@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 from timm.utils import ParseKwargs
 
-from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods
+from .methods.stack import is_layout
+from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods, method_parts
 from .transforms import TRAIN_CROP_MODES
 
 __all__ = ['UsageError', 'parse_args', 'method_hparams', 'recipe_values', 'format_methods']
@@ -49,7 +50,8 @@ _RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'loca
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Self-KD', 'method and its hyper-parameters (see --list-selfkd)')
     group.add_argument('--selfkd', default='none', metavar='NAME',
-                       help=f'self-KD method: {", ".join(list_methods())} (default: none = plain timm training)')
+                       help=f'self-KD method: {", ".join(list_methods())}, or a batch layout stacked on a method, '
+                            'LAYOUT+METHOD (e.g. ddgsd+dlb) (default: none = plain timm training)')
     group.add_argument('--list-selfkd', action='store_true', help='list methods, hyper-parameters and papers; exit')
     for name in list_methods():
         spec = get_method(name)
@@ -307,24 +309,25 @@ def _drop_recipe_hparams_of_other_methods(args: argparse.Namespace, recipe: Dict
     for name in list_methods():
         for field in hparam_fields(get_method(name)):
             dest = _dest(name, field.name)
-            if name != args.selfkd and dest in recipe and dest not in given:
+            if name not in method_parts(args.selfkd) and dest in recipe and dest not in given:
                 setattr(args, dest, None)
 
 
 def method_hparams(args: argparse.Namespace):
-    """The selected method's hyper-parameter dataclass; setting another method's hyper-parameter is an error."""
+    """The selected method's hyper-parameter dataclass (a stack's: one per part, each from its own flags);
+    setting another method's hyper-parameter is an error."""
     spec = get_method(args.selfkd)
-    values = {}
+    values = {name: {} for name in method_parts(spec.name)}
     for name in list_methods():
         for field in hparam_fields(get_method(name)):
             value = getattr(args, _dest(name, field.name))
             if value is None:
                 continue
-            if name != spec.name:
+            if name not in values:
                 raise UsageError(f'{_flag(name, field.name)} ({_dest(name, field.name)}) is a hyper-parameter of '
                                  f'{name}, but the method is {spec.name!r}')
-            values[field.name] = value
-    return build_hparams(spec, values)
+            values[name][field.name] = value
+    return build_hparams(spec, values if len(values) > 1 else values[spec.name])
 
 
 def format_methods() -> str:
@@ -337,4 +340,7 @@ def format_methods() -> str:
         for field in hparam_fields(spec):
             lines.append(f'    {_flag(name, field.name):<26} {_dest(name, field.name):<22} '
                          f'default {field.default!s:<6} {field.metadata.get("help", "")}')
+    layouts = [name for name in list_methods() if is_layout(get_method(name))]
+    lines.append(f'LAYOUT+METHOD: a batch layout ({", ".join(layouts)}) stacked on another method, e.g. ddgsd+dlb '
+                 '(DLB paper, table 3); each part keeps its own flags')
     return '\n'.join(lines)

@@ -12,6 +12,9 @@ Example:
     ... class MyTask(SelfKDTask):
     ...     ...
 
+`LAYOUT+METHOD` names a stack (`timm_selfkd.methods.stack`): a batch-layout method on another method, each
+part with its own hyper-parameters; stacks are built on demand and not listed.
+
 One task class may be registered under several names (presets of one implementation), each with its own
 hyper-parameter dataclass (its fields and paper defaults) and summary; a dataclass belongs to one name only, so
 `method_name(hparams)` tells which preset a task runs.
@@ -25,8 +28,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Dict, List, Optional, Type
 
-__all__ = ['MethodSpec', 'register_method', 'get_method', 'list_methods', 'method_name', 'hparam_fields',
-           'build_hparams']
+__all__ = ['MethodSpec', 'register_method', 'get_method', 'list_methods', 'method_name', 'method_parts',
+           'hparam_fields', 'build_hparams']
 
 ENTRY_POINT_GROUP = 'timm_selfkd.methods'
 
@@ -42,7 +45,9 @@ class MethodSpec:
 
 
 _METHODS: Dict[str, MethodSpec] = {}
+_STACKS: Dict[str, MethodSpec] = {}
 _NAME_OF_HPARAMS: Dict[Type, str] = {}
+STACK_SEPARATOR = '+'
 _plugins_loaded = False
 
 
@@ -95,12 +100,35 @@ def list_methods() -> List[str]:
 
 
 def get_method(name: str) -> MethodSpec:
-    """Return the spec of a registered method; an unknown name raises a ValueError with the closest match."""
+    """Return the spec of a registered method or of a stack `LAYOUT+METHOD`; an unknown name raises a ValueError
+    with the closest match."""
     _load_methods()
+    if STACK_SEPARATOR in name:
+        return _stack(name)
     if name not in _METHODS:
         raise ValueError(f'unknown self-KD method {name!r}{did_you_mean(name, _METHODS)}; '
                          f'choose from: {", ".join(list_methods())}')
     return _METHODS[name]
+
+
+def method_parts(name: str) -> List[str]:
+    """The registered methods a name is made of: itself, or the layout and the method of a stack."""
+    return name.split(STACK_SEPARATOR)
+
+
+def _stack(name: str) -> MethodSpec:
+    if name not in _STACKS:
+        parts = method_parts(name)
+        if len(parts) != 2:
+            raise ValueError(f'{name!r}: a stack is one batch layout on one method, LAYOUT{STACK_SEPARATOR}METHOD '
+                             f'(e.g. ddgsd{STACK_SEPARATOR}dlb)')
+        layout, base = (get_method(part) for part in parts)
+        from .methods.stack import build_stack  # the methods package imports this module
+        task_cls, hparams_cls = build_stack(layout, base)
+        paper = f'{base.paper}; with the batch layout of {layout.paper}'
+        _STACKS[name] = MethodSpec(name, task_cls, hparams_cls, paper, f'{layout.name} batch layout on {base.name}')
+        _NAME_OF_HPARAMS[hparams_cls] = name
+    return _STACKS[name]
 
 
 def method_name(hparams: Any) -> str:
@@ -123,6 +151,9 @@ def build_hparams(spec: MethodSpec, values: Dict[str, Any]):
     for key in values:
         if key not in names:
             raise ValueError(f'method {spec.name!r} has no hyper-parameter {key!r}{did_you_mean(key, names)}')
+    if spec.name in _STACKS:  # one dataclass (or a dict of its values) per part
+        values = {key: build_hparams(get_method(key), value) if isinstance(value, dict) else value
+                  for key, value in values.items()}
     return spec.hparams_cls(**values)
 
 

@@ -129,6 +129,7 @@ class SelfKDTask(TrainingTask):
     supports_mixup = False
     needs_batch_info = False
     mixes_batches = False  # with mixup/CutMix on, the loop leaves batches unmixed and calls bind_mixup
+    full_batch_output = True  # `output` has a row per input row, in order (a batch layout can stack on it)
     mixup_conflict = 'its soft targets are not defined for mixed images'
 
     def __init__(

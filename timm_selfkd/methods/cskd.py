@@ -35,6 +35,7 @@ class CSKDTask(SelfKDTask):
     """
 
     mixup_conflict = 'a mixed image has no single class to draw a same-class partner from'
+    full_batch_output = False  # logits of the anchors only
 
     @classmethod
     def check_setup(cls, hparams, *, batch_size, mixup):
