@@ -27,11 +27,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
+from timm_selfkd.guard import RunGuard  # noqa: E402
+from timm_selfkd.stream import seed_everything, step_seed  # noqa: E402
 
 # (time ratio, memory ratio) upper bounds from the issue, measured on CPU with resnet18.
-TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03),
+TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'none+checks': (1.01, 1.01),
            **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], (1.01, 1.01))}
 POOL_BATCHES = 4  # distinct synthetic batches cycled through by every method
+CHECKED = 'none+checks'  # plain training with the loop's per-step seeding and guard (timm_selfkd.train)
 MEMORY_WARMUP = 2  # steps before the memory-measured one: DLB then holds last-batch logits, SGD its momentum
 MEASURED_STEP = 'overhead::measured_step'
 
@@ -50,6 +53,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast around the forward pass')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='torch intra-op threads')
     parser.add_argument('--methods', default='none,dlb,bake', help='comma-separated; `none` is always included')
+    parser.add_argument('--loop-checks', action='store_true',
+                        help='add a `none+checks` row: plain training plus the loop\'s per-step re-seeding, '
+                             'non-finite guard and stop check (every step, as on the CPU), and time the '
+                             'per-image seeding of the data loader')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', type=Path, help='also write the report (with environment) to this markdown file')
     args = parser.parse_args(argv)
@@ -59,7 +66,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             timm_selfkd.get_method(name)
         except ValueError as error:  # names the closest registered method
             parser.error(str(error))
-    args.methods = ['none'] + [m for m in dict.fromkeys(methods) if m != 'none']
+    args.methods = ['none'] + [m for m in dict.fromkeys(methods) if m != 'none'] + \
+        ([CHECKED] if args.loop_checks else [])
     if args.batch_size < 4 or args.batch_size % 2:
         parser.error('--batch-size must be even and >= 4 (DLB halves, BAKE groups)')
     if args.steps < 1 or args.warmup < 1:
@@ -87,7 +95,7 @@ class Trainer:
     def __init__(self, method: str, args: argparse.Namespace):
         torch.manual_seed(args.seed)  # same architecture and initial weights for every method
         model = timm.create_model(args.model, num_classes=args.num_classes).to(args.device).train()
-        self.task = timm_selfkd.create_task(method, model)
+        self.task = timm_selfkd.create_task('none' if method == CHECKED else method, model)
         self.optimizer = torch.optim.SGD(self.task.trainable_module.parameters(), lr=0.01, momentum=0.9,
                                          weight_decay=5e-4, nesterov=True)
         self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp)
@@ -100,11 +108,40 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.loss = out['loss'].detach()
+        return out
+
+
+class CheckedTrainer(Trainer):
+    """A step of `timm_selfkd.train`'s loop: re-seed every generator, train, feed the guard, poll it."""
+
+    def __init__(self, method: str, args: argparse.Namespace):
+        super().__init__(method, args)
+        self.guard = RunGuard(torch.device(args.device), distributed=False)
+        self.steps = 0
+
+    def step(self, batch: Batch) -> None:
+        seed_everything(step_seed(0, 0, 0, self.steps))
+        out = super().step(batch)
+        self.guard.observe(self.steps, {n: v for n, v in out.items() if n.startswith('loss')})
+        self.guard.poll()
+        self.steps += 1
+
+
+def make_trainer(method: str, args: argparse.Namespace) -> Trainer:
+    return CheckedTrainer(method, args) if method == CHECKED else Trainer(method, args)
+
+
+def seeding_cost(samples: int = 20000) -> float:
+    """Seconds per image of the data loader's per-image seeding (`KeyedDataset`: seed_everything per read)."""
+    start = time.perf_counter()
+    for i in range(samples):
+        seed_everything(i)
+    return (time.perf_counter() - start) / samples
 
 
 def time_methods(args: argparse.Namespace, pool: List[Batch], sync: Callable[[], None]) -> Dict[str, np.ndarray]:
     """Step times (s) per method, shape (steps,): round r runs every method once, in an order rotated by r."""
-    trainers = {m: Trainer(m, args) for m in args.methods}
+    trainers = {m: make_trainer(m, args) for m in args.methods}
     for r in range(args.warmup):
         for trainer in trainers.values():
             trainer.step(pool[r % POOL_BATCHES])
@@ -143,18 +180,18 @@ def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> int
     if args.device == 'cuda':
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
-        trainer = Trainer(method, args)
+        method_trainer = make_trainer(method, args)
         for r in range(MEMORY_WARMUP):
-            trainer.step(pool[r % POOL_BATCHES])
+            method_trainer.step(pool[r % POOL_BATCHES])
         torch.cuda.reset_peak_memory_stats()
-        trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
+        method_trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
         return torch.cuda.max_memory_allocated() - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer = Trainer(method, args)
+        method_trainer = make_trainer(method, args)
         for r in range(MEMORY_WARMUP):
-            trainer.step(pool[r % POOL_BATCHES])
+            method_trainer.step(pool[r % POOL_BATCHES])
         with record_function(MEASURED_STEP):
-            trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
+            method_trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
     events = prof.profiler.kineto_results.events()
     window = next(e for e in events if e.name() == MEASURED_STEP)
     allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]')
@@ -164,7 +201,7 @@ def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> int
 
 def new_images(method: str, batch_size: int, group: int) -> str:
     """Images per step that are new to the epoch (the rest are repeats, same-class partners or second views)."""
-    per_method = {'none': batch_size, 'dlb': batch_size // 2, 'bake': batch_size // group,
+    per_method = {'none': batch_size, CHECKED: batch_size, 'dlb': batch_size // 2, 'bake': batch_size // group,
                   'cskd': batch_size // 2,  # anchors; their partners are a no-grad teacher pass
                   'ddgsd': batch_size // 2,  # images, each read as two views
                   'ddgsd+dlb': batch_size // 4,  # DLB's new half of B/2 images, two views each
@@ -246,6 +283,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     times = time_methods(args, pool, sync)
     memory = {method: peak_memory(method, args, pool) for method in args.methods}
     text = report(args, times, memory, group)
+    if args.loop_checks:
+        per_image = seeding_cost()
+        share = per_image * args.batch_size / np.median(times['none'])
+        text += (f'\nPer-image seeding in the data loader (`KeyedDataset`): {per_image * 1e6:.1f} us per image, '
+                 f'{args.batch_size} images = {share * 100:.2f}% of a plain step (paid by the loader\'s workers, '
+                 f'in parallel with training when `-j` > 0).\n')
     print(text + f'\n(benchmark took {time.perf_counter() - start:.0f} s)')
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
