@@ -160,3 +160,21 @@ def test_train_cutmix_dlb_replays_the_mix(image_folder, tmp_path, monkeypatch, p
         assert torch.equal(after[:half], before[half:])
     boxes = [mix.box != NO_BOX for mix in drawn]
     assert any(boxes) and not all(boxes)  # each new half is cut-mixed with probability 0.5
+
+
+def test_cutmix_dlb_resumes_exactly_from_a_recovery_checkpoint(tmp_path):
+    """The kept mix is task state: a run resumed mid-epoch ends bit-identical to the uninterrupted one."""
+    from conftest import write_image_folder
+    from test_preemption import assert_weights_equal, rows, run_args
+    data = tmp_path / 'data'
+    write_image_folder(str(data / 'train'), 16, seed=0)
+    write_image_folder(str(data / 'validation'), 4, seed=1)
+    mix = ('--cutmix', '1.0', '--mixup', '0.4', '--mixup-prob', '0.7')
+    main(run_args(str(data), tmp_path, 'full', 'dlb', 0, '--recovery-interval', '5', *mix))
+    recovery = sorted(f for f in (tmp_path / 'full').iterdir() if f.name.startswith('recovery-'))[0]
+    state = torch.load(recovery, map_location='cpu', weights_only=False)['task_state']
+    assert state['last_mix'].shape == (1, 6)
+    main(run_args(str(data), tmp_path, 'mid', 'dlb', 0, '--resume', str(recovery), *mix))
+    first_epoch = int(recovery.name.split('-')[1])
+    assert rows(tmp_path / 'mid') == rows(tmp_path / 'full')[first_epoch:]
+    assert_weights_equal(tmp_path / 'mid', tmp_path / 'full')
