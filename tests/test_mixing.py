@@ -151,7 +151,7 @@ def test_train_cutmix_dlb_replays_the_mix(image_folder, tmp_path, monkeypatch, p
     drawn, draw = [], ReplayMixup.draw
     monkeypatch.setattr(ReplayMixup, 'draw', lambda self, *args: drawn.append(draw(self, *args)) or drawn[-1])
     main(train_args(image_folder, tmp_path, '--img-size', '32', '--selfkd', 'dlb', '--cutmix', '1.0',
-                    '--mixup-prob', '0.5', '--no-aug', *prefetcher))
+                    '--mixup-prob', '0.5', '--no-aug', '--model', 'test_resnet', *prefetcher))
     (row,) = read_summary(tmp_path)
     assert math.isfinite(float(row['train_loss'])) and float(row['train_loss_kd']) > 0
     half = BATCH // 2

@@ -17,7 +17,8 @@ PER_RANK = NUM_CLASSES * TRAIN_PER_CLASS // 2
     ('dlb', ['--cutmix', '1.0', '--mixup-prob', '0.5'], BATCH + (PER_RANK - BATCH) * 2),
 ])
 def test_torchrun_two_process_gloo(image_folder, tmp_path, method, extra, per_rank_images):
-    torchrun(*train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32', *extra))
+    torchrun(*train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32', '--model', 'test_resnet',
+                         *extra))
     (row,) = read_summary(tmp_path)
     assert float(row['train_images']) == 2 * per_rank_images
     assert math.isfinite(float(row['train_loss_kd'])) and float(row['train_loss_kd']) > 0

@@ -77,7 +77,7 @@ def test_one_epoch_end_to_end_new_methods(image_folder, tmp_path, model, method)
 
 @pytest.mark.parametrize('method', ['dlb', 'bake', *NEW_METHODS])
 def test_bf16_autocast_on_cpu_stays_finite(image_folder, tmp_path, method):
-    main(train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32', '--amp',
+    main(train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32', '--amp', '--model', 'test_resnet',
                     '--amp-dtype', 'bfloat16', *METHOD_ARGS.get(method, [])))
     (row,) = read_summary(tmp_path)
     for key in ('train_loss', 'train_loss_ce', 'train_loss_kd', 'eval_loss'):
@@ -208,7 +208,7 @@ def test_bad_values_are_one_line(image_folder, tmp_path, capsys, extra, expected
 def test_dlb_with_pad_crop_and_cutout(image_folder, tmp_path, prefetcher):
     """CutOut + DLB with the CIFAR recipes' crop, through timm's loader with and without its prefetcher."""
     main(train_args(image_folder, tmp_path, '--img-size', '32', '--selfkd', 'dlb', '--train-crop-mode', 'pad',
-                    '--cutout', '16', *prefetcher))
+                    '--cutout', '16', '--model', 'test_resnet', *prefetcher))
     (row,) = read_summary(tmp_path)
     assert math.isfinite(float(row['train_loss'])) and float(row['train_loss_kd']) > 0
 
