@@ -8,7 +8,7 @@ import timm
 import torch
 
 import timm_selfkd
-from conftest import small_model
+from conftest import SMALL_FAMILIES, small_model
 from timm_selfkd.methods.self_guidance import self_guidance_loss
 
 
@@ -92,6 +92,21 @@ def test_passes_and_loss_terms():
             torch.testing.assert_close(out[key], ref[key])
     torch.testing.assert_close(passes[0][0], plain(x))
     assert any(out['loss_kd'].item() > 1e-4 for out in outputs)  # some sub-network differs from the teacher
+
+
+@pytest.mark.parametrize('family', sorted(SMALL_FAMILIES))
+def test_trains_on_six_families(family):
+    """One SGD step per family: finite terms, and every block's weights move (the teacher pass uses them all)."""
+    task, model, x, y = _task(family)
+    optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    out = task(x, y)
+    assert all(torch.isfinite(out[k]) for k in ('loss', 'loss_ce', 'loss_ce_student', 'loss_kd'))
+    out['loss'].backward()
+    optimizer.step()
+    for unit in task.trainable_module.units:
+        weights = [n for n, p in model.named_parameters() if n.startswith(unit.name + '.')]
+        assert any(not torch.equal(before[n], model.state_dict()[n]) for n in weights), unit.name
 
 
 def _grad(loss, parameter):

@@ -4,3 +4,4 @@ from .plain import PlainTask
 from .dlb import DLBTask
 from .bake import BAKETask
 from .self_guidance import SelfGuidanceTask
+from .multi_exit import MultiExitTask
