@@ -146,12 +146,13 @@ def test_skipping_dropped_blocks_is_exact(family):
     skipped_any = False
     for seed in range(4):
         ran.clear()
-        with frozen_norm_stats(model), sampled_subnetwork(units, generator=torch.Generator().manual_seed(seed)) as keep:
+        draw = lambda: torch.Generator().manual_seed(seed)
+        with frozen_norm_stats(model), sampled_subnetwork(units, generator=draw()) as keep:
             skipped = model(x)
         skipped_blocks = {u.block for u, k in zip(units, keep) if not k and u.skip is not None}
         assert not skipped_blocks & set(ran)
         skipped_any |= bool(skipped_blocks)
-        with frozen_norm_stats(model), sampled_subnetwork(units, skip=False, generator=torch.Generator().manual_seed(seed)):
+        with frozen_norm_stats(model), sampled_subnetwork(units, skip=False, generator=draw()):
             computed = model(x)
         torch.testing.assert_close(skipped, computed, rtol=1e-4, atol=1e-5)
         if not all(keep):

@@ -299,7 +299,8 @@ class MultiExitTask(SelfKDTask):
         feature_dim = getattr(model, 'head_hidden_size', None) or model.num_features
         reference = next(model.parameters())
         exits = nn.ModuleList([
-            Exit(model.feature_info[i]['num_chs'], feature_dim, model.num_classes, detach_classifier=not self.hparams.byot)
+            Exit(model.feature_info[i]['num_chs'], feature_dim, model.num_classes,
+                 detach_classifier=not self.hparams.byot)
             for i in indices]).to(device=reference.device, dtype=reference.dtype)
         if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
             exits = nn.SyncBatchNorm.convert_sync_batchnorm(exits)
