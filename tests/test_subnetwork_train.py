@@ -68,12 +68,34 @@ def test_resume_restores_the_exits(image_folder, tmp_path):
     resumed = Setup(parse_args(train_args(image_folder, tmp_path / 'resumed', *common, '--epochs', '2',
                                           '--resume', str(tmp_path / 'run' / 'last.pth.tar'))))
     fresh = Setup(parse_args(train_args(image_folder, tmp_path / 'fresh', *common, '--epochs', '2')))
-    assert resumed.start_epoch == 1
+    assert resumed.position.epoch == 1
     for ema, key in ((False, 'task_state'), (True, 'task_state_ema')):
         restored, initial = _exits(resumed.task, ema), _exits(fresh.task, ema)
         for name, value in saved[key]['exits'].items():
             torch.testing.assert_close(restored[name], value, rtol=0, atol=0)
         assert any(not torch.equal(initial[name], value) for name, value in saved[key]['exits'].items())
+
+
+@pytest.mark.parametrize('method', ['self_guidance', 'multi_exit'])
+def test_mid_epoch_resume_is_exact(image_folder, tmp_path, caplog, method):
+    """Resumed from the recovery checkpoint after step 2 of 4, the run ends as the uninterrupted one: the same
+    sampled sub-networks (Self-Guidance) and the same exits (multi-exit), to the last bit."""
+    caplog.set_level('INFO', logger='train')
+    common = ('--selfkd', method, '--img-size', '32', '--recovery-interval', '2', '--model-ema')
+    main(train_args(image_folder, tmp_path / 'full', *common))
+    main(train_args(image_folder, tmp_path / 'resumed', *common,
+                    '--resume', str(tmp_path / 'full' / 'run' / 'recovery-0-2.pth.tar')))
+    assert any(r.getMessage().endswith('at epoch 0, step 2') for r in caplog.records)
+    (full,), (resumed,) = read_summary(tmp_path / 'full'), read_summary(tmp_path / 'resumed')
+    assert full.keys() == resumed.keys()
+    for key in full:
+        if key != 'train_time':
+            assert resumed[key] == full[key], key
+    if method == 'multi_exit':
+        for state in ('task_state', 'task_state_ema'):
+            saved = _checkpoint(tmp_path / 'full')[state]['exits']
+            for name, value in _checkpoint(tmp_path / 'resumed')[state]['exits'].items():
+                assert torch.equal(value, saved[name]), (state, name)
 
 
 @pytest.mark.parametrize('method', ['self_guidance', 'multi_exit'])
