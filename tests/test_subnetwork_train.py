@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from timm.models import register_model
 
-from test_train import _fails, read_summary, torchrun, train_args
-from timm_selfkd.args import parse_args
+from test_train import REPO, _fails, read_summary, torchrun, train_args
+from timm_selfkd.args import method_hparams, parse_args
 from timm_selfkd.train import Setup, main
 
 EXIT_METRICS = ('exit1_top1', 'exit2_top1', 'exit3_top1', 'ensemble_top1')
@@ -139,3 +139,18 @@ def selfkd_test_no_intermediates(pretrained=False, **kwargs):
 ])
 def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
     _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32'] + extra, expected)
+
+
+def test_list_selfkd_and_recipes(capsys):
+    """`--list-selfkd` shows both methods with their papers and flags; the recipes select the table-1 rows."""
+    main(['--list-selfkd'])
+    out = capsys.readouterr().out
+    for text in ('self_guidance:', 'Zheng and Peng', '--self-guidance-weight', 'self_guidance_default_rate',
+                 'multi_exit:', 'Be Your Own Teacher', 'Chottananurak', '--multi-exit-indices', 'default 1e-06'):
+        assert text in out, text
+    rows = {'multi_exit_byot': (True, False), 'multi_exit_dmfl': (False, True), 'multi_exit_byot_dmfl': (True, True)}
+    for name, (byot, dmfl) in rows.items():
+        hparams = method_hparams(parse_args(['-c', os.path.join(REPO, 'configs', f'{name}_cifar100.yaml')]))
+        assert (hparams.byot, hparams.dmfl, hparams.alpha, hparams.feature_weight) == (byot, dmfl, 0.1, 1e-6)
+    hparams = method_hparams(parse_args(['-c', os.path.join(REPO, 'configs', 'self_guidance_cifar100.yaml')]))
+    assert (hparams.weight, hparams.temperature, hparams.default_rate) == (0.25, 3.0, 0.5)
