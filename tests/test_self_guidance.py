@@ -167,6 +167,14 @@ def test_ema_and_eval_model_are_the_bare_model():
     assert set(task.get_eval_model(ema=True).state_dict()) == set(model.state_dict())
 
 
+def test_compile_leaves_the_training_passes_eager():
+    task, model, x, y = _task()
+    task.compile(backend='eager')
+    assert task.trainable_module.model is model  # not an OptimizedModule: the sub-network changes every step
+    assert task.get_eval_model() is not model and task.get_eval_model()._orig_mod is model
+    assert torch.isfinite(task(x, y)['loss'])
+
+
 def test_refusals():
     with pytest.raises(ValueError, match='needs stochastic depth'):
         timm_selfkd.create_task('self_guidance', timm.create_model('dla46_c', num_classes=3))

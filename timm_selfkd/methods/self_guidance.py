@@ -148,6 +148,14 @@ class SelfGuidanceTask(SelfKDTask):
         return TeacherStudentPasses(model, units, per_sample=hp.per_sample, skip_dropped=hp.skip_dropped,
                                     student_bn_stats=hp.student_bn_stats)
 
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """Compile the evaluation model only: the training passes stay eager, since the sampled sub-network (and
+        with it the graph) changes every step."""
+        _logger.info('self_guidance: --torchcompile compiles the evaluation model; the training passes run eagerly '
+                     '(their sub-network changes every step)')
+        self.eval_model = torch.compile(self.get_eval_model(), backend=backend, mode=mode, **compile_kwargs)
+        return self.eval_model
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         teacher, student = self.trainable_module(input)
         out = self_guidance_loss(
