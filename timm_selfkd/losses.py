@@ -6,7 +6,7 @@ All functions run with autocast disabled and upcast their inputs, so they stay f
 import torch
 import torch.nn.functional as F
 
-__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'soft_cross_entropy', 'bake_targets']
+__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'soft_target_ce', 'bake_targets']
 
 
 def float32_region(tensor: torch.Tensor):
@@ -46,7 +46,7 @@ def kd_kl_from_logits(
         return kl * temperature ** 2
 
 
-def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+def soft_target_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """`-sum_k q_k log softmax(z)_k`, averaged over the batch, for target distributions `q` (detached here)."""
     with float32_region(logits):
         log_p = F.log_softmax(logits.float(), dim=-1)

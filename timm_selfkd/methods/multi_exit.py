@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.utils import unwrap_model
 
-from ..losses import float32_region, kd_kl_from_logits, soft_cross_entropy
+from ..losses import float32_region, kd_kl_from_logits, soft_target_ce
 from ..registry import register_method
 from .base import ModelWrapper, SelfKDTask, check_range, has_pooled_features
 
@@ -320,7 +320,7 @@ class MultiExitTask(SelfKDTask):
 
     def _cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.is_floating_point():
-            return soft_cross_entropy(logits, target)
+            return soft_target_ce(logits, target)
         return self.cross_entropy(logits, target)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
