@@ -8,8 +8,10 @@ import numpy as np
 from PIL import Image
 from timm.data import create_dataset
 from timm.data.loader import PrefetchLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
+from .args import UsageError
 from .stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
@@ -86,13 +88,16 @@ class DatasetView(Dataset):
 
 
 def build_dataset(name: str, root: Optional[str], split: str, is_training: bool, in_chans: int,
-                  download: bool = False, subset: int = 0, seed: int = 0) -> Dataset:
+                  download: bool = False, subset: int = 0, seed: int = 0, input_img_mode: Optional[str] = None,
+                  **timm_kwargs) -> Dataset:
     """`fashion_mnist` from local files, anything else through timm's `create_dataset`.
 
     Args:
         subset: If > 0, keep this many images, drawn at random with `seed` (the same on every rank).
+        input_img_mode: PIL mode of the images (default: 'L' for 1 channel, else 'RGB').
+        **timm_kwargs: More `create_dataset` arguments (class_map, input_key, num_samples, ...).
     """
-    img_mode = 'L' if in_chans == 1 else 'RGB'
+    img_mode = input_img_mode or ('L' if in_chans == 1 else 'RGB')
     convert_mode = None  # timm's own readers and ours produce img_mode already; torchvision's sets do not
     if name == 'fashion_mnist':
         dataset = FashionMNIST(root or FASHION_MNIST_DIR, train=is_training, img_mode=img_mode)
@@ -101,12 +106,16 @@ def build_dataset(name: str, root: Optional[str], split: str, is_training: bool,
             raise DatasetNotFoundError(f'image folder {root!r} does not exist (set --data-dir)')
         try:
             dataset = create_dataset(name, root=root, split=split, is_training=is_training, download=download,
-                                     input_img_mode=img_mode, seed=seed)
+                                     input_img_mode=img_mode, seed=seed, **timm_kwargs)
         except (RuntimeError, AssertionError, FileNotFoundError, OSError) as e:
             raise DatasetNotFoundError(f'data set {name or "folder"!r} ({split}) could not be loaded from '
                                        f'{root!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
         if name.lower().startswith('torch/'):
             convert_mode = img_mode
+    if isinstance(dataset, IterableDataset):
+        if subset:
+            raise UsageError(f'--train-subset/--val-subset need a map-style data set, and {name!r} is streamed')
+        return dataset
     indices = None
     if subset and subset < len(dataset):
         indices = np.sort(np.random.default_rng(seed).choice(len(dataset), subset, replace=False))
@@ -134,13 +143,17 @@ def class_count(dataset: Dataset) -> Optional[int]:
     return None if labels is None or not labels.size else int(labels.max()) + 1
 
 
-def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int) -> Sampler[int]:
-    """A shuffling index sampler that is rank-aware and replayable per epoch (seed, epoch)."""
+def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int, aug_repeats: int = 0) -> Sampler[int]:
+    """A shuffling index sampler that is rank-aware and replayable per epoch (seed, epoch); with `aug_repeats`,
+    timm's repeated-augmentation sampler (epochs of the usual length made of images drawn `aug_repeats` times,
+    each copy on another rank)."""
+    if aug_repeats:
+        return RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, num_repeats=aug_repeats)
     return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
 
 
 def install_batch_stream(loader, task, hparams, dataset: Dataset, *, batch_size: int, seed: int, rank: int,
-                         world_size: int) -> Tuple[Any, BatchStream]:
+                         world_size: int, aug_repeats: int = 0) -> Tuple[Any, Optional[BatchStream]]:
     """Make a timm training loader read the batches of `task`'s method through a `BatchStream`.
 
     The method's batch sampler (or plain shuffled batches) is wrapped in a stream that seeds every sample and
@@ -148,13 +161,24 @@ def install_batch_stream(loader, task, hparams, dataset: Dataset, *, batch_size:
     transforms, collate (fast collate, mixup), workers and the prefetcher stay timm's. The task is bound to the
     method's sampler and, if it reads batch information, to the stream. Used by our loop and by the adapter.
 
+    A streamed (iterable) data set takes no sampler and has no indices: its loader stays timm's, for methods
+    that need neither (others are refused), and the stream is None.
+
     Returns:
         The loader to use (the same PrefetchLoader, or the rebuilt DataLoader) and the stream, whose
         `set_epoch`/`start_at` choose the batches of the next pass.
     """
-    indices = index_sampler(dataset, seed, rank, world_size)
+    if isinstance(dataset, IterableDataset):
+        if not task.takes_streamed_data():
+            raise UsageError(f'--selfkd {task.method_name} chooses its batches or reads sample indices, which a '
+                             'streamed data set (wds/, hfids/, tfds/) cannot give; use a map-style data set')
+        return loader, None
+    indices = index_sampler(dataset, seed, rank, world_size, aug_repeats)
     method_sampler = task.batch_sampler(hparams, index_sampler=indices, labels=dataset_labels(dataset),
                                         batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+    if method_sampler is not None and aug_repeats:
+        raise UsageError(f'--aug-repeats cannot combine with --selfkd {task.method_name}, which chooses its own '
+                         'batches')
     if method_sampler is None:
         stream = BatchStream.shuffled(indices, batch_size, seed, rank)
     else:

@@ -170,6 +170,11 @@ class SelfKDTask(TrainingTask):
         """The batch sampler that replaces the loader's own, or None to keep timm's batching."""
         return None
 
+    @classmethod
+    def takes_streamed_data(cls) -> bool:
+        """Whether the method trains on a streamed data set: with timm's own batches and no sample indices."""
+        return cls.batch_sampler.__func__ is SelfKDTask.batch_sampler.__func__ and not cls.needs_batch_info
+
     def bind_batch_sampler(self, batch_sampler: Sampler) -> None:
         """Receive the sampler `batch_sampler()` returned, for tasks that depend on its batch layout."""
 
