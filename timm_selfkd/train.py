@@ -26,7 +26,8 @@ from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, get_o
                         random_seed, setup_default_logging, update_summary)
 
 from .args import UsageError, format_methods, method_hparams, parse_args, recipe_values
-from .data import build_dataset, class_count, dataset_labels, index_sampler, replace_batch_sampler, set_loader_epoch
+from .data import (build_dataset, class_count, dataset_labels, index_sampler, replace_batch_sampler, set_loader_epoch,
+                   with_label_noise)
 from .registry import get_method
 
 _logger = logging.getLogger('train')
@@ -151,6 +152,8 @@ class Setup:
         common = dict(name=args.dataset, root=root, in_chans=args.in_chans or 3, download=args.dataset_download, seed=args.seed)
         train = build_dataset(split=args.train_split, is_training=True, subset=args.train_subset, **common)
         evaluation = build_dataset(split=args.val_split, is_training=False, subset=args.val_subset, **common)
+        if args.train_label_noise:
+            train = with_label_noise(train, args.train_label_noise, args.seed)
         return train, evaluation
 
     def _loaders(self):
