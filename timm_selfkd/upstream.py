@@ -299,7 +299,6 @@ class Injection:
         self.task: Optional[SelfKDTask] = None
         self.loader: Optional[_LoaderSlot] = None
         self.batch_sampler = None
-        self.wired = False
         self.in_epoch = False
         self.terms = _LossTerms()
         self.log_filter = _TermsInLog(self)
@@ -362,6 +361,10 @@ class Injection:
         bound = inspect.signature(ClassificationTask.__init__).bind(None, *a, **kw).arguments
         bound.pop('self')
         model = bound.pop('model')
+        if self.loader is None:
+            raise IncompatibleScript(f'{os.path.basename(self.module.__file__)} builds its task before a training '
+                                     'loader from timm.data.create_loader(is_training=True), whose batches the '
+                                     'method must choose')
         try:
             task = self.spec.task_cls(model, self.hparams, **bound)
         except ValueError as e:  # a model the method cannot train, e.g. without pooled features
@@ -381,7 +384,6 @@ class Injection:
                 return create_loader(dataset, *a, **kw)
             self.batch_sampler = self._method_batch_sampler(dataset, call.arguments)  # its checks come first
             self.loader = _LoaderSlot(create_loader(dataset, *a, **kw))
-            self._wire()
             return self.loader
 
         return wrapped
@@ -410,11 +412,8 @@ class Injection:
         return sampler
 
     def _wire(self) -> None:
-        """Once both exist: the method's batch sampler into the training loader and the task (one call)."""
-        if self.wired or self.task is None or self.loader is None:
-            return
+        """The method's batch sampler into the training loader and the task, in one call, once the task exists."""
         self.loader.swap(attach_batch_sampler(self.loader._loader, self.task, self.batch_sampler))
-        self.wired = True
         if self.args.rank == 0:
             batches = f'batches from {type(self.batch_sampler).__name__}' if self.batch_sampler is not None \
                 else 'timm\'s batches'
@@ -424,9 +423,8 @@ class Injection:
 
     def _wrap_train_one_epoch(self, train_one_epoch: Callable) -> Callable:
         def wrapped(epoch, *a, **kw):
-            if not self.wired:
-                raise RuntimeError(f'{PROG}: the script trains before its task and its training loader '
-                                   '(timm.data.create_loader(is_training=True)) were both built')
+            if self.task is None:
+                raise RuntimeError(f'{PROG}: the script trains without building its ClassificationTask')
             set_loader_epoch(self.loader, epoch)  # v1.0.28 does not tell a batch sampler the epoch
             self.terms.reset()
             self.in_epoch = True
