@@ -173,6 +173,11 @@ GATE_EDITS = {
     'training loader built another way': ('loader_train = create_loader(', 'loader_train = timm_data.create_loader(',
                                           'builds its task before a training loader'),
     'no train_one_epoch': ('def train_one_epoch(', 'def one_epoch(', 'it defines no train_one_epoch()'),
+    'epoch not first': ('def train_one_epoch(\n        epoch,', 'def train_one_epoch(\n        epoch_,',
+                        'its train_one_epoch() does not take the epoch as first argument'),
+    'saver without task': ('            max_history=args.checkpoint_hist,\n            task=task,\n',
+                           '            max_history=args.checkpoint_hist,\n',
+                           'does not give its CheckpointSaver the task (task=...)'),
     'no logger': ("_logger = logging.getLogger('train')", "log = logging.getLogger('train')",
                   'no module-level `_logger'),
 }

@@ -101,9 +101,10 @@ def check_script(path: str) -> None:
     """Refuse a script this adapter cannot drive, naming the first failed check.
 
     Checks, in order: a readable Python file; a timm train.py (module-level `parser`, `_parse_args()`,
-    `train_one_epoch()`, `main()`, `_logger`); timm's task API (`from timm.task import ClassificationTask`,
-    built with arguments a `SelfKDTask` takes); the optimizer built from `task.get_trainable_module()` (so it
-    holds the parameters of the method's trainable module); loaders built by `timm.data.create_loader`.
+    `train_one_epoch(epoch, ...)`, `main()`, `_logger`); timm's task API (`from timm.task import
+    ClassificationTask`, built with arguments a `SelfKDTask` takes); the optimizer built from
+    `task.get_trainable_module()` (so it holds the parameters of the method's trainable module); loaders built by
+    `timm.data.create_loader`; checkpoints saved through the task (`CheckpointSaver(..., task=task)`).
 
     Raises:
         IncompatibleScript: one line, naming the check.
@@ -123,6 +124,9 @@ def check_script(path: str) -> None:
     for function in ('main', '_parse_args', 'train_one_epoch'):
         if function not in functions:
             raise IncompatibleScript(f'{name} is not a timm train.py: it defines no {function}()')
+    parameters = functions['train_one_epoch'].args.args
+    if not parameters or parameters[0].arg != 'epoch':
+        raise IncompatibleScript(f'{name}: its train_one_epoch() does not take the epoch as first argument')
     if not any(_is_method_call(value, 'ArgumentParser') or (isinstance(value, ast.Call) and isinstance(
             value.func, ast.Name) and value.func.id == 'ArgumentParser') for value in _module_assigns(tree, 'parser')):
         raise IncompatibleScript(f'{name} is not a timm train.py: no module-level `parser = ArgumentParser(...)`')
@@ -150,6 +154,11 @@ def check_script(path: str) -> None:
                                  'task.get_trainable_module() (timm >= 1.0.27)')
     if 'create_loader' not in _imported_from(tree, 'timm.data') or not _calls(functions['main'], 'create_loader'):
         raise IncompatibleScript(f'{name} does not build its loaders with timm.data.create_loader')
+    savers = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and 'CheckpointSaver' in (
+        getattr(node.func, 'id', None), getattr(node.func, 'attr', None))]
+    if not savers or not all(any(kw.arg == 'task' for kw in saver.keywords) for saver in savers):
+        raise IncompatibleScript(f'{name} does not give its CheckpointSaver the task (task=...), which saves the '
+                                 'bare timm model and the method\'s state')
 
 
 def load_script(path: str, argv: List[str]) -> ModuleType:
