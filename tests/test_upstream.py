@@ -76,22 +76,8 @@ def test_every_method_trains_through_the_users_script(image_folder, tmp_path, ca
     timm.create_model('resnet18', num_classes=NUM_CLASSES, checkpoint_path=str(tmp_path / 'run' / 'last.pth.tar'))
 
 
-def test_plain_method_trains_like_the_unpatched_script(image_folder, tmp_path):
-    """`--selfkd none` leaves the script's training as it was: the same losses and accuracy, to the bit."""
-    argv = script_args(image_folder, tmp_path / 'unpatched')
-    saved = sys.argv
-    try:
-        upstream.load_script(script(V1_0_28), argv).main()
-    finally:
-        sys.argv = saved
-    upstream.main([script(V1_0_28), *script_args(image_folder, tmp_path / 'adapter', '--selfkd', 'none')])
-    (plain,), (adapted,) = read_summary(tmp_path / 'unpatched'), read_summary(tmp_path / 'adapter')
-    for key in ('train_loss', 'eval_loss', 'eval_top1'):
-        assert plain[key] == adapted[key], key
-
-
 def test_resume_restores_the_methods_state_and_sampler_epoch(image_folder, tmp_path, caplog):
-    """DLB's kept logits travel in the script's checkpoint and the batch sampler is told the epoch (v1.0.28
+    """DLB's kept logits travel in the script's checkpoint and the batch stream is told the epoch (v1.0.28
     does not), so a resumed run trains its next epoch exactly like the uninterrupted one."""
     caplog.set_level('INFO', logger='train')
     common = ('--selfkd', 'dlb', '--epochs', '2', '--no-aug')
@@ -211,6 +197,8 @@ def test_not_a_train_script_is_refused(tmp_path, capsys):
     (['--selfkd', 'bake', '--kd-model-name', 'resnet18'], '--kd-model-name cannot be used with --selfkd bake: a '
                                                           'teacher distillation task'),
     (['--selfkd', 'bake', '--torchscript'], '--torchscript cannot be used'),
+    (['--selfkd', 'dlb', '--aug-repeats', '3'], '--aug-repeats cannot be used with --selfkd dlb'),
+    (['--use-multi-epochs-loader'], '--use-multi-epochs-loader cannot be used'),
     (['--selfkd', 'bake', '-b', '7'], 'use a multiple of 2'),
     (['--selfkd', 'dlb', '--dlb-alpha', '-1'], 'dlb alpha must be >= 0.0'),
     (['--selfkd', 'dlb', '--dlb-alpha', 'x'], "argument --dlb-alpha: invalid float value: 'x'"),
@@ -219,15 +207,6 @@ def test_not_a_train_script_is_refused(tmp_path, capsys):
 ])
 def test_options_the_methods_cannot_take(image_folder, tmp_path, capsys, extra, expected):
     _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, *extra)], expected)
-
-
-@pytest.mark.parametrize('extra, expected', [
-    (['--selfkd', 'dlb', '--aug-repeats', '3'], '--aug-repeats cannot be used with --selfkd dlb'),
-    (['--selfkd', 'bake', '--use-multi-epochs-loader'], '--use-multi-epochs-loader cannot be used'),
-])
-def test_loader_options_replaced_by_the_methods_sampler(image_folder, tmp_path, capsys, extra, expected):
-    _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, *extra)], expected,
-             logged_before=True)
 
 
 def test_scheduled_image_sizes_of_the_snapshot(image_folder, tmp_path, capsys):

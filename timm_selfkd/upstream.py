@@ -32,8 +32,8 @@ import yaml
 from torch.utils.data import IterableDataset
 
 from .args import UsageError, add_selfkd_arguments, format_methods, resolve_selfkd_args
-from .data import attach_batch_sampler, dataset_labels, index_sampler, set_loader_epoch
-from .methods.base import SelfKDTask
+from .data import install_batch_stream
+from .methods.base import RunInfo, SelfKDTask
 from .registry import get_method
 
 __all__ = ['IncompatibleScript', 'check_script', 'load_script', 'Injection', 'run', 'main']
@@ -190,6 +190,10 @@ _REFUSED_OPTIONS = (
                                     'expects'),
     ('jsd_loss', bool, 'the JSD loss needs augmentation splits, which the methods cannot take'),
     ('split_bn', bool, 'BatchNorm per augmentation split needs augmentation splits, which the methods cannot take'),
+    ('aug_repeats', lambda v: v > 0, 'the batch stream that feeds the task (seeded, the method\'s batches) replaces '
+                                     'the repeated-augmentation sampler'),
+    ('use_multi_epochs_loader', bool, 'the batch stream that feeds the task replaces the loader\'s sampler, and with '
+                                      'it the multi-epoch loader'),
     ('torchscript', bool, 'the methods may wrap the model or hook its classifier, which a scripted model does not '
                           'allow (--torchcompile works)'),
     ('kd_model_name', lambda v: v is not None, 'a teacher distillation task would replace the self-KD task; the '
@@ -207,10 +211,6 @@ def _refuse_options(args: argparse.Namespace) -> None:
             raise UsageError(f'{_flag(dest)} cannot be used with --selfkd {args.selfkd}: {reason}')
 
 
-def _overrides(task_cls, name: str) -> bool:
-    return getattr(task_cls, name).__func__ is not getattr(SelfKDTask, name).__func__
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Run-time pieces.
 
@@ -220,22 +220,22 @@ class _LoaderSlot:
     `dataset`, `mixup_enabled`, ...) are the loader's."""
 
     def __init__(self, loader):
-        object.__setattr__(self, '_loader', loader)
+        object.__setattr__(self, 'loader', loader)
 
     def swap(self, loader) -> None:
-        object.__setattr__(self, '_loader', loader)
+        object.__setattr__(self, 'loader', loader)
 
     def __iter__(self):
-        return iter(self._loader)
+        return iter(self.loader)
 
     def __len__(self) -> int:
-        return len(self._loader)
+        return len(self.loader)
 
     def __getattr__(self, name: str):
-        return getattr(self._loader, name)
+        return getattr(self.loader, name)
 
     def __setattr__(self, name: str, value) -> None:
-        setattr(self._loader, name, value)
+        setattr(self.loader, name, value)
 
 
 class _LossTerms:
@@ -307,7 +307,9 @@ class Injection:
         self.hparams = None
         self.task: Optional[SelfKDTask] = None
         self.loader: Optional[_LoaderSlot] = None
-        self.batch_sampler = None
+        self.dataset = None
+        self.batch_size = 0
+        self.stream = None
         self.in_epoch = False
         self.terms = _LossTerms()
         self.log_filter = _TermsInLog(self)
@@ -376,11 +378,11 @@ class Injection:
                                      'method must choose')
         try:
             task = self.spec.task_cls(model, self.hparams, **bound)
-        except ValueError as e:  # a model the method cannot train, e.g. without pooled features
+            self._wire(task, model.num_classes)
+        except ValueError as e:  # a model or data set the method cannot train, e.g. a class with one image for BAKE
             raise UsageError(str(e)) from e
         task.register_forward_hook(self.terms.hook, with_kwargs=True)
         self.task = task
-        self._wire()
         return task
 
     def _wrap_create_loader(self, create_loader: Callable) -> Callable:
@@ -391,50 +393,37 @@ class Injection:
             call.apply_defaults()
             if not call.arguments.get('is_training'):
                 return create_loader(dataset, *a, **kw)
-            self.batch_sampler = self._method_batch_sampler(dataset, call.arguments)  # its checks come first
+            if isinstance(dataset, IterableDataset):
+                raise UsageError(f'--dataset {self.args.dataset}: a streamed (iterable) data set cannot be read in '
+                                 'the batches a method chooses, one seeded sample at a time')
+            self.dataset, self.batch_size = dataset, call.arguments['batch_size']
             self.loader = _LoaderSlot(create_loader(dataset, *a, **kw))
             return self.loader
 
         return wrapped
 
-    def _method_batch_sampler(self, dataset, loader_args: Dict[str, Any]):
-        """The method's batch sampler for the training set, or None to keep timm's batching."""
-        args, task_cls = self.args, self.spec.task_cls
-        if isinstance(dataset, IterableDataset):
-            if _overrides(task_cls, 'batch_sampler'):
-                raise UsageError(f'--selfkd {args.selfkd} chooses the images of each batch, which a streamed '
-                                 f'(iterable) data set such as {args.dataset!r} does not allow')
-            return None
-        try:
-            sampler = task_cls.batch_sampler(
-                self.hparams, index_sampler=index_sampler(dataset, args.seed, args.rank, args.world_size),
-                labels=dataset_labels(dataset), batch_size=loader_args['batch_size'], seed=args.seed,
-                rank=args.rank, world_size=args.world_size)
-        except ValueError as e:  # e.g. a class with one image for per-class batches
-            raise UsageError(str(e)) from e
-        if sampler is not None:
-            for option, value in (('--aug-repeats', loader_args.get('num_aug_repeats')),
-                                  ('--use-multi-epochs-loader', loader_args.get('use_multi_epochs_loader'))):
-                if value:
-                    raise UsageError(f'{option} cannot be used with --selfkd {args.selfkd}: the method\'s batch '
-                                     'sampler replaces the loader\'s sampler it configures')
-        return sampler
-
-    def _wire(self) -> None:
-        """The method's batch sampler into the training loader and the task, in one call, once the task exists."""
-        self.loader.swap(attach_batch_sampler(self.loader._loader, self.task, self.batch_sampler))
-        if self.args.rank == 0:
-            batches = f'batches from {type(self.batch_sampler).__name__}' if self.batch_sampler is not None \
-                else 'timm\'s batches'
-            self.module._logger.info(f'timm_selfkd: --selfkd {self.spec.name}: {type(self.task).__name__} '
-                                     f'({self.hparams}) in place of ClassificationTask; {batches}, '
-                                     f'{len(self.loader)} per epoch')
+    def _wire(self, task: SelfKDTask, num_classes: int) -> None:
+        """The method's batches into the training loader and the task (`install_batch_stream`: one call), then
+        the facts of the run into the task (`bind_run`)."""
+        args = self.args
+        loader, self.stream = install_batch_stream(
+            self.loader.loader, task, self.hparams, self.dataset, batch_size=self.batch_size, seed=args.seed,
+            rank=args.rank, world_size=args.world_size)
+        self.loader.swap(loader)
+        task.bind_run(RunInfo(
+            num_epochs=args.epochs, steps_per_epoch=len(loader), num_samples=len(self.dataset),
+            num_classes=num_classes, batch_size=self.batch_size, world_size=args.world_size, rank=args.rank,
+            local_rank=args.local_rank, local_world_size=int(os.environ.get('LOCAL_WORLD_SIZE', args.world_size))))
+        if args.rank == 0:
+            sampler = type(self.stream.batch_sampler).__name__
+            self.module._logger.info(f'timm_selfkd: --selfkd {self.spec.name}: {type(task).__name__} ({self.hparams}) '
+                                     f'in place of ClassificationTask; batches from {sampler}, {len(loader)} per epoch')
 
     def _wrap_train_one_epoch(self, train_one_epoch: Callable) -> Callable:
         def wrapped(epoch, *a, **kw):
             if self.task is None:
                 raise RuntimeError(f'{PROG}: the script trains without building its ClassificationTask')
-            set_loader_epoch(self.loader, epoch)  # v1.0.28 does not tell a batch sampler the epoch
+            self.stream.set_epoch(epoch)  # v1.0.28 does not tell a batch sampler the epoch
             self.terms.reset()
             self.in_epoch = True
             try:
