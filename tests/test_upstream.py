@@ -7,14 +7,18 @@ import os
 import subprocess
 import sys
 
+from dataclasses import dataclass
+
 import pytest
 import timm
-import torch
+import timm.data
 import yaml
 
 from conftest import NUM_CLASSES, write_image_folder
-from timm_selfkd import get_method, list_methods, upstream
+from timm_selfkd import get_method, list_methods, register_method, registry, upstream
 from timm_selfkd.args import format_methods
+from timm_selfkd.data import dataset_labels
+from timm_selfkd.methods import PlainTask
 from timm_selfkd.registry import build_hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +95,45 @@ def test_resume_restores_the_methods_state_and_sampler_epoch(image_folder, tmp_p
     assert logged_term(resumed, 'loss_kd') == pytest.approx(logged_term(uninterrupted, 'loss_kd'), rel=1e-4)
     full, again = read_summary(tmp_path / 'full')[1], read_summary(tmp_path / 'resumed')[0]
     assert float(again['train_loss_kd']) == pytest.approx(float(full['train_loss_kd']), rel=1e-4)
+
+
+@dataclass
+class _NoHparams:
+    pass
+
+
+class _IndexRecordingTask(PlainTask):
+    """Plain training that reads the batch-information channel and keeps what it got next to the labels."""
+
+    needs_batch_info = True
+    seen = []
+
+    def forward(self, input, target):
+        info = self.batch_info(batch_size=input.shape[0])
+        self.seen.append((info.epoch, info.step, info.indices.tolist(), target.tolist()))
+        return super().forward(input, target)
+
+
+@pytest.fixture
+def index_recording_method():
+    """A method registered for one test only (`--selfkd recordidx`)."""
+    _IndexRecordingTask.seen = []
+    register_method('recordidx', hparams=_NoHparams)(_IndexRecordingTask)
+    yield _IndexRecordingTask
+    registry._METHODS.pop('recordidx')
+
+
+def test_batch_information_channel_through_the_script(image_folder, tmp_path, index_recording_method):
+    """A task that reads `batch_info()` gets, at every step of the script's loop (prefetcher and all), the epoch,
+    the step and the dataset indices of exactly the images it is given: their labels are the batch's labels."""
+    upstream.main([script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', 'recordidx', '--epochs', '2')])
+    labels = dataset_labels(timm.data.create_dataset('', root=image_folder, split='train', is_training=True))
+    seen = index_recording_method.seen
+    assert [(epoch, step) for epoch, step, _, _ in seen] == [(e, s) for e in range(2) for s in range(4)]
+    for epoch, _, indices, targets in seen:
+        assert labels[indices].tolist() == targets
+    for epoch in range(2):  # plain batches: every image once per epoch
+        assert sorted(i for e, _, indices, _ in seen if e == epoch for i in indices) == list(range(len(labels)))
 
 
 def test_flags_in_help_yaml_config_and_args_yaml(image_folder, tmp_path, capsys, caplog):
