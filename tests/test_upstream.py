@@ -32,11 +32,15 @@ BATCH = 8
 
 @pytest.fixture(autouse=True)
 def fresh_log_handlers():
-    """The scripts add a console handler to the root logger on every run, bound to that test's captured stderr:
-    take them off again, so that no later test logs into a closed capture."""
-    handlers = logging.root.handlers[:]
+    """timm's `setup_default_logging` (every run of a script or of train.py) adds a console handler to the root
+    logger, bound to the stderr of that moment, which pytest closes after the test: take them off before and
+    after each test, so that no run logs into a closed capture (pytest's own handlers are subclasses)."""
+    def console_handlers_off():
+        logging.root.handlers[:] = [h for h in logging.root.handlers if type(h) is not logging.StreamHandler]
+
+    console_handlers_off()
     yield
-    logging.root.handlers[:] = handlers
+    console_handlers_off()
 
 
 def script(name):
