@@ -13,7 +13,8 @@ from timm.utils import ParseKwargs
 
 from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods
 
-__all__ = ['UsageError', 'parse_args', 'method_hparams', 'recipe_values', 'format_methods']
+__all__ = ['UsageError', 'parse_args', 'add_selfkd_arguments', 'resolve_selfkd_args', 'method_hparams', 'recipe_values',
+           'format_methods']
 
 
 class UsageError(ValueError):
@@ -41,7 +42,10 @@ _MINIMUMS = {'epochs': 1, 'batch_size': 1, 'recovery_interval': 0, 'check_interv
 _RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank'}  # not recipe keys
 
 
-def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the Self-KD group to `parser`: `--selfkd`, `--list-selfkd` and one flag per method hyper-parameter
+    (`--dlb-alpha`, dest and YAML key `dlb_alpha`), generated from the registry. Hyper-parameter defaults are
+    None (= the paper's, from the dataclass), so that setting another method's value can be told apart."""
     group = parser.add_argument_group('Self-KD', 'method and its hyper-parameters (see --list-selfkd)')
     group.add_argument('--selfkd', default='none', metavar='NAME',
                        help=f'self-KD method: {", ".join(list_methods())} (default: none = plain timm training)')
@@ -138,6 +142,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help='samples in the validation split, for streamed (iterable) data sets')
     g.add_argument('--train-subset', type=int, default=0, metavar='N', help='train on N random images (0 = all)')
     g.add_argument('--val-subset', type=int, default=0, metavar='N', help='validate on N random images (0 = all)')
+    g.add_argument('--train-label-noise', type=float, default=0.0, metavar='P',
+                   help='symmetric label noise: a fraction P in [0, 1) of the training labels (drawn with --seed) '
+                        'replaced by another class, uniformly; the samplers see the same noisy labels (default: 0)')
 
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='resnet18', type=str, metavar='MODEL')
@@ -293,7 +300,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help='synchronise BatchNorm statistics across processes (CUDA; matters for BAKE\'s per-class '
                         'batches)')
 
-    _add_method_flags(p)
+    add_selfkd_arguments(p)
     _add_refused_flags(p)
     return p
 
@@ -360,20 +367,40 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.list_selfkd:
         return args
-    _drop_recipe_hparams_of_other_methods(args, recipe, _given_on_command_line(argv))
+    if not 0 <= args.train_label_noise < 1:
+        parser.error(f'--train-label-noise must be in [0, 1), got {args.train_label_noise}')
     for name, minimum in _MINIMUMS.items():
         if getattr(args, name) < minimum:
             parser.error(f'--{name.replace("_", "-")} must be >= {minimum}, got {getattr(args, name)}')
     try:
-        method_hparams(args)  # checked here so that a bad value is a usage error; Setup builds them again
+        resolve_selfkd_args(args, recipe, argv)  # a bad value is a usage error; Setup builds the hparams again
     except ValueError as e:
         parser.error(str(e))
     return args
 
 
+def resolve_selfkd_args(args: argparse.Namespace, recipe: Dict[str, Any], argv: List[str]):
+    """The selected method's hyper-parameters from parsed Self-KD flags (of any parser that has them).
+
+    `-c dlb_recipe.yaml --selfkd none` runs the recipe's baseline: the recipe's values of another method are
+    dropped from `args`; given on the command line, they stay an error.
+
+    Args:
+        args: Parsed arguments, with the flags of `add_selfkd_arguments`.
+        recipe: The YAML recipe's keys and values (empty without one).
+        argv: The command line, to tell the flags given there from the recipe's values.
+
+    Raises:
+        ValueError: another method's hyper-parameter is set, or a value is out of range.
+    """
+    _drop_recipe_hparams_of_other_methods(args, recipe, _given_on_command_line(argv))
+    return method_hparams(args)
+
+
 def _given_on_command_line(argv: List[str]) -> set:
-    """The destinations of the flags present in `argv` (parsed again with every default suppressed)."""
-    parser = _build_parser()
+    """The Self-KD destinations of the flags present in `argv` (a parser of those flags alone, no defaults)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_selfkd_arguments(parser)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_known_args(argv)[0]))

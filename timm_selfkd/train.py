@@ -41,7 +41,7 @@ from timm.utils import (dispatch_clip_grad, distribute_bn, init_distributed_devi
 
 from .args import UsageError, format_methods, method_hparams, parse_args, recipe_values
 from .checkpoint import AMP_SCALER_KEY, RunSaver, check_same_run, load_error, read_checkpoint
-from .data import build_dataset, class_count, install_batch_stream
+from .data import build_dataset, class_count, install_batch_stream, with_label_noise
 from .guard import RunGuard, Verdict
 from .methods.base import RunInfo
 from .registry import get_method
@@ -312,6 +312,8 @@ class Setup:
                               num_samples=args.train_num_samples, **common)
         evaluation = build_dataset(split=args.val_split, is_training=False, subset=args.val_subset,
                                    num_samples=args.val_num_samples, **common)
+        if args.train_label_noise:
+            train = with_label_noise(train, args.train_label_noise, args.seed)
         return train, evaluation
 
     def _loaders(self):

@@ -209,6 +209,8 @@ class SelfKDTask(TrainingTask):
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'SelfKDTask':
         from torch.nn.parallel import DistributedDataParallel
+        if device_ids is not None and all(torch.device(d).type == 'cpu' for d in device_ids):
+            device_ids = None  # DDP of a CPU module takes none (timm's train.py passes [device] on every device)
         self.trainable_module = DistributedDataParallel(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 
