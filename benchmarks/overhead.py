@@ -33,11 +33,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
+from timm_selfkd.guard import RunGuard  # noqa: E402
+from timm_selfkd.stream import seed_everything, step_seed  # noqa: E402
 
 # (time ratio, memory ratio) upper bounds from the issues (None: no bound), measured on CPU with resnet18
 # (self_guidance and multi_exit: also with a Swin).
-TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'self_guidance': (2.05, None), 'multi_exit': (1.15, None)}
+TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'none+checks': (1.01, 1.01), 'self_guidance': (2.05, None),
+           'multi_exit': (1.15, None)}
 POOL_BATCHES = 4  # distinct synthetic batches cycled through by every method
+CHECKED = 'none+checks'  # plain training with the loop's per-step seeding and guard (timm_selfkd.train)
 MEMORY_WARMUP = 2  # steps before the memory-measured one: DLB then holds last-batch logits, SGD its momentum
 MEASURED_STEP = 'overhead::measured_step'
 
@@ -61,18 +65,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='step time as wall-clock time, or as CPU time of this process (CPU device; with '
                              '--threads 1 it does not count the time other programs on a shared machine take)')
     parser.add_argument('--methods', default='none,dlb,bake', help='comma-separated; `none` is always included')
+    parser.add_argument('--loop-checks', action='store_true',
+                        help='add a `none+checks` row: plain training plus the loop\'s per-step re-seeding, '
+                             'non-finite guard and stop check (every step, as on the CPU), and time the '
+                             'per-image seeding of the data loader')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', type=Path, help='also write the report (with environment) to this markdown file')
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(',') if m.strip()]
     for name in methods:
         try:
-            timm_selfkd.get_method(name.split(':')[0])
+            timm_selfkd.get_method(base_method(name))
             method_hparams(name)
         except ValueError as error:  # names the closest registered method, or the bad hyper-parameter
             parser.error(str(error))
     args.model_kwargs = dict(_key_value(item) for item in args.model_kwargs)
-    args.methods = ['none'] + [m for m in dict.fromkeys(methods) if m != 'none']
+    args.methods = ['none'] + [m for m in dict.fromkeys(methods) if m != 'none'] + \
+        ([CHECKED] if args.loop_checks else [])
     if args.batch_size < 4 or args.batch_size % 2:
         parser.error('--batch-size must be even and >= 4 (DLB halves, BAKE groups)')
     if args.clock == 'cpu' and args.device != 'cpu':
@@ -85,6 +94,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def _key_value(text: str) -> Tuple[str, object]:
     key, _, value = text.partition('=')
     return key, yaml.safe_load(value)
+
+
+def base_method(spec: str) -> str:
+    """The registered method of a row: `self_guidance` of `self_guidance:skip_dropped=false`, `none` of
+    `none+checks`."""
+    return spec.split(':')[0].split('+')[0]
 
 
 def method_hparams(spec: str) -> Dict[str, object]:
@@ -112,7 +127,7 @@ class Trainer:
     def __init__(self, method: str, args: argparse.Namespace):
         torch.manual_seed(args.seed)  # same architecture and initial weights for every method
         model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
-        self.task = timm_selfkd.create_task(method.split(':')[0], model.to(args.device).train(),
+        self.task = timm_selfkd.create_task(base_method(method), model.to(args.device).train(),
                                             **method_hparams(method))
         self.optimizer = torch.optim.SGD(self.task.trainable_module.parameters(), lr=0.01, momentum=0.9,
                                          weight_decay=5e-4, nesterov=True)
@@ -126,11 +141,40 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.loss = out['loss'].detach()
+        return out
+
+
+class CheckedTrainer(Trainer):
+    """A step of `timm_selfkd.train`'s loop: re-seed every generator, train, feed the guard, poll it."""
+
+    def __init__(self, method: str, args: argparse.Namespace):
+        super().__init__(method, args)
+        self.guard = RunGuard(torch.device(args.device), distributed=False)
+        self.steps = 0
+
+    def step(self, batch: Batch) -> None:
+        seed_everything(step_seed(0, 0, 0, self.steps))
+        out = super().step(batch)
+        self.guard.observe(self.steps, {n: v for n, v in out.items() if n.startswith('loss')})
+        self.guard.poll()
+        self.steps += 1
+
+
+def make_trainer(method: str, args: argparse.Namespace) -> Trainer:
+    return CheckedTrainer(method, args) if method == CHECKED else Trainer(method, args)
+
+
+def seeding_cost(samples: int = 20000) -> float:
+    """Seconds per image of the data loader's per-image seeding (`KeyedDataset`: seed_everything per read)."""
+    start = time.perf_counter()
+    for i in range(samples):
+        seed_everything(i)
+    return (time.perf_counter() - start) / samples
 
 
 def time_methods(args: argparse.Namespace, pool: List[Batch], sync: Callable[[], None]) -> Dict[str, np.ndarray]:
     """Step times (s) per method, shape (steps,): round r runs every method once, in an order rotated by r."""
-    trainers = {m: Trainer(m, args) for m in args.methods}
+    trainers = {m: make_trainer(m, args) for m in args.methods}
     for r in range(args.warmup):
         for trainer in trainers.values():
             trainer.step(pool[r % POOL_BATCHES])
@@ -170,18 +214,18 @@ def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> int
     if args.device == 'cuda':
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
-        trainer = Trainer(method, args)
+        method_trainer = make_trainer(method, args)
         for r in range(MEMORY_WARMUP):
-            trainer.step(pool[r % POOL_BATCHES])
+            method_trainer.step(pool[r % POOL_BATCHES])
         torch.cuda.reset_peak_memory_stats()
-        trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
+        method_trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
         return torch.cuda.max_memory_allocated() - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer = Trainer(method, args)
+        method_trainer = make_trainer(method, args)
         for r in range(MEMORY_WARMUP):
-            trainer.step(pool[r % POOL_BATCHES])
+            method_trainer.step(pool[r % POOL_BATCHES])
         with record_function(MEASURED_STEP):
-            trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
+            method_trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
     events = prof.profiler.kineto_results.events()
     window = next(e for e in events if e.name() == MEASURED_STEP)
     allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]')
@@ -191,7 +235,7 @@ def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> int
 
 def new_images(method: str, batch_size: int, group: int) -> str:
     """Images per step that are new to the epoch (the rest are repeats or same-class partners)."""
-    return {'dlb': str(batch_size // 2), 'bake': str(batch_size // group)}.get(method.split(':')[0], str(batch_size))
+    return {'dlb': str(batch_size // 2), 'bake': str(batch_size // group)}.get(base_method(method), str(batch_size))
 
 
 def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[str, int], group: int) -> str:
@@ -270,6 +314,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     times = time_methods(args, pool, sync)
     memory = {method: peak_memory(method, args, pool) for method in args.methods}
     text = report(args, times, memory, group)
+    if args.loop_checks:
+        per_image = seeding_cost()
+        share = per_image * args.batch_size / np.median(times['none'])
+        text += (f'\nPer-image seeding in the data loader (`KeyedDataset`): {per_image * 1e6:.1f} us per image, '
+                 f'{args.batch_size} images = {share * 100:.2f}% of a plain step (paid by the loader\'s workers, '
+                 f'in parallel with training when `-j` > 0).\n')
     print(text + f'\n(benchmark took {time.perf_counter() - start:.0f} s)')
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -186,6 +186,11 @@ class SelfKDTask(TrainingTask):
         """The batch sampler that replaces the loader's own, or None to keep timm's batching."""
         return None
 
+    @classmethod
+    def takes_streamed_data(cls) -> bool:
+        """Whether the method trains on a streamed data set: with timm's own batches and no sample indices."""
+        return cls.batch_sampler.__func__ is SelfKDTask.batch_sampler.__func__ and not cls.needs_batch_info
+
     def bind_batch_sampler(self, batch_sampler: Sampler) -> None:
         """Receive the sampler `batch_sampler()` returned, for tasks that depend on its batch layout."""
 
@@ -220,6 +225,8 @@ class SelfKDTask(TrainingTask):
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'SelfKDTask':
         from torch.nn.parallel import DistributedDataParallel
+        if device_ids is not None and all(torch.device(d).type == 'cpu' for d in device_ids):
+            device_ids = None  # DDP of a CPU module takes none (timm's train.py passes [device] on every device)
         self.trainable_module = DistributedDataParallel(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 
