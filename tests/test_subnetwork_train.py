@@ -13,6 +13,7 @@ from test_train import REPO, _fails, read_summary, torchrun, train_args
 from timm_selfkd.args import method_hparams, parse_args
 from timm_selfkd.train import Setup, main
 
+MODEL = 'test_resnet'  # timm's 373k-parameter ResNet: stochastic-depth places, four stages
 EXIT_METRICS = ('exit1_top1', 'exit2_top1', 'exit3_top1', 'ensemble_top1')
 
 
@@ -21,27 +22,27 @@ def _checkpoint(output, name='last.pth.tar'):
 
 
 def test_self_guidance_bf16_ema_default_rate(image_folder, tmp_path, caplog):
-    """ResNet-18 built without stochastic depth: the default schedule is added with a log line; bf16 autocast
+    """A ResNet built without stochastic depth: the default schedule is added with a log line; bf16 autocast
     stays finite; the checkpoint (and its EMA) is the plain timm model."""
     caplog.set_level('INFO')
-    main(train_args(image_folder, tmp_path, '--selfkd', 'self_guidance', '--img-size', '32', '--amp',
-                    '--amp-dtype', 'bfloat16', '--model-ema'))
+    main(train_args(image_folder, tmp_path, '--selfkd', 'self_guidance', '--model', MODEL, '--img-size', '32',
+                    '--amp', '--amp-dtype', 'bfloat16', '--model-ema'))
     assert any('built without stochastic depth' in r.getMessage() for r in caplog.records)
     (row,) = read_summary(tmp_path)
     for key in ('train_loss', 'train_loss_ce', 'train_loss_ce_student', 'train_loss_kd', 'eval_loss',
                 'eval_ema_loss'):
         assert math.isfinite(float(row[key])), key
     checkpoint = _checkpoint(tmp_path)
-    timm.create_model('resnet18', num_classes=4, checkpoint_path=str(tmp_path / 'run' / 'last.pth.tar'))
-    timm.create_model('resnet18', num_classes=4).load_state_dict(checkpoint['state_dict_ema'])
+    timm.create_model(MODEL, num_classes=4, checkpoint_path=str(tmp_path / 'run' / 'last.pth.tar'))
+    timm.create_model(MODEL, num_classes=4).load_state_dict(checkpoint['state_dict_ema'])
 
 
 def test_multi_exit_bf16_ema_per_exit_metrics(image_folder, tmp_path, caplog):
     """Each exit's top-1 and the ensemble's in the log and summary.csv (also for the EMA); the checkpoint holds
     the plain model, the exits travel as task state."""
     caplog.set_level('INFO', logger='train')
-    main(train_args(image_folder, tmp_path, '--selfkd', 'multi_exit', '--img-size', '32', '--amp',
-                    '--amp-dtype', 'bfloat16', '--model-ema'))
+    main(train_args(image_folder, tmp_path, '--selfkd', 'multi_exit', '--model', MODEL, '--img-size', '32',
+                    '--amp', '--amp-dtype', 'bfloat16', '--model-ema'))
     (row,) = read_summary(tmp_path)
     for key in ('train_loss', 'train_loss_exit_ce', 'train_loss_exit_kl', 'train_loss_hint', 'train_loss_dmfl',
                 'eval_loss'):
@@ -53,7 +54,7 @@ def test_multi_exit_bf16_ema_per_exit_metrics(image_folder, tmp_path, caplog):
     checkpoint = _checkpoint(tmp_path)
     assert not any('exit' in key for key in checkpoint['state_dict'])
     assert checkpoint['task_state']['exit_indices'] == [1, 2, 3] and 'exits' in checkpoint['task_state_ema']
-    timm.create_model('resnet18', num_classes=4, checkpoint_path=str(tmp_path / 'run' / 'last.pth.tar'))
+    timm.create_model(MODEL, num_classes=4, checkpoint_path=str(tmp_path / 'run' / 'last.pth.tar'))
 
 
 def _exits(task, ema=False):
@@ -62,7 +63,7 @@ def _exits(task, ema=False):
 
 def test_resume_restores_the_exits(image_folder, tmp_path):
     """train.py's set-up with --resume loads the trained exits (and their EMA) from the task state."""
-    common = ('--selfkd', 'multi_exit', '--img-size', '32', '--model-ema')
+    common = ('--selfkd', 'multi_exit', '--model', MODEL, '--img-size', '32', '--model-ema')
     main(train_args(image_folder, tmp_path, *common))
     saved = _checkpoint(tmp_path)
     resumed = Setup(parse_args(train_args(image_folder, tmp_path / 'resumed', *common, '--epochs', '2',
@@ -81,7 +82,7 @@ def test_mid_epoch_resume_is_exact(image_folder, tmp_path, caplog, method):
     """Resumed from the recovery checkpoint after step 2 of 4, the run ends as the uninterrupted one: the same
     sampled sub-networks (Self-Guidance) and the same exits (multi-exit), to the last bit."""
     caplog.set_level('INFO', logger='train')
-    common = ('--selfkd', method, '--img-size', '32', '--recovery-interval', '2', '--model-ema')
+    common = ('--selfkd', method, '--model', MODEL, '--img-size', '32', '--recovery-interval', '2', '--model-ema')
     main(train_args(image_folder, tmp_path / 'full', *common))
     main(train_args(image_folder, tmp_path / 'resumed', *common,
                     '--resume', str(tmp_path / 'full' / 'run' / 'recovery-0-2.pth.tar')))
@@ -101,7 +102,7 @@ def test_mid_epoch_resume_is_exact(image_folder, tmp_path, caplog, method):
 @pytest.mark.parametrize('method', ['self_guidance', 'multi_exit'])
 def test_torchrun_two_process_gloo(image_folder, tmp_path, method):
     """Both passes (Self-Guidance) or the model and its exits (BYOT + DMFL) in one DDP forward per step."""
-    torchrun(*train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32'))
+    torchrun(*train_args(image_folder, tmp_path, '--selfkd', method, '--model', MODEL, '--img-size', '32'))
     (row,) = read_summary(tmp_path)
     assert float(row['train_images']) == 32
     assert math.isfinite(float(row['train_loss']))
