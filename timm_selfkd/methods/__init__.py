@@ -6,3 +6,5 @@ from .bake import BAKETask
 from .label import LabelTeacherTask
 from .cskd import CSKDTask
 from .ddgsd import DDGSDTask
+from .self_guidance import SelfGuidanceTask
+from .multi_exit import MultiExitTask
