@@ -10,6 +10,7 @@ from timm.models import group_parameters
 from timm.task import TrainingTask, resolve_classification_loss
 
 from ..losses import float32_region
+from ..metrics import CalibrationEvaluator
 
 __all__ = ['SelfKDTask', 'LogitsAndFeatures', 'check_range', 'world_size']
 
@@ -142,6 +143,10 @@ class SelfKDTask(TrainingTask):
 
     def sync_task_state(self) -> None:
         """Collective run on every rank before rank 0 saves a checkpoint, for per-rank task state."""
+
+    def create_evaluator(self, **kwargs) -> CalibrationEvaluator:
+        """timm's loss/top-1/top-5 evaluator plus NLL, ECE and AURC (`timm_selfkd.metrics`)."""
+        return CalibrationEvaluator(device=self.device, **kwargs)
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The hard-label term, in float32 under any autocast."""
