@@ -3,3 +3,4 @@ from .base import LogitsAndFeatures, SelfKDTask
 from .plain import PlainTask
 from .dlb import DLBTask
 from .bake import BAKETask
+from .mrkd import MrKDTask, MrKDTCTask
