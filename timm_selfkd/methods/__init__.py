@@ -4,3 +4,4 @@ from .plain import PlainTask
 from .dlb import DLBTask
 from .bake import BAKETask
 from .mrkd import MrKDTask, MrKDTCTask
+from .pskd import PSKDTask
