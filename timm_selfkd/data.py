@@ -2,19 +2,16 @@
 injection of a method's batch sampler into timm's loader."""
 import gzip
 import os
-from collections import deque
-from typing import Iterator, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from timm.data import create_dataset
 from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
-           'class_count', 'dataset_labels', 'index_sampler', 'replace_batch_sampler', 'set_loader_epoch',
-           'IndexRecordingBatchSampler', 'record_batch_info']
+           'class_count', 'dataset_labels', 'index_sampler', 'replace_batch_sampler', 'set_loader_epoch']
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
 
@@ -168,47 +165,3 @@ def set_loader_epoch(loader, epoch: int) -> None:
     for sampler in (getattr(loader, 'sampler', None), getattr(loader, 'batch_sampler', None)):
         if hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(epoch)
-
-
-# STUB of the lead's side channel (HELPERS.md, issue 11), the smallest version PS-KD needs; drop it when merging.
-class IndexRecordingBatchSampler(Sampler[List[int]]):
-    """Yields the batches of `batch_sampler` and queues each one's (epoch, step, indices) in the same order.
-
-    The loader iterates its batch sampler in the main process and yields batches in that order (workers and
-    the prefetcher keep it), so the training loop's k-th batch is the k-th queued entry.
-    """
-
-    def __init__(self, batch_sampler: Sampler[List[int]]):
-        self.batch_sampler = batch_sampler
-        self.queue = deque()
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        target = self.batch_sampler if hasattr(self.batch_sampler, 'set_epoch') else \
-            getattr(self.batch_sampler, 'sampler', None)
-        if hasattr(target, 'set_epoch'):
-            target.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[List[int]]:
-        epoch = self.epoch
-        for step, batch in enumerate(self.batch_sampler):
-            self.queue.append((epoch, step, list(batch)))
-            yield batch
-        self.epoch = epoch + 1
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
-
-    def pop(self, device: torch.device):
-        from .methods.base import BatchInfo
-        epoch, step, indices = self.queue.popleft()
-        return BatchInfo(epoch, step, torch.tensor(indices, dtype=torch.long, device=device))
-
-
-def record_batch_info(loader, task):
-    """Route the dataset indices of every training batch to `task.batch_info()`; returns the new loader."""
-    inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
-    recorder = IndexRecordingBatchSampler(inner.batch_sampler)
-    task.bind_batch_info_source(lambda: recorder.pop(task.device))
-    return replace_batch_sampler(loader, recorder)

@@ -16,7 +16,6 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 import yaml
-from torch.utils.data import IterableDataset
 from timm.data import Mixup, FastCollateMixup, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
 from timm.models import create_model
@@ -27,9 +26,7 @@ from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, get_o
                         random_seed, setup_default_logging, update_summary)
 
 from .args import UsageError, format_methods, method_hparams, parse_args, recipe_values
-from .data import (build_dataset, class_count, dataset_labels, index_sampler, record_batch_info, replace_batch_sampler,
-                   set_loader_epoch)
-from .methods.base import RunInfo
+from .data import build_dataset, class_count, dataset_labels, index_sampler, replace_batch_sampler, set_loader_epoch
 from .registry import get_method
 
 _logger = logging.getLogger('train')
@@ -96,13 +93,6 @@ class Setup:
             criterion_kwargs=dict(smoothing=args.smoothing, soft_targets=self.mixup is not None))
         if self.batch_sampler is not None:
             self.task.bind_batch_sampler(self.batch_sampler)
-        self.task.bind_run(RunInfo(  # STUB wiring of the lead's bind_run/batch_info; drop when merging
-            num_epochs=args.epochs + args.cooldown_epochs, steps_per_epoch=len(self.train_loader),
-            num_samples=None if isinstance(self.train_dataset, IterableDataset) else len(self.train_dataset),
-            num_classes=self.model.num_classes, batch_size=args.batch_size, world_size=args.world_size,
-            rank=args.rank, local_rank=args.local_rank, local_world_size=int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
-        if self.task.needs_batch_info:
-            self.train_loader = record_batch_info(self.train_loader, self.task)
         _resolve_lr(args)
         self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), **optimizer_kwargs(cfg=args))
         self.loss_scaler = NativeScaler(device=self.device.type) \

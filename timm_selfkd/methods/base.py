@@ -1,6 +1,5 @@
 """What every self-KD task shares: the trainable module, timm's criterion, DDP/compile/eval-model plumbing."""
 import inspect
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
@@ -13,31 +12,7 @@ from timm.task import TrainingTask, resolve_classification_loss
 from ..losses import float32_region
 from ..metrics import CalibrationEvaluator
 
-__all__ = ['SelfKDTask', 'LogitsAndFeatures', 'RunInfo', 'BatchInfo', 'check_range', 'world_size']
-
-
-# STUB of the lead's base API (HELPERS.md, issue 11): RunInfo/bind_run and the BatchInfo side channel, the
-# smallest version that PS-KD and MrKD need; drop it for the real one when merging.
-@dataclass(frozen=True)
-class RunInfo:
-    """What the loop knows about the run once data, model and processes exist (passed to `bind_run`)."""
-    num_epochs: int
-    steps_per_epoch: int
-    num_samples: Optional[int]  # training-set size; None for streamed data sets
-    num_classes: int
-    batch_size: int  # per process
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    local_world_size: int = 1
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """The batch being trained: its epoch, its number within the epoch and its images' dataset indices."""
-    epoch: int
-    step: int
-    indices: torch.Tensor
+__all__ = ['SelfKDTask', 'LogitsAndFeatures', 'check_range', 'world_size']
 
 
 def world_size() -> int:
@@ -120,7 +95,6 @@ class SelfKDTask(TrainingTask):
     """
 
     method_name = ''
-    needs_batch_info = False  # True: `forward` calls `self.batch_info()` exactly once per training step
     supports_mixup = False
     mixup_conflict = 'its soft targets are not defined for mixed images'
 
@@ -138,23 +112,6 @@ class SelfKDTask(TrainingTask):
         self.hparams = hparams
         self.trainable_module = self.wrap_model(model)
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
-        self.run: Optional[RunInfo] = None
-        self._batch_info_source: Optional[Callable[[], BatchInfo]] = None
-
-    def bind_run(self, run: RunInfo) -> None:
-        """Called once by the loop after the task is built; a ValueError here is a usage error."""
-        self.run = run
-
-    def bind_batch_info_source(self, source: Callable[[], BatchInfo]) -> None:
-        """The callable `batch_info()` reads (the loop's side channel, or any function in tests)."""
-        self._batch_info_source = source
-
-    def batch_info(self) -> BatchInfo:
-        """Epoch, step and dataset indices of the batch being trained (for tasks with `needs_batch_info`)."""
-        if self._batch_info_source is None:
-            raise RuntimeError(f'{type(self).__name__} needs the dataset index of every image: '
-                               'bind a source with bind_batch_info_source()')
-        return self._batch_info_source()
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module that owns the parameters and runs the forward pass (the model itself by default)."""
