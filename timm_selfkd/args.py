@@ -36,6 +36,7 @@ def _dest(method: str, field_name: str) -> str:
 
 
 _TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}  # dataclass annotations given as strings
+_MINIMUMS = {'epochs': 1, 'batch_size': 1, 'recovery_interval': 0, 'check_interval': 0, 'nonfinite_patience': 1}
 _RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank'}  # not recipe keys
 
 
@@ -77,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='resnet18', type=str, metavar='MODEL')
     g.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
+    g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                   help='start from the model weights of this checkpoint (not its optimizer, method or epoch)')
     g.add_argument('--num-classes', type=int, default=None, metavar='N')
     g.add_argument('--in-chans', type=int, default=None, metavar='N')
     g.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (default: model default)')
@@ -160,8 +163,20 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output/train)')
     g.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of the run\'s sub-folder')
     g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC')
-    g.add_argument('--resume', default='', type=str, metavar='PATH', help='resume from this checkpoint')
+    g.add_argument('--resume', default='', type=str, metavar='PATH',
+                   help='continue the run of this checkpoint at its next step (epoch or recovery checkpoint)')
     g.add_argument('--no-resume-opt', action='store_true', default=False)
+    g.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                   help='also write a recovery checkpoint every N steps (0: only on SIGTERM/SIGINT)')
+    g.add_argument('--check-interval', type=int, default=0, metavar='N',
+                   help='steps between checks for stop signals and non-finite losses, agreed by all ranks '
+                        '(default 0: every step on the CPU, every 20 on GPUs)')
+    g.add_argument('--nonfinite', default='stop', choices=('stop', 'skip'),
+                   help='on a non-finite loss: stop the run (default) or skip the step\'s update (one host sync '
+                        'per step)')
+    g.add_argument('--nonfinite-patience', type=int, default=25, metavar='K',
+                   help='consecutive non-finite steps that stop a run with fp16 loss scaling or --nonfinite skip '
+                        '(otherwise the first one stops it)')
     g.add_argument('--device', default='cuda', type=str, help='cuda, cpu, cuda:1 ... (cuda falls back to cpu)')
     g.add_argument('--dist-backend', default=None, type=str, help='default: nccl on cuda, gloo otherwise')
     g.add_argument('--sync-bn', action='store_true', default=False,
@@ -232,6 +247,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.list_selfkd:
         return args
     _drop_recipe_hparams_of_other_methods(args, recipe, _given_on_command_line(argv))
+    for name, minimum in _MINIMUMS.items():
+        if getattr(args, name) < minimum:
+            parser.error(f'--{name.replace("_", "-")} must be >= {minimum}, got {getattr(args, name)}')
     try:
         method_hparams(args)  # checked here so that a bad value is a usage error; Setup builds them again
     except ValueError as e:

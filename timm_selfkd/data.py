@@ -1,8 +1,8 @@
 """Data sets and loaders: timm's `create_dataset`/`create_loader`, Fashion-MNIST from local files, and the
-injection of a method's batch sampler into timm's loader."""
+injection of a method's batches (through a `BatchStream`) into timm's loader."""
 import gzip
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -10,8 +10,10 @@ from timm.data import create_dataset
 from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from .stream import BatchStream, KeyedDataset
+
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
-           'class_count', 'dataset_labels', 'index_sampler', 'replace_batch_sampler', 'set_loader_epoch']
+           'class_count', 'dataset_labels', 'index_sampler', 'install_batch_stream']
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
 
@@ -137,14 +139,33 @@ def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int) -> Sa
     return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
 
 
-def replace_batch_sampler(loader, batch_sampler: Sampler):
-    """Rebuild the `DataLoader` inside a timm loader around `batch_sampler`.
+def install_batch_stream(loader, task, hparams, dataset: Dataset, *, batch_size: int, seed: int, rank: int,
+                         world_size: int) -> Tuple[Any, BatchStream]:
+    """Make a timm training loader read the batches of `task`'s method through a `BatchStream`.
 
-    Transforms, collate (fast collate, mixup), workers and their seeding and the prefetcher stay timm's.
+    The method's batch sampler (or plain shuffled batches) is wrapped in a stream that seeds every sample and
+    can resume mid-epoch, and the `DataLoader` inside the timm loader is rebuilt around it and a `KeyedDataset`;
+    transforms, collate (fast collate, mixup), workers and the prefetcher stay timm's. The task is bound to the
+    method's sampler and, if it reads batch information, to the stream. Used by our loop and by the adapter.
+
+    Returns:
+        The loader to use (the same PrefetchLoader, or the rebuilt DataLoader) and the stream, whose
+        `set_epoch`/`start_at` choose the batches of the next pass.
     """
+    indices = index_sampler(dataset, seed, rank, world_size)
+    method_sampler = task.batch_sampler(hparams, index_sampler=indices, labels=dataset_labels(dataset),
+                                        batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+    if method_sampler is None:
+        stream = BatchStream.shuffled(indices, batch_size, seed, rank)
+    else:
+        stream = BatchStream(method_sampler, seed, rank)
+        task.bind_batch_sampler(method_sampler)
+    if task.needs_batch_info:
+        stream.record = True
+        task.bind_batch_info_source(stream.pop)
     inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
     kwargs = dict(
-        batch_sampler=batch_sampler,
+        batch_sampler=stream,
         num_workers=inner.num_workers,
         collate_fn=inner.collate_fn,
         pin_memory=inner.pin_memory,
@@ -153,15 +174,8 @@ def replace_batch_sampler(loader, batch_sampler: Sampler):
     )
     if inner.num_workers > 0:
         kwargs['prefetch_factor'] = inner.prefetch_factor
-    rebuilt = DataLoader(inner.dataset, **kwargs)
+    rebuilt = DataLoader(KeyedDataset(inner.dataset), **kwargs)
     if isinstance(loader, PrefetchLoader):
         loader.loader = rebuilt
-        return loader
-    return rebuilt
-
-
-def set_loader_epoch(loader, epoch: int) -> None:
-    """Tell the loader's sampler (timm's) or batch sampler (ours) which epoch starts."""
-    for sampler in (getattr(loader, 'sampler', None), getattr(loader, 'batch_sampler', None)):
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
+        return loader, stream
+    return rebuilt, stream

@@ -1,40 +1,55 @@
 """The training loop of `train.py`, built from timm's library: one loop for plain training and every method.
 
-Set-up order: arguments -> method and its checks -> device/DDP -> data -> model -> loaders -> task ->
-optimizer, AMP, resume, EMA, compile, DDP -> scheduler -> output folder. Every user error is raised before the output folder
-exists, and is reported as one line with exit status 2.
+Set-up order: arguments -> method and its checks -> device/DDP -> data -> model -> loaders -> task and its
+batch stream -> optimizer, AMP, scheduler, resume, EMA, compile, DDP -> output folder. Every user error is
+raised before the output folder exists, and is reported as one line with exit status 2.
+
+The loop is preemption-safe: a SIGTERM or SIGINT ends the run after the current step with a recovery
+checkpoint (exit 128 + signal), `--recovery-interval N` writes one every N steps, and `--resume` of any
+checkpoint continues at its next step. Each step re-seeds every generator from (seed, rank, epoch, step) and
+each image's augmentation is seeded from its key (`timm_selfkd.stream`), so a resumed run is the run that
+would have happened. A non-finite loss stops the run (or skips the step, `--nonfinite skip`).
 """
+import csv
 import logging
 import os
+import shlex
+import shutil
+import signal
 import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import yaml
-from timm.data import Mixup, FastCollateMixup, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 from timm.layers import convert_sync_batchnorm
-from timm.models import create_model
+from timm.models import clean_state_dict, create_model, load_checkpoint
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.task import load_task_ema_checkpoint, resume_task_checkpoint, evaluation_sample_limit
-from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, get_outdir, init_distributed_device,
-                        random_seed, setup_default_logging, update_summary)
+from timm.task import evaluation_sample_limit
+from timm.utils import NativeScaler, dispatch_clip_grad, init_distributed_device, random_seed, setup_default_logging
 
 from .args import UsageError, format_methods, method_hparams, parse_args, recipe_values
-from .data import build_dataset, class_count, dataset_labels, index_sampler, replace_batch_sampler, set_loader_epoch
+from .checkpoint import RunSaver, check_same_run, load_error, read_checkpoint
+from .data import build_dataset, class_count, install_batch_stream
+from .guard import RunGuard, Verdict
+from .methods.base import RunInfo
 from .registry import get_method
+from .stream import seed_everything, step_seed
 
 _logger = logging.getLogger('train')
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
     print(f'train.py: error: {message}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _resolve_lr(args) -> None:
@@ -61,6 +76,48 @@ def _mixup(args, num_classes: int):
     return FastCollateMixup(**mixup_args) if not args.no_prefetcher else Mixup(**mixup_args)
 
 
+@dataclass
+class Position:
+    """Where the run is: the epoch, the steps of it done, and what the epoch has accumulated so far.
+
+    It is saved in every checkpoint (`loop`), so a resumed run continues the epoch and its averages exactly.
+    """
+    epoch: int = 0
+    step: int = 0
+    num_updates: int = 0
+    sums: Dict[str, torch.Tensor] = field(default_factory=dict)
+    counted: int = 0  # steps whose loss terms are in `sums` (skipped non-finite steps are not)
+    images: int = 0
+    seconds: float = 0.0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step, self.sums, self.counted, self.images, self.seconds = epoch, 0, {}, 0, 0, 0.0
+
+    def add(self, terms: Dict[str, torch.Tensor], images: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        self.counted += 1
+        self.images += images
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, step=self.step, num_updates=self.num_updates, counted=self.counted,
+                    images=self.images, seconds=self.seconds, sums={n: v.cpu() for n, v in self.sums.items()})
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> 'Position':
+        sums = {name: value.to(device) for name, value in state['sums'].items()}
+        return cls(state['epoch'], state['step'], state['num_updates'], sums, state['counted'], state['images'],
+                   state['seconds'])
+
+
+class Stopped(Exception):
+    """The run stops early: `status` is the exit status, the message the one line to print."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class Setup:
     """Everything the loop needs, built (and validated) before any file is written."""
 
@@ -69,6 +126,11 @@ class Setup:
         self.spec = get_method(args.selfkd)
         self.hparams = method_hparams(args)
         self.spec.task_cls.check_setup(self.hparams, batch_size=args.batch_size, mixup=_mixup_active(args))
+        if args.resume and args.initial_checkpoint:
+            raise UsageError('--resume and --initial-checkpoint exclude each other (resume restores the weights)')
+        checkpoint = read_checkpoint(args.resume) if args.resume else None
+        if checkpoint is not None:
+            check_same_run(checkpoint, args, args.resume)
 
         if args.device.startswith('cuda') and not torch.cuda.is_available():
             _logger.warning(f'--device {args.device} requested but CUDA is not available: using the CPU')
@@ -76,6 +138,9 @@ class Setup:
         self.device = init_distributed_device(args)
         if args.sync_bn and self.device.type != 'cuda':
             raise UsageError('--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm does not run on the CPU)')
+        if self.device.type == 'cuda':  # as timm's train.py: fastest kernels for fixed shapes, TF32 matmuls
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         random_seed(args.seed, args.rank)
         self.amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if args.amp else nullcontext
@@ -87,41 +152,47 @@ class Setup:
         self.data_config = resolve_data_config(vars(args), model=self.model)
         self.mixup = _mixup(args, self.model.num_classes)
         self.train_loader, self.eval_loader = self._loaders()
+        # the loop erases on the batch, under the step's seed (the prefetcher would draw it a step early)
+        self.random_erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount,
+                                            device=self.device) if args.reprob > 0 and not args.no_prefetcher \
+            and not args.no_aug else None
 
         self.task = self.spec.task_cls(
             self.model, self.hparams, device=self.device,
             criterion_kwargs=dict(smoothing=args.smoothing, soft_targets=self.mixup is not None))
-        if self.batch_sampler is not None:
-            self.task.bind_batch_sampler(self.batch_sampler)
+        self.train_loader, self.stream = install_batch_stream(
+            self.train_loader, self.task, self.hparams, self.train_dataset, batch_size=args.batch_size,
+            seed=args.seed, rank=args.rank, world_size=args.world_size)
+        self.steps_per_epoch = len(self.train_loader)
+        self.task.bind_run(RunInfo(
+            num_epochs=args.epochs, steps_per_epoch=self.steps_per_epoch, num_samples=len(self.train_dataset),
+            num_classes=self.model.num_classes, batch_size=args.batch_size, world_size=args.world_size,
+            rank=args.rank, local_rank=args.local_rank,
+            local_world_size=int(os.environ.get('LOCAL_WORLD_SIZE', args.world_size))))
         _resolve_lr(args)
         self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), **optimizer_kwargs(cfg=args))
         self.loss_scaler = NativeScaler(device=self.device.type) \
             if args.amp and self.amp_dtype == torch.float16 and self.device.type == 'cuda' else None
-        self.start_epoch = 0
-        if args.resume:
-            if not os.path.isfile(args.resume):
-                raise UsageError(f'checkpoint to resume {args.resume!r} does not exist')
-            resumed = resume_task_checkpoint(self.task, args.resume, None if args.no_resume_opt else self.optimizer,
-                                             self.loss_scaler, log_info=args.rank == 0)
-            self.start_epoch = resumed or 0
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer, **scheduler_kwargs(args), updates_per_epoch=self.steps_per_epoch)
+        self.position = Position()
+        if checkpoint is not None:
+            self._resume(checkpoint, args.resume)
         if args.model_ema:
             self.task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-            if args.resume:
-                load_task_ema_checkpoint(self.task, args.resume)
+            if checkpoint is not None and checkpoint.get('state_dict_ema') is not None:
+                self.task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict_ema']),
+                                                checkpoint.get('task_state_ema'), ema=True)
         if args.torchcompile:
             self.task.compile(backend=args.torchcompile)
             if args.model_ema:
                 self.task.compile_ema(backend=args.torchcompile)
         if args.distributed:
             self.task.prepare_distributed(device_ids=[args.local_rank] if self.device.type == 'cuda' else None)
-
-        set_loader_epoch(self.train_loader, self.start_epoch)
-        self.scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer, **scheduler_kwargs(args), updates_per_epoch=len(self.train_loader))
-        if self.start_epoch > 0 and args.sched_on_updates:
-            self.scheduler.step_update(self.start_epoch * len(self.train_loader))
-        elif self.start_epoch > 0:
-            self.scheduler.step(self.start_epoch)
+        self.check_interval = args.check_interval or (1 if self.device.type == 'cpu' else 20)
+        # fp16 loss scaling skips overflowing steps by design; otherwise one non-finite step is divergence
+        patient = self.loss_scaler is not None or args.nonfinite == 'skip'
+        self.guard = RunGuard(self.device, args.distributed, patience=args.nonfinite_patience if patient else 1)
 
     def _create_model(self, num_labels: Optional[int]):
         """timm's model; without --num-classes, as many classes as the training set has."""
@@ -141,6 +212,14 @@ class Setup:
             raise UsageError(f'the data set has {num_labels} classes but the model has {model.num_classes} '
                              '(set --num-classes)')
         args.num_classes = model.num_classes
+        if args.initial_checkpoint:
+            try:
+                load_checkpoint(model, args.initial_checkpoint)
+            except FileNotFoundError as e:
+                raise UsageError(f'initial checkpoint {args.initial_checkpoint!r} does not exist') from e
+            except RuntimeError as e:
+                raise UsageError(f'initial checkpoint {args.initial_checkpoint!r} does not fit {args.model} with '
+                                 f'{model.num_classes} classes: {load_error(e)}') from e
         if args.sync_bn and args.distributed:
             model = convert_sync_batchnorm(model)
         return model.to(self.device)
@@ -148,7 +227,8 @@ class Setup:
     def _datasets(self):
         args = self.args
         root = args.data_dir or args.data
-        common = dict(name=args.dataset, root=root, in_chans=args.in_chans or 3, download=args.dataset_download, seed=args.seed)
+        common = dict(name=args.dataset, root=root, in_chans=args.in_chans or 3, download=args.dataset_download,
+                      seed=args.seed)
         train = build_dataset(split=args.train_split, is_training=True, subset=args.train_subset, **common)
         evaluation = build_dataset(split=args.val_split, is_training=False, subset=args.val_subset, **common)
         return train, evaluation
@@ -160,25 +240,55 @@ class Setup:
                       pin_memory=args.pin_mem, device=self.device, use_prefetcher=not args.no_prefetcher)
         train_loader = create_loader(
             self.train_dataset, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio,
-            hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-            train_crop_mode=None, collate_fn=self.mixup if isinstance(self.mixup, FastCollateMixup) else None,
+            re_prob=0. if not args.no_prefetcher else args.reprob, re_mode=args.remode, re_count=args.recount,
+            scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+            auto_augment=args.aa, train_crop_mode=None,
+            collate_fn=self.mixup if isinstance(self.mixup, FastCollateMixup) else None,
             **{**common, 'interpolation': args.train_interpolation})
-        self.batch_sampler = self.spec.task_cls.batch_sampler(
-            self.hparams, index_sampler=index_sampler(self.train_dataset, args.seed, args.rank,
-                                                             args.world_size),
-            labels=dataset_labels(self.train_dataset), batch_size=args.batch_size, seed=args.seed,
-            rank=args.rank, world_size=args.world_size)
-        if self.batch_sampler is not None:
-            train_loader = replace_batch_sampler(train_loader, self.batch_sampler)
         eval_loader = create_loader(self.eval_dataset, batch_size=args.validation_batch_size or args.batch_size,
                                     is_training=False, crop_pct=cfg['crop_pct'], **common)
         return train_loader, eval_loader
+
+    def _resume(self, checkpoint: dict, path: str) -> None:
+        """Restore weights, task state, optimizer, loss scaler, scheduler and the loop's position."""
+        args = self.args
+        try:
+            self.task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict']), checkpoint.get('task_state'))
+        except RuntimeError as e:
+            raise UsageError(f'checkpoint {path!r} does not fit {args.model} with {self.model.num_classes} classes: '
+                             f'{load_error(e)}') from e
+        if not args.no_resume_opt:
+            try:
+                self.optimizer.load_state_dict(checkpoint['optimizer'])
+            except (ValueError, KeyError) as e:
+                raise UsageError(f'the optimizer state in {path!r} does not fit --opt {args.opt}: {e}') from e
+            if self.loss_scaler is not None and self.loss_scaler.state_dict_key in checkpoint:
+                self.loss_scaler.load_state_dict(checkpoint[self.loss_scaler.state_dict_key])
+        loop = checkpoint.get('loop')
+        if loop is None:  # a checkpoint of timm's train.py (or an older release): the next epoch, from its start
+            self.position = Position(epoch=checkpoint.get('epoch', -1) + 1)
+            self.position.num_updates = self.position.epoch * self.steps_per_epoch
+        else:
+            self.position = Position.from_state(loop['position'], self.device)
+            self.scheduler.load_state_dict(loop['scheduler'])
+        if args.no_resume_opt or loop is None:  # the lr comes from the schedule, not the saved optimizer
+            self.scheduler.step(self.position.epoch)
+            self.scheduler.step_update(self.position.num_updates)
+        if self.position.step >= self.steps_per_epoch:  # an epoch checkpoint: the next epoch
+            self.position.start_epoch(self.position.epoch + 1)
+        if args.rank == 0:
+            _logger.info(f'Resumed {path} at epoch {self.position.epoch}, step {self.position.step}')
+
+    def loop_state(self) -> dict:
+        """What a checkpoint needs beyond timm's entries (see `timm_selfkd.checkpoint`)."""
+        return {'position': self.position.state_dict(), 'scheduler': self.scheduler.state_dict()}
 
 
 def _reduce_mean(values: Dict[str, torch.Tensor], distributed: bool) -> Dict[str, float]:
     """Average each accumulated device tensor over the ranks and read it on the host (one sync)."""
     names = list(values)
+    if not names:
+        return OrderedDict()
     stacked = torch.stack([values[n].float() for n in names])
     if distributed:
         dist.all_reduce(stacked)
@@ -186,80 +296,227 @@ def _reduce_mean(values: Dict[str, torch.Tensor], distributed: bool) -> Dict[str
     return OrderedDict(zip(names, stacked.tolist()))
 
 
-def train_one_epoch(epoch: int, s: Setup, num_updates: int):
-    """One pass over the training loader; returns (metrics, num_updates). Loss terms stay on the device
-    between log intervals, so the loop never waits for the device."""
-    args, task = s.args, s.task
-    task.train()
-    if s.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-        if hasattr(s.train_loader, 'mixup_enabled'):
-            s.train_loader.mixup_enabled = False
-        else:
-            s.mixup.mixup_enabled = False
-    sums: Dict[str, torch.Tensor] = {}
-    images = 0
-    steps = len(s.train_loader)
-    start = time.time()
-    for step, (input, target) in enumerate(s.train_loader):
-        if args.no_prefetcher:
-            input, target = input.to(s.device), target.to(s.device)
-            if s.mixup is not None:
-                input, target = s.mixup(input, target)
-        with s.autocast():
-            out = task(input, target)
-        loss = out['loss']
+def epoch_metrics(s: Setup) -> Dict[str, float]:
+    """The epoch's mean loss terms (over its counted steps and all ranks), images, steps and time."""
+    p = s.position
+    metrics = _reduce_mean({n: v / max(p.counted, 1) for n, v in p.sums.items()}, s.args.distributed)
+    totals = _reduce_mean({'images': torch.tensor(float(p.images), device=s.device)}, s.args.distributed)
+    metrics['images'] = totals['images'] * s.args.world_size
+    metrics['steps'] = p.step
+    if p.counted < p.step:
+        metrics['skipped'] = p.step - p.counted
+    metrics['time'] = p.seconds
+    return metrics
+
+
+class Run:
+    """The loop: training epochs, validation, checkpoints, and the early stops of `RunGuard`."""
+
+    def __init__(self, s: Setup, saver: Optional[RunSaver], output_dir: Optional[str], resume_command: List[str]):
+        self.s = s
+        self.saver = saver
+        self.output_dir = output_dir
+        self.resume_command = resume_command
+        self.last_checkpoint = s.args.resume or ''
+
+    def train_one_epoch(self) -> None:
+        """Train the rest of the current epoch. Loss terms stay on the device between log intervals."""
+        s, args, task, p = self.s, self.s.args, self.s.task, self.s.position
+        task.train()
+        if s.mixup is not None and args.mixup_off_epoch and p.epoch >= args.mixup_off_epoch:
+            if hasattr(s.train_loader, 'mixup_enabled'):
+                s.train_loader.mixup_enabled = False
+            else:
+                s.mixup.mixup_enabled = False
+        s.stream.start_at(p.epoch, p.step)
+        steps = s.steps_per_epoch
+        start = time.time() - p.seconds
+        for input, target in s.train_loader:
+            seed_everything(step_seed(args.seed, args.rank, p.epoch, p.step))
+            if args.no_prefetcher:
+                input, target = input.to(s.device), target.to(s.device)
+                if s.mixup is not None:
+                    input, target = s.mixup(input, target)
+            if s.random_erasing is not None:
+                input = s.random_erasing(input)
+            with s.autocast():
+                out = task(input, target)
+            terms = {name: value for name, value in out.items() if name.startswith('loss')}
+            bad = s.guard.observe(p.num_updates, terms)
+            if args.nonfinite == 'skip' and s.guard.agree_bad(bad):
+                s.optimizer.zero_grad(set_to_none=True)
+            else:
+                self._update(out['loss'])
+                p.add(terms, input.shape[0])
+            p.step += 1
+            p.num_updates += 1
+            task.update_ema(step=p.num_updates)
+            s.scheduler.step_update(num_updates=p.num_updates)
+            p.seconds = time.time() - start
+            if args.rank == 0 and ((p.step - 1) % args.log_interval == 0 or p.step == steps):
+                values = '  '.join(f'{n} {float(v) / max(p.counted, 1):.4f}' for n, v in p.sums.items())
+                _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps}]  {values}  '
+                             f'lr {s.optimizer.param_groups[0]["lr"]:.3e}  {p.seconds:.1f}s')
+            # the epoch's last step is followed by validation and the epoch checkpoint, which serves as recovery
+            recovery_due = bool(args.recovery_interval) and p.step % args.recovery_interval == 0 and p.step < steps
+            if recovery_due or p.step % s.check_interval == 0 or p.step == steps:
+                verdict = self.check()
+                stop = verdict.signum and p.step < steps
+                if recovery_due or stop:
+                    self.save_recovery()
+                if stop:
+                    self.stop(verdict.signum)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        s, args = self.s, self.s.args
         s.optimizer.zero_grad(set_to_none=True)
         if s.loss_scaler is not None:
             s.loss_scaler(loss, s.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                          parameters=task.get_clip_parameters())
+                          parameters=s.task.get_clip_parameters())
         else:
             loss.backward()
             if args.clip_grad is not None:
-                dispatch_clip_grad(task.get_clip_parameters(), args.clip_grad, mode=args.clip_mode)
+                dispatch_clip_grad(s.task.get_clip_parameters(), args.clip_grad, mode=args.clip_mode)
             s.optimizer.step()
-        num_updates += 1
-        task.update_ema(step=num_updates)
-        s.scheduler.step_update(num_updates=num_updates)
-        for name, value in out.items():
-            if name.startswith('loss'):
-                sums[name] = sums.get(name, 0) + value.detach().float()
-        images += input.shape[0]
-        if args.rank == 0 and (step % args.log_interval == 0 or step == steps - 1):
-            terms = '  '.join(f'{n} {float(v) / (step + 1):.4f}' for n, v in sums.items())
-            _logger.info(f'Train {epoch} [{step + 1:>4d}/{steps}]  {terms}  '
-                         f'lr {s.optimizer.param_groups[0]["lr"]:.3e}  {(time.time() - start):.1f}s')
-    metrics = _reduce_mean({n: v / steps for n, v in sums.items()}, args.distributed)
-    totals = _reduce_mean({'images': torch.tensor(float(images), device=s.device)}, args.distributed)
-    metrics['images'] = totals['images'] * args.world_size
-    metrics['steps'] = steps
-    metrics['time'] = time.time() - start
-    return metrics, num_updates
 
+    def check(self) -> Verdict:
+        """Poll the guard (every rank); a divergence ends the run here, with the epoch's partial row in the
+        summary."""
+        verdict = self.s.guard.poll()
+        if verdict.bad_step is None:
+            return verdict
+        steps = self.s.steps_per_epoch
+        epoch, step = divmod(verdict.bad_step, steps)
+        metrics = epoch_metrics(self.s)
+        if self.s.args.rank == 0:
+            self.write_summary(metrics, {}, status='diverged')
+        raise Stopped(1, f'error: {verdict.bad_term} is not finite at epoch {epoch} step {step + 1}/{steps}: the '
+                         f'run diverged; last good checkpoint: {self.last_checkpoint or "none"}')
 
-@torch.no_grad()
-def validate(s: Setup, ema: bool = False) -> Dict[str, float]:
-    """Top-1/top-5 and loss of the bare timm model (or its EMA) on the evaluation set."""
-    model = s.task.get_eval_model(ema=ema)
-    model.eval()
-    evaluator = s.task.create_evaluator(max_samples=evaluation_sample_limit(s.eval_loader))
-    for input, target in s.eval_loader:
-        if s.args.no_prefetcher:
-            input, target = input.to(s.device), target.to(s.device)
-        with s.autocast():
-            output = model(input)
-        evaluator.update(output, target)
-    return evaluator.compute(distributed=s.args.distributed)
+    def save_recovery(self) -> None:
+        """A recovery checkpoint at the current step (a collective: every rank calls it)."""
+        self.s.task.sync_task_state()
+        if self.saver is not None:
+            self.saver.save_recovery(self.s.position.epoch, batch_idx=self.s.position.step)
+            self.last_checkpoint = self.saver.curr_recovery_file
+
+    def stop(self, signum: int) -> None:
+        """End the run after a stop request, naming the checkpoint just written and the command to resume it."""
+        p = self.s.position
+        command = shlex.join(self.resume_command + ['--resume', self.last_checkpoint])
+        raise Stopped(128 + signum, f'stopped by {signal.Signals(signum).name} at epoch {p.epoch} step '
+                                    f'{p.step}/{self.s.steps_per_epoch}; checkpoint {self.last_checkpoint}; '
+                                    f'resume with: {command}')
+
+    @torch.no_grad()
+    def validate(self, ema: bool = False) -> Dict[str, float]:
+        """Top-1/top-5 and loss of the bare timm model (or its EMA) on the evaluation set."""
+        s = self.s
+        model = s.task.get_eval_model(ema=ema)
+        model.eval()
+        evaluator = s.task.create_evaluator(max_samples=evaluation_sample_limit(s.eval_loader))
+        for input, target in s.eval_loader:
+            if s.args.no_prefetcher:
+                input, target = input.to(s.device), target.to(s.device)
+            with s.autocast():
+                output = model(input)
+            evaluator.update(output, target)
+        return evaluator.compute(distributed=s.args.distributed)
+
+    def write_summary(self, train_metrics: Dict[str, float], eval_metrics: Dict[str, float], status: str,
+                      lr: Optional[float] = None) -> None:
+        """Append the epoch's row to summary.csv (`status`: ok, or diverged for a run the guard stopped)."""
+        row = OrderedDict(epoch=self.s.position.epoch)
+        row.update((f'train_{k}', v) for k, v in train_metrics.items())
+        row.update((f'eval_{k}', v) for k, v in eval_metrics.items())
+        row['lr'] = lr if lr is not None else self.s.optimizer.param_groups[0]['lr']
+        row['status'] = status
+        path = os.path.join(self.output_dir, 'summary.csv')
+        with open(path, 'a', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(row), restval='')
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def run(self) -> None:
+        s, args = self.s, self.s.args
+        best = None
+        while s.position.epoch < s.num_epochs:
+            self.train_one_epoch()
+            train_metrics = epoch_metrics(s)
+            eval_metrics = self.validate()
+            if args.model_ema:
+                eval_metrics.update({f'ema_{k}': v for k, v in self.validate(ema=True).items()})
+            lrs = [group['lr'] for group in s.optimizer.param_groups]
+            s.scheduler.step(s.position.epoch + 1, eval_metrics[args.eval_metric])
+            s.task.sync_task_state()
+            if args.rank == 0:
+                _logger.info(f'Eval {s.position.epoch}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+                self.write_summary(train_metrics, eval_metrics, 'ok', lr=sum(lrs) / len(lrs))
+                best = self.saver.save_checkpoint(s.position.epoch, metric=eval_metrics[args.eval_metric])
+                self.last_checkpoint = os.path.join(self.output_dir, 'last.pth.tar')
+            verdict = s.guard.poll()  # a stop request during the epoch's last step or validation
+            if verdict.signum and s.position.epoch + 1 < s.num_epochs:
+                self.stop(verdict.signum)
+            s.position.start_epoch(s.position.epoch + 1)
+        if args.rank == 0 and best is not None and best[0] is not None:
+            _logger.info(f'*** Best {args.eval_metric}: {best[0]:.4f} (epoch {best[1]})')
 
 
 def _output_dir(args) -> str:
+    """The run's folder (created): `--output`/`--experiment`, or a new time-stamped one."""
     name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
                                         args.selfkd, str(args.input_size[-1] if args.input_size else
                                                          args.img_size or 'default')])
-    return get_outdir(args.output or './output/train', name, inc=not args.experiment)
+    path = os.path.join(args.output or './output/train', name)
+    if not args.experiment:
+        suffix = 1
+        while os.path.exists(path):
+            path = os.path.join(args.output or './output/train', f'{name}-{suffix}')
+            suffix += 1
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _prepare_output(args, recipe: dict):
+    """Create the run's folder and write `args.yaml`; an unwritable place is a one-line error, and a folder
+    this call created is removed again."""
+    parent = args.output or './output/train'
+    existed = os.path.isdir(os.path.join(parent, args.experiment)) if args.experiment else False
+    output_dir = None
+    try:
+        output_dir = _output_dir(args)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(recipe, f, sort_keys=False)
+    except OSError as e:
+        if output_dir is not None and not existed:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise UsageError(f'cannot write the output folder under {parent!r}: {e.strerror or e}') from e
+    return output_dir
+
+
+def _resume_command(argv: List[str], args, output_dir: str) -> List[str]:
+    """The command that continues this run in the same folder (`--resume` appended by the caller)."""
+    dropped = {'--resume', '--output', '--experiment'}
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in dropped:
+            skip = True
+        elif not any(item.startswith(flag + '=') for flag in dropped):
+            kept.append(item)
+    launcher = ['python', 'train.py']
+    if args.distributed:
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', args.world_size))
+        launcher = ['torchrun', f'--nproc_per_node={local}'] + \
+                   ([f'--nnodes={args.world_size // local}'] if args.world_size > local else []) + ['train.py']
+    return launcher + kept + ['--output', os.path.dirname(output_dir), '--experiment', os.path.basename(output_dir)]
 
 
 def main(argv: Optional[list] = None) -> None:
     setup_default_logging()
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.list_selfkd:
         print(format_methods())
@@ -267,37 +524,29 @@ def main(argv: Optional[list] = None) -> None:
     recipe = recipe_values(args)  # as given, before Setup resolves the lr, device and class count
     try:
         s = Setup(args)
+        output_dir = _prepare_output(args, recipe) if args.rank == 0 else None
     except (ValueError, FileNotFoundError) as e:  # UsageError, DatasetNotFoundError, a method's own checks
         _fail(str(e))
 
-    saver, output_dir = None, None
+    saver = None
     if args.rank == 0:
-        output_dir = _output_dir(args)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(recipe, f, sort_keys=False)
-        saver = CheckpointSaver(model=s.task.get_eval_model(), optimizer=s.optimizer, args=args, task=s.task,
-                                amp_scaler=s.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+        saver = RunSaver(model=s.task.get_eval_model(), optimizer=s.optimizer, args=args, task=s.task,
+                         amp_scaler=s.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
+                         decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
+                         loop_state=s.loop_state)
+        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+            saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking the checkpoints of this folder
         _logger.info(f'{args.selfkd}: {s.hparams}; data {s.data_config}; '
-                     f'{len(s.train_loader)} steps per epoch; output {output_dir}')
-
-    num_updates = s.start_epoch * len(s.train_loader)
-    best = None
-    for epoch in range(s.start_epoch, s.num_epochs):
-        set_loader_epoch(s.train_loader, epoch)
-        train_metrics, num_updates = train_one_epoch(epoch, s, num_updates)
-        eval_metrics = validate(s)
-        if args.model_ema:
-            eval_metrics.update({f'ema_{k}': v for k, v in validate(s, ema=True).items()})
-        s.task.sync_task_state()
+                     f'{s.steps_per_epoch} steps per epoch; output {output_dir}')
+    run = Run(s, saver, output_dir, _resume_command(argv, args, output_dir) if args.rank == 0 else [])
+    s.guard.install()
+    try:
+        run.run()
+    except Stopped as stop:
         if args.rank == 0:
-            lrs = [group['lr'] for group in s.optimizer.param_groups]
-            _logger.info(f'Eval {epoch}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
-            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
-                           lr=sum(lrs) / len(lrs))
-            best = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
-        s.scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
-    if args.rank == 0 and best is not None and best[0] is not None:
-        _logger.info(f'*** Best {args.eval_metric}: {best[0]:.4f} (epoch {best[1]})')
-    if args.distributed:
-        dist.destroy_process_group()
+            print(f'train.py: {stop}', file=sys.stderr, flush=True)
+        sys.exit(stop.status)
+    finally:
+        s.guard.uninstall()
+        if args.distributed and dist.is_initialized():
+            dist.destroy_process_group()

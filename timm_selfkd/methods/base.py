@@ -1,5 +1,6 @@
 """What every self-KD task shares: the trainable module, timm's criterion, DDP/compile/eval-model plumbing."""
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
@@ -11,8 +12,35 @@ from timm.task import TrainingTask, resolve_classification_loss
 
 from ..losses import float32_region
 from ..metrics import CalibrationEvaluator
+from ..stream import BatchInfo
 
-__all__ = ['SelfKDTask', 'LogitsAndFeatures', 'check_range', 'world_size']
+__all__ = ['SelfKDTask', 'LogitsAndFeatures', 'RunInfo', 'check_range', 'world_size']
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Facts about the training run that a task may need, given to it by `bind_run` before the first step.
+
+    Attributes:
+        num_epochs: Epochs of the whole run.
+        steps_per_epoch: Training steps (batches) per epoch.
+        num_samples: Training-set size; None for streamed data sets.
+        num_classes: Classes of the model.
+        batch_size: Images per step and process.
+        world_size: Number of processes.
+        rank: This process's rank.
+        local_rank: Its rank within its node.
+        local_world_size: Processes on its node.
+    """
+    num_epochs: int
+    steps_per_epoch: int
+    num_samples: Optional[int]
+    num_classes: int
+    batch_size: int
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_world_size: int = 1
 
 
 def world_size() -> int:
@@ -83,8 +111,10 @@ class SelfKDTask(TrainingTask):
 
     Subclasses implement `forward`, and may override `wrap_model` (to change what the trainable module
     returns), `check_setup` (to refuse option combinations that cannot work), `batch_sampler` and
-    `bind_batch_sampler` (to choose which images share a batch) and `get_task_state`/`load_task_state` with
-    `sync_task_state` (for state that must survive `--resume`, per rank under DDP).
+    `bind_batch_sampler` (to choose which images share a batch), `bind_run` (to learn the run's length and
+    data set size) and `get_task_state`/`load_task_state` with `sync_task_state` (for state that must survive
+    `--resume`, per rank under DDP). A task that sets `needs_batch_info` calls `batch_info()` once per training
+    `forward` to learn the epoch, step and dataset indices of its batch.
 
     Args:
         model: A timm model, already on `device`.
@@ -96,6 +126,7 @@ class SelfKDTask(TrainingTask):
 
     method_name = ''
     supports_mixup = False
+    needs_batch_info = False
     mixup_conflict = 'its soft targets are not defined for mixed images'
 
     def __init__(
@@ -112,6 +143,8 @@ class SelfKDTask(TrainingTask):
         self.hparams = hparams
         self.trainable_module = self.wrap_model(model)
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+        self.run: Optional[RunInfo] = None
+        self._batch_info_source: Optional[Callable[[], BatchInfo]] = None
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module that owns the parameters and runs the forward pass (the model itself by default)."""
@@ -140,6 +173,27 @@ class SelfKDTask(TrainingTask):
 
     def bind_batch_sampler(self, batch_sampler: Sampler) -> None:
         """Receive the sampler `batch_sampler()` returned, for tasks that depend on its batch layout."""
+
+    def bind_run(self, run: RunInfo) -> None:
+        """Receive the run's facts before the first step (stored as `self.run`)."""
+        self.run = run
+
+    def bind_batch_info_source(self, source: Callable[[], BatchInfo]) -> None:
+        """Where `batch_info()` reads from: the training `BatchStream.pop`, or any callable in tests."""
+        self._batch_info_source = source
+
+    def batch_info(self, batch_size: Optional[int] = None) -> BatchInfo:
+        """Epoch, step and dataset indices (on the task's device) of the batch being trained on.
+
+        Args:
+            batch_size: The batch's size, checked against the record so that a channel out of step fails loudly.
+        """
+        if self._batch_info_source is None:
+            raise RuntimeError(f'{type(self).__name__} needs the batch information channel (bind_batch_info_source)')
+        info = self._batch_info_source()
+        if batch_size is not None and info.indices.numel() != batch_size:
+            raise RuntimeError(f'batch information of {info.indices.numel()} images for a batch of {batch_size}')
+        return BatchInfo(info.epoch, info.step, info.indices.to(self.device, non_blocking=True))
 
     def sync_task_state(self) -> None:
         """Collective run on every rank before rank 0 saves a checkpoint, for per-rank task state."""
