@@ -1,13 +1,19 @@
 """MrKD, MrKD-TC and PS-KD through train.py: metrics in summary.csv, checkpoints, resume (in one process and
 under torchrun x2 gloo, bit for bit), and bad input as one line."""
+import glob
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import timm
 import torch
 
 from conftest import NUM_CLASSES, TRAIN_PER_CLASS
-from test_train import _fails, read_summary, torchrun, train_args
+from test_train import REPO, _fails, read_summary, torchrun, train_args
 from timm_selfkd.args import parse_args
 from timm_selfkd.train import Setup, main
 
@@ -120,22 +126,53 @@ def test_mrkd_tc_and_pskd_topk_train(image_folder, tmp_path):
 
 @pytest.mark.parametrize('name, method', [('mrkd', MRKD), ('pskd', PSKD)])
 def test_torchrun_resume_is_bit_identical(image_folder, tmp_path, name, method):
-    """Two processes (gloo): an uninterrupted two-epoch run, and a run resumed from its epoch-0 checkpoint,
-    end with the same copies / memory, bit for bit (distributed sampling replays each epoch's order)."""
-    torchrun(*train_args(image_folder, tmp_path / 'full', *method, *COMMON))
-    torchrun(*train_args(image_folder, tmp_path / 'resumed', *method, *COMMON,
-                         '--resume', str(tmp_path / 'full' / 'run' / 'checkpoint-0.pth.tar')))
+    """Two processes (gloo): an uninterrupted two-epoch run with a recovery checkpoint every step, and a run
+    resumed from its mid-epoch-1 one, end with the same weights and copies / memory, bit for bit."""
+    torchrun(*train_args(image_folder, tmp_path / 'full', *method, *COMMON, '--recovery-interval', '1'))
+    recovery = tmp_path / 'full' / 'run' / 'recovery-1-1.pth.tar'
+    assert _checkpoint(recovery)['loop']['position']['step'] == 1  # of 2 steps per epoch and rank
+    torchrun(*train_args(image_folder, tmp_path / 'resumed', *method, *COMMON, '--resume', str(recovery)))
     full = _checkpoint(tmp_path / 'full' / 'run' / 'checkpoint-1.pth.tar')
-    resumed = _checkpoint(tmp_path / 'resumed' / 'run' / 'checkpoint-1.pth.tar')
+    _same_final_state(full, _checkpoint(tmp_path / 'resumed' / 'run' / 'checkpoint-1.pth.tar'), name)
+    if name == 'mrkd':
+        assert full['task_state']['num_steps'] == 2 * (TRAIN_IMAGES // 2 // 8)
+    else:  # both ranks' rows reached rank 0's table (every image trained on once per epoch)
+        values = full['task_state']['memory']['values']
+        assert torch.allclose(values.float().sum(1), torch.ones(TRAIN_IMAGES), atol=3e-3)
+
+
+def _same_final_state(full, resumed, name):
     for key, tensor in full['state_dict'].items():
         assert torch.equal(tensor, resumed['state_dict'][key]), key
     state, resumed_state = full['task_state'], resumed['task_state']
     if name == 'mrkd':
-        assert state['num_steps'] == resumed_state['num_steps'] == 2 * (TRAIN_IMAGES // 2 // 8)
+        assert state['num_steps'] == resumed_state['num_steps']
         for key, tensor in state['copies'].items():
             assert torch.equal(tensor, resumed_state['copies'][key]), key
     else:
-        values = state['memory']['values']
-        assert torch.equal(values, resumed_state['memory']['values'])
-        # both ranks' rows reached rank 0's table (every image trained on once per epoch)
-        assert torch.allclose(values.float().sum(1), torch.ones(TRAIN_IMAGES), atol=3e-3)
+        assert torch.equal(state['memory']['values'], resumed_state['memory']['values'])
+
+
+@pytest.mark.parametrize('name, method', [('mrkd', MRKD), ('pskd', PSKD)])
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(runs, image_folder, tmp_path, name, method):
+    """A train.py process killed with SIGKILL in its first epoch, resumed from its last recovery checkpoint
+    (`--recovery-interval 1`), ends with the weights, copies / memory of the uninterrupted run, bit for bit."""
+    command = [sys.executable, os.path.join(REPO, 'train.py'),
+               *train_args(image_folder, tmp_path / 'killed', *method, *COMMON, '--recovery-interval', '1')]
+    log = open(tmp_path / 'killed.log', 'w')
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    pattern = str(tmp_path / 'killed' / 'run' / 'recovery-0-*.pth.tar')
+    deadline = time.time() + 240
+    while not glob.glob(pattern) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    status = process.wait()
+    log.close()
+    assert status == -signal.SIGKILL, (tmp_path / 'killed.log').read_text()[-2000:]
+    assert not os.path.exists(tmp_path / 'killed' / 'run' / 'checkpoint-0.pth.tar')  # killed in epoch 0
+    positions = {path: _checkpoint(path)['loop']['position'] for path in glob.glob(pattern)}
+    latest = max(positions, key=lambda path: positions[path]['step'])
+    assert 0 < positions[latest]['step'] < TRAIN_IMAGES // 8
+    main(train_args(image_folder, tmp_path / 'resumed', *method, *COMMON, '--resume', latest))
+    _same_final_state(_checkpoint(runs / name / 'run' / 'checkpoint-1.pth.tar'),
+                      _checkpoint(tmp_path / 'resumed' / 'run' / 'checkpoint-1.pth.tar'), name)
