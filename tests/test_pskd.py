@@ -83,6 +83,14 @@ def test_memory_keeps_the_last_prediction_of_each_sample():
     assert torch.allclose(memory.lookup(torch.tensor([1]))[0], torch.tensor([[.9, .05, .05]]), atol=1e-3)
 
 
+def test_a_non_finite_prediction_is_stored_as_never_written():
+    memory = SoftTargetMemory(num_samples=2, num_classes=2)
+    memory.update(torch.tensor([0, 1]), torch.tensor([[float('nan'), 0.5], [0.25, 0.75]]))
+    memory.flush()
+    probs, written = memory.lookup(torch.tensor([0, 1]))
+    assert written.tolist() == [False, True] and torch.isfinite(probs).all()
+
+
 def test_rows_of_another_local_rank_are_read_from_the_last_gathered_step():
     """Local rank 0 of 2 writes only even indices; the odd rows of the step it just gathered are read from
     that step's copy (their writer may not have flushed yet), older odd rows from the shared table."""

@@ -151,11 +151,12 @@ class SoftTargetMemory:
         return memory_bytes(self.num_samples, self.num_classes, self.topk)
 
     def encode(self, probs: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Rows as stored: fp16 probabilities, or the top-k fp16 probabilities and their classes."""
+        """Rows as sent: fp16 probabilities, or the top-k fp16 probabilities and their classes (int32, which
+        NCCL and gloo can gather; stored in the table's int16/int32)."""
         if not self.topk:
             return probs.half(), None
         top = probs.topk(self.topk, dim=-1)
-        return top.values.half(), top.indices.to(self.classes.dtype)
+        return top.values.half(), top.indices.int()
 
     def decode(self, values: torch.Tensor, classes: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Float32 distributions (B, K) and whether each row was ever written (a never-written row is zeros)."""
@@ -170,8 +171,11 @@ class SoftTargetMemory:
     @torch.no_grad()
     def update(self, indices: torch.Tensor, probs: torch.Tensor) -> None:
         """Record this step's predictions: every rank calls it at every step (an all-gather under DDP; every
-        rank's batch must have the same size). The rows reach the table at the next `flush`."""
-        values, classes = self.encode(probs.detach().float())
+        rank's batch must have the same size). The rows reach the table at the next `flush`; a row that is not
+        finite (a diverged step) is stored as never written."""
+        probs = probs.detach().float()
+        probs = torch.where(probs.isfinite().all(dim=-1, keepdim=True), probs, 0.)  # stored as never written
+        values, classes = self.encode(probs)
         indices = indices.to(values.device)
         parts = [indices, values] + ([classes] if classes is not None else [])
         if _distributed():
@@ -194,7 +198,7 @@ class SoftTargetMemory:
         last[:-1] = ordered[1:] != ordered[:-1]  # the last occurrence of each index wins
         keep = order[last]
         indices, values = ordered[last], values[keep]
-        classes = classes[keep] if classes is not None else None
+        classes = classes[keep].to(self.classes.dtype) if classes is not None else None
         mine = indices % self.local_world_size == self.local_rank
         self.values[indices[mine]] = values[mine]
         if classes is not None:

@@ -77,7 +77,7 @@ class PSKDTask(SelfKDTask):
             return {'loss': loss, 'output': output, 'loss_ce': loss}
         if self.memory is None:
             raise RuntimeError('PS-KD builds its memory in bind_run(RunInfo(...)): call it first')
-        info = self.batch_info()
+        info = self.batch_info(batch_size=input.shape[0])
         self.memory.flush()
         past, written = self.memory.lookup(info.indices)
         output = self.trainable_module(input)
