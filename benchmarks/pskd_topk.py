@@ -6,7 +6,7 @@ seeds) and, from the dense run's final memory, how much probability mass a top-k
 part top-k spreads evenly over the other classes).
 
 Usage:
-    python benchmarks/pskd_topk.py --output benchmarks/results/pskd_topk_fashion_mnist.md
+    python benchmarks/pskd_topk.py --output benchmarks/results/pskd_topk_fashion_mnist.md [extra train.py flags]
 """
 import argparse
 import csv
@@ -34,7 +34,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--seeds', default='0,1', help='comma-separated seeds')
     parser.add_argument('--work', default='output/pskd_topk', help='folder of the runs')
     parser.add_argument('--output', type=Path, help='also write the report to this markdown file')
-    return parser.parse_args(argv)
+    args, args.extra = parser.parse_known_args(argv)
+    return args
 
 
 def train(args: argparse.Namespace, name: str, flags: List[str], seed: int) -> Dict[str, float]:
@@ -42,7 +43,7 @@ def train(args: argparse.Namespace, name: str, flags: List[str], seed: int) -> D
     experiment = f'{name}-seed{seed}'
     shutil.rmtree(os.path.join(args.work, experiment), ignore_errors=True)
     cmd = [sys.executable, str(HERE / 'train.py'), '-c', args.recipe, '--epochs', str(args.epochs), '--seed',
-           str(seed), '--output', args.work, '--experiment', experiment, '--log-interval', '1000', *flags]
+           str(seed), '--output', args.work, '--experiment', experiment, '--log-interval', '1000', *args.extra, *flags]
     print('$', ' '.join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=HERE)
     with open(os.path.join(args.work, experiment, 'summary.csv')) as f:
@@ -60,9 +61,9 @@ def mass_outside_topk(path: str, ks: List[int]) -> Dict[int, float]:
 
 def report(args: argparse.Namespace, results: Dict[str, List[Dict[str, float]]], outside: Dict[int, tuple]) -> str:
     seeds = args.seeds.split(',')
-    lines = [f'Recipe `{Path(args.recipe).name}` (resnet18, 32x32, 4000 training / 2000 validation images of '
-             f'Fashion-MNIST, 10 classes), {args.epochs} epochs, seeds {", ".join(seeds)}; final epoch, mean '
-             '(min-max) over seeds. ECE in %, AURC x 10^3.', '',
+    lines = [f'Recipe `{Path(args.recipe).name}` (Fashion-MNIST, 10 classes) with `{" ".join(args.extra)}`, '
+             f'{args.epochs} epochs, seeds {", ".join(seeds)}; final epoch, mean (min-max) over seeds. ECE in %, '
+             'AURC x 10^3.', '',
              '| run | ' + ' | '.join(METRICS) + ' |', '|---|' + '---:|' * len(METRICS)]
     for name, runs in results.items():
         cells = []

@@ -53,6 +53,7 @@ def test_targets_by_hand_at_epochs_0_1_and_last():
     out = _step(task, EPOCHS - 1, [2, 3], [0, 1])
     expected = (_soft_ce([0.6, 0.24, 0.16]) + _soft_ce([0.4, 0.44, 0.16])) / 2
     assert out['loss'].item() == pytest.approx(expected, abs=1e-4)
+    assert task.alpha(EPOCHS) == pytest.approx(0.8)  # a cool-down epoch past E keeps alpha_T
     # an image first seen in the last epoch still trains on its label
     out = _step(task, EPOCHS - 1, [0], [2])
     assert out['loss'].item() == pytest.approx(_soft_ce([0, 0, 1]), abs=1e-6)

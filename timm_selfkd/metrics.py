@@ -19,10 +19,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.task.evaluator import ClassificationEvaluator
 
-__all__ = ['ECE_BINS', 'confidence_and_correct', 'nll', 'expected_calibration_error', 'aurc',
+__all__ = ['ECE_BINS', 'LOWER_IS_BETTER', 'confidence_and_correct', 'nll', 'expected_calibration_error', 'aurc',
            'all_gather_rows', 'CalibrationEvaluator']
 
 ECE_BINS = 15
+LOWER_IS_BETTER = ('loss', 'nll', 'ece', 'aurc')  # --eval-metric values whose best checkpoint is the lowest
 
 
 def confidence_and_correct(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

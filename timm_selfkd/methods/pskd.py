@@ -58,8 +58,8 @@ class PSKDTask(SelfKDTask):
                                        local_rank=run.local_rank, local_world_size=run.local_world_size)
 
     def alpha(self, epoch: int) -> float:
-        """a_e = alpha_T (e + 1) / E."""
-        return self.hparams.alpha_t * (epoch + 1) / self.run.num_epochs
+        """a_e = alpha_T (e + 1) / E, at most alpha_T (in cool-down epochs past E)."""
+        return self.hparams.alpha_t * min(epoch + 1, self.run.num_epochs) / self.run.num_epochs
 
     def soft_targets(self, target: torch.Tensor, past: torch.Tensor, written: torch.Tensor,
                      epoch: int) -> torch.Tensor:
