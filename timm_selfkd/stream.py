@@ -121,8 +121,18 @@ class BatchStream(Sampler[List[SampleKey]]):
         self.epoch, self.start_step = epoch + 1, 0
 
     def __len__(self) -> int:
-        """Batches in a whole epoch (a pass started at step k yields `len - k`)."""
+        """Batches in the whole current epoch (a pass started at step k yields `len - k`)."""
+        _set_epoch(self.batch_sampler, self.epoch)
         return len(self.batch_sampler)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches in an epoch after the first, the run's nominal epoch length (for schedules). They differ
+        only for samplers whose first epoch is special, e.g. DLB's, whose first batch has no repeated half."""
+        _set_epoch(self.batch_sampler, 1)
+        steps = len(self.batch_sampler)
+        _set_epoch(self.batch_sampler, self.epoch)
+        return steps
 
     def pop(self) -> BatchInfo:
         """The `BatchInfo` of the oldest batch not yet trained on (call once per training step)."""

@@ -11,6 +11,7 @@ each image's augmentation is seeded from its key (`timm_selfkd.stream`), so a re
 would have happened. A non-finite loss stops the run (or skips the step, `--nonfinite skip`).
 """
 import csv
+import dataclasses
 import logging
 import os
 import shlex
@@ -22,7 +23,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,12 +88,16 @@ class Position:
     step: int = 0
     num_updates: int = 0
     sums: Dict[str, torch.Tensor] = field(default_factory=dict)
-    counted: int = 0  # steps whose loss terms are in `sums` (skipped non-finite steps are not)
+    counted: int = 0  # steps whose loss terms are in `sums`
     images: int = 0
     seconds: float = 0.0
+    finished: bool = False  # all steps of the epoch trained (validation and its checkpoint follow)
+    skipped: int = 0  # steps whose update --nonfinite skip left out (their terms are not in `sums`)
+    rank_sums: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # every rank's, by `gather`
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.step, self.sums, self.counted, self.images, self.seconds = epoch, 0, {}, 0, 0, 0.0
+        self.finished, self.skipped = False, 0
 
     def add(self, terms: Dict[str, torch.Tensor], images: int) -> None:
         for name, value in terms.items():
@@ -100,15 +105,33 @@ class Position:
         self.counted += 1
         self.images += images
 
+    def gather(self, distributed: bool) -> None:
+        """Collect every rank's loss sums for the next checkpoint (a collective: all ranks call it before a save)."""
+        names = list(self.sums)  # the same terms on every rank
+        if not names:
+            self.rank_sums = {}
+            return
+        local = torch.stack([self.sums[name] for name in names])
+        if distributed:
+            parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, local)
+            local = torch.stack(parts)
+        rows = local.reshape(-1, len(names)).cpu()
+        self.rank_sums = {name: rows[:, i] for i, name in enumerate(names)}
+
     def state_dict(self) -> dict:
-        return dict(epoch=self.epoch, step=self.step, num_updates=self.num_updates, counted=self.counted,
-                    images=self.images, seconds=self.seconds, sums={n: v.cpu() for n, v in self.sums.items()})
+        """The position, with each rank's loss sums (from `gather`) as (world_size,) tensors."""
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ('sums', 'rank_sums')}
+        state['sums'] = self.rank_sums
+        return state
 
     @classmethod
-    def from_state(cls, state: dict, device: torch.device) -> 'Position':
-        sums = {name: value.to(device) for name, value in state['sums'].items()}
-        return cls(state['epoch'], state['step'], state['num_updates'], sums, state['counted'], state['images'],
-                   state['seconds'])
+    def from_state(cls, state: dict, device: torch.device, rank: int, world_size: int) -> 'Position':
+        sums = state.pop('sums')
+        if not state['finished'] and any(v.shape[0] != world_size for v in sums.values()):
+            raise UsageError(f'this recovery checkpoint was written by {next(iter(sums.values())).shape[0]} '
+                             f'processes; resume it with as many (or resume an epoch checkpoint)')
+        return cls(**state, sums={name: value[rank].to(device) for name, value in sums.items()})
 
 
 class Stopped(Exception):
@@ -164,7 +187,7 @@ class Setup:
         self.train_loader, self.stream = install_batch_stream(
             self.train_loader, self.task, self.hparams, self.train_dataset, batch_size=args.batch_size,
             seed=args.seed, rank=args.rank, world_size=args.world_size)
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = self.stream.steps_per_epoch  # nominal: DLB's first epoch is one step shorter
         self.task.bind_run(RunInfo(
             num_epochs=args.epochs, steps_per_epoch=self.steps_per_epoch, num_samples=len(self.train_dataset),
             num_classes=self.model.num_classes, batch_size=args.batch_size, world_size=args.world_size,
@@ -270,12 +293,12 @@ class Setup:
             self.position = Position(epoch=checkpoint.get('epoch', -1) + 1)
             self.position.num_updates = self.position.epoch * self.steps_per_epoch
         else:
-            self.position = Position.from_state(loop['position'], self.device)
+            self.position = Position.from_state(loop['position'], self.device, args.rank, args.world_size)
             self.scheduler.load_state_dict(loop['scheduler'])
         if args.no_resume_opt or loop is None:  # the lr comes from the schedule, not the saved optimizer
             self.scheduler.step(self.position.epoch)
             self.scheduler.step_update(self.position.num_updates)
-        if self.position.step >= self.steps_per_epoch:  # an epoch checkpoint: the next epoch
+        if self.position.finished:  # an epoch checkpoint: the next epoch
             self.position.start_epoch(self.position.epoch + 1)
         if args.rank == 0:
             _logger.info(f'Resumed {path} at epoch {self.position.epoch}, step {self.position.step}')
@@ -304,8 +327,8 @@ def epoch_metrics(s: Setup) -> Dict[str, float]:
     totals = _reduce_mean({'images': torch.tensor(float(p.images), device=s.device)}, s.args.distributed)
     metrics['images'] = totals['images'] * s.args.world_size
     metrics['steps'] = p.step
-    if p.counted < p.step:
-        metrics['skipped'] = p.step - p.counted
+    if p.skipped:
+        metrics['skipped'] = p.skipped
     metrics['time'] = p.seconds
     return metrics
 
@@ -319,6 +342,7 @@ class Run:
         self.output_dir = output_dir
         self.resume_command = resume_command
         self.last_checkpoint = s.args.resume or ''
+        self.epoch_steps = s.steps_per_epoch  # steps of the current epoch
 
     def train_one_epoch(self) -> None:
         """Train the rest of the current epoch. Loss terms stay on the device between log intervals."""
@@ -330,7 +354,7 @@ class Run:
             else:
                 s.mixup.mixup_enabled = False
         s.stream.start_at(p.epoch, p.step)
-        steps = s.steps_per_epoch
+        self.epoch_steps = steps = len(s.train_loader)
         start = time.time() - p.seconds
         for input, target in s.train_loader:
             seed_everything(step_seed(args.seed, args.rank, p.epoch, p.step))
@@ -346,6 +370,7 @@ class Run:
             bad = s.guard.observe(p.num_updates, terms)
             if args.nonfinite == 'skip' and s.guard.agree_bad(bad):
                 s.optimizer.zero_grad(set_to_none=True)
+                p.skipped += 1
             else:
                 self._update(out['loss'])
                 p.add(terms, input.shape[0])
@@ -367,6 +392,7 @@ class Run:
                     self.save_recovery()
                 if stop:
                     self.stop(verdict.signum)
+        p.finished = True
 
     def _update(self, loss: torch.Tensor) -> None:
         s, args = self.s, self.s.args
@@ -386,27 +412,36 @@ class Run:
         verdict = self.s.guard.poll()
         if verdict.bad_step is None:
             return verdict
-        steps = self.s.steps_per_epoch
-        epoch, step = divmod(verdict.bad_step, steps)
+        p = self.s.position
+        step = p.step - (p.num_updates - verdict.bad_step) + 1  # 1-based; a poll ends every epoch: this one
         metrics = epoch_metrics(self.s)
         if self.s.args.rank == 0:
             self.write_summary(metrics, {}, status='diverged')
-        raise Stopped(1, f'error: {verdict.bad_term} is not finite at epoch {epoch} step {step + 1}/{steps}: the '
-                         f'run diverged; last good checkpoint: {self.last_checkpoint or "none"}')
+        raise Stopped(1, f'error: {verdict.bad_term} is not finite at epoch {p.epoch} step {step}/{self.epoch_steps}: '
+                         f'the run diverged; last good checkpoint: {self.last_checkpoint or "none"}')
 
     def save_recovery(self) -> None:
         """A recovery checkpoint at the current step (a collective: every rank calls it)."""
         self.s.task.sync_task_state()
+        self.s.position.gather(self.s.args.distributed)
         if self.saver is not None:
-            self.saver.save_recovery(self.s.position.epoch, batch_idx=self.s.position.step)
+            self.save(lambda: self.saver.save_recovery(self.s.position.epoch, batch_idx=self.s.position.step))
             self.last_checkpoint = self.saver.curr_recovery_file
+
+    def save(self, write: Callable[[], Any]) -> Any:
+        """Run a checkpoint write; a failed one (full disk, lost mount) ends the run with one line."""
+        try:
+            return write()
+        except OSError as e:
+            raise Stopped(1, f'error: cannot write a checkpoint in {self.output_dir}: {e.strerror or e}; the '
+                             f'previous checkpoint is intact: {self.last_checkpoint or "none"}') from e
 
     def stop(self, signum: int) -> None:
         """End the run after a stop request, naming the checkpoint just written and the command to resume it."""
         p = self.s.position
         command = shlex.join(self.resume_command + ['--resume', self.last_checkpoint])
         raise Stopped(128 + signum, f'stopped by {signal.Signals(signum).name} at epoch {p.epoch} step '
-                                    f'{p.step}/{self.s.steps_per_epoch}; checkpoint {self.last_checkpoint}; '
+                                    f'{p.step}/{self.epoch_steps}; checkpoint {self.last_checkpoint}; '
                                     f'resume with: {command}')
 
     @torch.no_grad()
@@ -451,10 +486,12 @@ class Run:
             lrs = [group['lr'] for group in s.optimizer.param_groups]
             s.scheduler.step(s.position.epoch + 1, eval_metrics[args.eval_metric])
             s.task.sync_task_state()
+            s.position.gather(args.distributed)
             if args.rank == 0:
                 _logger.info(f'Eval {s.position.epoch}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
                 self.write_summary(train_metrics, eval_metrics, 'ok', lr=sum(lrs) / len(lrs))
-                best = self.saver.save_checkpoint(s.position.epoch, metric=eval_metrics[args.eval_metric])
+                best = self.save(lambda: self.saver.save_checkpoint(s.position.epoch,
+                                                                    metric=eval_metrics[args.eval_metric]))
                 self.last_checkpoint = os.path.join(self.output_dir, 'last.pth.tar')
             verdict = s.guard.poll()  # a stop request during the epoch's last step or validation
             if verdict.signum and s.position.epoch + 1 < s.num_epochs:
