@@ -184,10 +184,16 @@ def test_interval_in_epochs_needs_the_run():
     assert task.interval_steps == 14
 
 
-def test_interval_longer_than_the_run_is_refused():
-    task = timm_selfkd.create_task('mrkd', BiasModel([0., 0.]), interval='10e')
-    with pytest.raises(ValueError, match='not shorter than the run'):
-        task.bind_run(RunInfo(num_epochs=10, steps_per_epoch=7, num_samples=70, num_classes=2, batch_size=10))
+@pytest.mark.parametrize('interval, copies, warning', [
+    ('10e', 1, 'interval 10e (70 steps) is not shorter than the run (70 steps): the copies stay the initial'),
+    ('30', 3, '3 copies x 30 steps exceed the run (70 steps)'),
+    ('23', 3, None)])
+def test_interval_longer_than_the_run_is_a_warning(caplog, interval, copies, warning):
+    """As the paper's kappa = 200 epochs point (never refreshed), a run may keep its initial copies."""
+    task = timm_selfkd.create_task('mrkd', BiasModel([0., 0.]), interval=interval, copies=copies)
+    task.bind_run(RunInfo(num_epochs=10, steps_per_epoch=7, num_samples=70, num_classes=2, batch_size=10))
+    messages = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert len(messages) == (1 if warning else 0) and all(warning in m for m in messages), messages
 
 
 def test_task_state_round_trip_and_refusals():

@@ -116,10 +116,10 @@ class MrKDTask(SelfKDTask):
         super().bind_run(run)
         self.interval_steps = self.interval.steps(run.steps_per_epoch)
         total = run.num_epochs * run.steps_per_epoch
-        if self.interval_steps >= total:
-            raise ValueError(f'{self.method_name} interval {self.hparams.interval} ({self.interval_steps} steps) is '
-                             f'not shorter than the run ({total} steps): the copies would stay the initial weights')
-        if self.interval_steps * self.hparams.copies > total:
+        if self.interval_steps >= total:  # the paper's kappa = 200 epochs point: copies never refreshed
+            _logger.warning(f'{self.method_name}: interval {self.hparams.interval} ({self.interval_steps} steps) is '
+                            f'not shorter than the run ({total} steps): the copies stay the initial weights')
+        elif self.interval_steps * self.hparams.copies > total:
             _logger.warning(f'{self.method_name}: {self.hparams.copies} copies x {self.interval_steps} steps exceed '
                             f'the run ({total} steps); the oldest copies stay the initial weights throughout')
 
