@@ -20,7 +20,7 @@ from timm_selfkd.train import Setup, main
 TRAIN_IMAGES = NUM_CLASSES * TRAIN_PER_CLASS
 MRKD = ('--selfkd', 'mrkd', '--mrkd-copies', '2', '--mrkd-interval', '3')
 PSKD = ('--selfkd', 'pskd', '--smoothing', '0')
-COMMON = ('--img-size', '32', '--epochs', '2', '--no-aug')
+COMMON = ('--model', 'test_resnet', '--img-size', '32', '--epochs', '2', '--no-aug')
 
 
 def _checkpoint(path):
@@ -44,7 +44,8 @@ def test_summary_has_calibration_metrics_and_a_plain_timm_checkpoint(runs):
             assert math.isfinite(float(rows[-1][key])), (name, key)
         assert float(rows[-1]['eval_nll']) == pytest.approx(float(rows[-1]['eval_loss']), rel=1e-5)
         assert 0 <= float(rows[-1]['eval_ece']) <= 100 and 0 <= float(rows[-1]['eval_aurc']) <= 1000
-        timm.create_model('resnet18', num_classes=NUM_CLASSES, checkpoint_path=str(runs / name / 'run' / 'last.pth.tar'))
+        timm.create_model('test_resnet', num_classes=NUM_CLASSES,
+                          checkpoint_path=str(runs / name / 'run' / 'last.pth.tar'))
     assert float(read_summary(runs / 'mrkd')[-1]['train_loss_kd']) > 0
 
 
@@ -52,7 +53,7 @@ def test_checkpoints_hold_the_copies_and_the_memory(runs):
     state = _checkpoint(runs / 'mrkd' / 'run' / 'checkpoint-1.pth.tar')['task_state']
     steps_per_epoch = TRAIN_IMAGES // 8
     assert state['num_steps'] == 2 * steps_per_epoch and state['num_copies'] == 2
-    assert state['copies']['fc.weight'].shape == (2, NUM_CLASSES, 512)
+    assert state['copies']['fc.weight'].shape == (2, NUM_CLASSES, 96)
     # refreshed at t = 3 and 6 (kappa 3): theta_1 is the weights after 5 updates, theta_2 after 2
     assert not torch.equal(state['copies']['fc.weight'][0], state['copies']['fc.weight'][1])
     memory = _checkpoint(runs / 'pskd' / 'run' / 'checkpoint-1.pth.tar')['task_state']['memory']
@@ -85,11 +86,12 @@ def test_resume_restores_the_copies_and_the_memory(runs, image_folder):
     ('pskd', [*PSKD, '--pskd-topk', '2'], 'PS-KD memory is dense, this run asks for top-2'),
 ])
 def test_resume_with_a_different_setup_is_refused(runs, image_folder, tmp_path, capsys, run, extra, expected):
-    """Exit status 2 and one error line (after timm's 'Restoring model state' log line), no output folder."""
+    """Exit status 2 and one error line (after the log lines of the set-up), no output folder."""
     output = tmp_path / 'out'
     with pytest.raises(SystemExit) as exc:
-        main(['--data-dir', image_folder, '--img-size', '32', '-b', '8', '--epochs', '2', *extra, '--output',
-              str(output), '--device', 'cpu', '-j', '0', '--resume', str(runs / run / 'run' / 'checkpoint-0.pth.tar')])
+        main(['--data-dir', image_folder, '--model', 'test_resnet', '--img-size', '32', '-b', '8', '--epochs', '2',
+              *extra, '--output', str(output), '--device', 'cpu', '-j', '0',
+              '--resume', str(runs / run / 'run' / 'checkpoint-0.pth.tar')])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if 'error:' in line]
@@ -109,15 +111,18 @@ def test_resume_with_a_different_setup_is_refused(runs, image_folder, tmp_path, 
     (['--selfkd', 'pskd', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd pskd'),
 ])
 def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
-    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32', '-b', '8'] + extra, expected)
+    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--model', 'test_resnet', '--img-size', '32', '-b', '8']
+           + extra, expected)
 
 
 def test_mrkd_tc_and_pskd_topk_train(image_folder, tmp_path):
     """One epoch each of MrKD-TC (train-mode copies, vmap) with mixup refused above, and top-k PS-KD."""
     main(train_args(image_folder, tmp_path / 'tc', '--selfkd', 'mrkd_tc', '--mrkd-tc-interval', '1',
-                    '--mrkd-tc-copy-mode', 'train', '--mrkd-tc-batched', '--img-size', '32'))
+                    '--mrkd-tc-copy-mode', 'train', '--mrkd-tc-batched', '--model', 'test_resnet',
+                    '--img-size', '32'))
     assert float(read_summary(tmp_path / 'tc')[0]['train_loss_kd']) > 0
-    main(train_args(image_folder, tmp_path / 'topk', *PSKD, '--pskd-topk', '2', '--img-size', '32'))
+    main(train_args(image_folder, tmp_path / 'topk', *PSKD, '--pskd-topk', '2', '--model', 'test_resnet',
+                    '--img-size', '32'))
     memory = _checkpoint(tmp_path / 'topk' / 'run' / 'last.pth.tar')['task_state']['memory']
     assert memory['values'].shape == memory['classes'].shape == (TRAIN_IMAGES, 2)
 
