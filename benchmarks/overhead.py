@@ -6,8 +6,13 @@ machine; the table gives each method's median step time and the median over roun
 time of `none` in the same round. Memory: each method's peak of live tensor memory during one steady-state step,
 counting everything it allocated (model, gradients, optimizer and task state, activations).
 
+A method may carry hyper-parameters, `name:key=value[:key=value]` (e.g. `self_guidance:skip_dropped=false`),
+to compare variants of it in one run.
+
 Usage:
     python benchmarks/overhead.py --output benchmarks/results/overhead_cpu_resnet18.md
+    python benchmarks/overhead.py --model swin_tiny_patch4_window7_224 --model-kwargs img_size=64 \
+        --methods none,self_guidance,multi_exit --output benchmarks/results/overhead_cpu_swin_tiny.md
 """
 import argparse
 import datetime
@@ -23,20 +28,25 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import timm
 import torch
+import yaml
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
+from timm_selfkd.guard import RunGuard  # noqa: E402
 from timm_selfkd.methods.base import RunInfo  # noqa: E402
-from timm_selfkd.stream import BatchInfo  # noqa: E402
+from timm_selfkd.stream import BatchInfo, seed_everything, step_seed  # noqa: E402
 
-# (time ratio, memory ratio) upper bounds from the issue, measured on CPU with resnet18.
-# MrKD: time <= 1 + 0.4 n for n copies (3 by default), no memory target (it keeps n copies of the weights).
-# PS-KD: memory without its per-sample table (reported separately, see memory_pskd.py).
-TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'mrkd': (1 + 0.4 * 3, None), 'mrkd_tc': (1 + 0.4 * 3, None),
+# (time ratio, memory ratio) upper bounds from the issues (None: no bound), measured on CPU with resnet18
+# (self_guidance and multi_exit: also with a Swin).
+# MrKD: time <= 1 + 0.4 n for its default n = 3 copies (memory: n copies of the weights, no bound). PS-KD: memory
+# without its per-sample table, which is reported apart (benchmarks/memory_pskd.py measures it at ImageNet size).
+TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'none+checks': (1.01, 1.01), 'self_guidance': (2.05, None),
+           'multi_exit': (1.15, None), 'mrkd': (1 + 0.4 * 3, None), 'mrkd_tc': (1 + 0.4 * 3, None),
            'pskd': (1.02, 1.02)}
-RUN_EPOCHS, RUN_SAMPLES = 100, 50_000  # the run a task is told about (bind_run): a CIFAR-size data set
+RUN_EPOCHS, RUN_SAMPLES = 100, 50_000  # the run every task is told about (bind_run): a CIFAR-size data set
 POOL_BATCHES = 4  # distinct synthetic batches cycled through by every method
+CHECKED = 'none+checks'  # plain training with the loop's per-step seeding and guard (timm_selfkd.train)
 MEMORY_WARMUP = 2  # steps before the memory-measured one: DLB then holds last-batch logits, SGD its momentum
 MEASURED_STEP = 'overhead::measured_step'
 
@@ -46,6 +56,8 @@ Batch = Tuple[torch.Tensor, torch.Tensor]
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default='resnet18')
+    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                        help='extra timm.create_model arguments, e.g. img_size=64')
     parser.add_argument('--num-classes', type=int, default=100)
     parser.add_argument('--batch-size', type=int, default=64, help='images per step, the same for every method')
     parser.add_argument('--img-size', type=int, default=64)
@@ -54,22 +66,50 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast around the forward pass')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='torch intra-op threads')
+    parser.add_argument('--clock', default='wall', choices=['wall', 'cpu'],
+                        help='step time as wall-clock time, or as CPU time of this process (CPU device; with '
+                             '--threads 1 it does not count the time other programs on a shared machine take)')
     parser.add_argument('--methods', default='none,dlb,bake', help='comma-separated; `none` is always included')
+    parser.add_argument('--loop-checks', action='store_true',
+                        help='add a `none+checks` row: plain training plus the loop\'s per-step re-seeding, '
+                             'non-finite guard and stop check (every step, as on the CPU), and time the '
+                             'per-image seeding of the data loader')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', type=Path, help='also write the report (with environment) to this markdown file')
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(',') if m.strip()]
     for name in methods:
         try:
-            timm_selfkd.get_method(name)
-        except ValueError as error:  # names the closest registered method
+            timm_selfkd.get_method(base_method(name))
+            method_hparams(name)
+        except ValueError as error:  # names the closest registered method, or the bad hyper-parameter
             parser.error(str(error))
-    args.methods = ['none'] + [m for m in dict.fromkeys(methods) if m != 'none']
+    args.model_kwargs = dict(_key_value(item) for item in args.model_kwargs)
+    args.methods = ['none'] + [m for m in dict.fromkeys(methods) if m != 'none'] + \
+        ([CHECKED] if args.loop_checks else [])
     if args.batch_size < 4 or args.batch_size % 2:
         parser.error('--batch-size must be even and >= 4 (DLB halves, BAKE groups)')
+    if args.clock == 'cpu' and args.device != 'cpu':
+        parser.error('--clock cpu measures CPU steps only')
     if args.steps < 1 or args.warmup < 1:
         parser.error('--steps and --warmup must be >= 1 (DLB reaches its steady state after one step)')
     return args
+
+
+def _key_value(text: str) -> Tuple[str, object]:
+    key, _, value = text.partition('=')
+    return key, yaml.safe_load(value)
+
+
+def base_method(spec: str) -> str:
+    """The registered method of a row: `self_guidance` of `self_guidance:skip_dropped=false`, `none` of
+    `none+checks`."""
+    return spec.split(':')[0].split('+')[0]
+
+
+def method_hparams(spec: str) -> Dict[str, object]:
+    """The hyper-parameters of a `name:key=value[:key=value]` method spec."""
+    return dict(_key_value(item) for item in spec.split(':')[1:])
 
 
 def make_pool(args: argparse.Namespace, group: int) -> List[Batch]:
@@ -91,15 +131,16 @@ class Trainer:
 
     def __init__(self, method: str, args: argparse.Namespace):
         torch.manual_seed(args.seed)  # same architecture and initial weights for every method
-        model = timm.create_model(args.model, num_classes=args.num_classes).to(args.device).train()
-        self.task = timm_selfkd.create_task(method, model)
+        model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+        self.task = timm_selfkd.create_task(base_method(method), model.to(args.device).train(),
+                                            **method_hparams(method))
         steps_per_epoch = RUN_SAMPLES // args.batch_size
         self.task.bind_run(RunInfo(num_epochs=RUN_EPOCHS, steps_per_epoch=steps_per_epoch, num_samples=RUN_SAMPLES,
                                    num_classes=args.num_classes, batch_size=args.batch_size))
-        self.steps = 0  # batch info: pool batch b holds dataset indices b * batch_size ... (b + 1) * batch_size - 1
+        self.batches = 0  # batch info: pool batch b holds dataset indices b * batch_size ... (b + 1) * batch_size - 1
         self.task.bind_batch_info_source(lambda: BatchInfo(
-            self.steps // steps_per_epoch, self.steps % steps_per_epoch,
-            torch.arange(args.batch_size) + self.steps % POOL_BATCHES * args.batch_size))
+            self.batches // steps_per_epoch, self.batches % steps_per_epoch,
+            torch.arange(args.batch_size) + self.batches % POOL_BATCHES * args.batch_size))
         self.optimizer = torch.optim.SGD(self.task.trainable_module.parameters(), lr=0.01, momentum=0.9,
                                          weight_decay=5e-4, nesterov=True)
         self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp)
@@ -112,7 +153,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.loss = out['loss'].detach()
-        self.steps += 1
+        self.batches += 1
+        return out
 
     def table_bytes(self) -> int:
         """Bytes of a per-sample table the method keeps (PS-KD's memory), reported apart from the peak."""
@@ -120,13 +162,42 @@ class Trainer:
         return memory.nbytes if memory is not None else 0
 
 
+class CheckedTrainer(Trainer):
+    """A step of `timm_selfkd.train`'s loop: re-seed every generator, train, feed the guard, poll it."""
+
+    def __init__(self, method: str, args: argparse.Namespace):
+        super().__init__(method, args)
+        self.guard = RunGuard(torch.device(args.device), distributed=False)
+        self.steps = 0
+
+    def step(self, batch: Batch) -> None:
+        seed_everything(step_seed(0, 0, 0, self.steps))
+        out = super().step(batch)
+        self.guard.observe(self.steps, {n: v for n, v in out.items() if n.startswith('loss')})
+        self.guard.poll()
+        self.steps += 1
+
+
+def make_trainer(method: str, args: argparse.Namespace) -> Trainer:
+    return CheckedTrainer(method, args) if method == CHECKED else Trainer(method, args)
+
+
+def seeding_cost(samples: int = 20000) -> float:
+    """Seconds per image of the data loader's per-image seeding (`KeyedDataset`: seed_everything per read)."""
+    start = time.perf_counter()
+    for i in range(samples):
+        seed_everything(i)
+    return (time.perf_counter() - start) / samples
+
+
 def time_methods(args: argparse.Namespace, pool: List[Batch], sync: Callable[[], None]) -> Dict[str, np.ndarray]:
     """Step times (s) per method, shape (steps,): round r runs every method once, in an order rotated by r."""
-    trainers = {m: Trainer(m, args) for m in args.methods}
+    trainers = {m: make_trainer(m, args) for m in args.methods}
     for r in range(args.warmup):
         for trainer in trainers.values():
             trainer.step(pool[r % POOL_BATCHES])
     times = {m: np.zeros(args.steps) for m in args.methods}
+    clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     gc.collect()
     gc.disable()  # a collection inside one method's step would be charged to that method
     try:
@@ -135,10 +206,10 @@ def time_methods(args: argparse.Namespace, pool: List[Batch], sync: Callable[[],
             shift = r % len(args.methods)
             for method in args.methods[shift:] + args.methods[:shift]:
                 sync()
-                start = time.perf_counter()
+                start = clock()
                 trainers[method].step(batch)
                 sync()
-                times[method][r] = time.perf_counter() - start
+                times[method][r] = clock() - start
     finally:
         gc.enable()
     for method, trainer in trainers.items():
@@ -162,31 +233,30 @@ def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> Tup
     if args.device == 'cuda':
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
-        trainer = Trainer(method, args)
+        method_trainer = make_trainer(method, args)
         for r in range(MEMORY_WARMUP):
-            trainer.step(pool[r % POOL_BATCHES])
+            method_trainer.step(pool[r % POOL_BATCHES])
         torch.cuda.reset_peak_memory_stats()
-        trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
-        return torch.cuda.max_memory_allocated() - base - trainer.table_bytes(), trainer.table_bytes()
+        method_trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
+        table = method_trainer.table_bytes()
+        return torch.cuda.max_memory_allocated() - base - table, table
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer = Trainer(method, args)
+        method_trainer = make_trainer(method, args)
         for r in range(MEMORY_WARMUP):
-            trainer.step(pool[r % POOL_BATCHES])
+            method_trainer.step(pool[r % POOL_BATCHES])
         with record_function(MEASURED_STEP):
-            trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
+            method_trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
     events = prof.profiler.kineto_results.events()
     window = next(e for e in events if e.name() == MEASURED_STEP)
     allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]')
     live = itertools.accumulate(nbytes for _, nbytes in allocations)
     peak = max(level for (when, _), level in zip(allocations, live) if window.start_ns() <= when <= window.end_ns())
-    return peak - trainer.table_bytes(), trainer.table_bytes()
+    return peak - method_trainer.table_bytes(), method_trainer.table_bytes()
 
 
 def new_images(method: str, batch_size: int, group: int) -> str:
     """Images per step that are new to the epoch (the rest are repeats or same-class partners)."""
-    new = {'none': batch_size, 'dlb': batch_size // 2, 'bake': batch_size // group, 'mrkd': batch_size,
-           'mrkd_tc': batch_size, 'pskd': batch_size}
-    return str(new.get(method, '?'))
+    return {'dlb': str(batch_size // 2), 'bake': str(batch_size // group)}.get(base_method(method), str(batch_size))
 
 
 def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[str, int], group: int,
@@ -194,10 +264,11 @@ def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[
     """The markdown table, the costs in words and the targets."""
     base = times['none']
     lines = [
-        f'Model `{args.model}` ({args.num_classes} classes), {args.img_size}x{args.img_size} images, '
+        f'Model `{args.model}`{"".join(f" {k}={v}" for k, v in args.model_kwargs.items())} '
+        f'({args.num_classes} classes), {args.img_size}x{args.img_size} images, '
         f'device {args.device}{" + bf16 autocast" if args.amp else ""}, {args.threads} threads; '
         f'{args.batch_size} images per step for every method; {args.warmup} warm-up steps, '
-        f'{args.steps} timed steps per method interleaved round-robin.',
+        f'{args.steps} timed steps per method interleaved round-robin; {args.clock} clock.',
         '',
         '| method | images/step | new images/step | median step (ms) | IQR (ms) | time ratio | ratio IQR '
         '| peak memory (MiB) | memory ratio |',
@@ -217,18 +288,17 @@ def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[
     lines += [f'- {m.upper()}: {t:.2f}x time, {mem:.2f}x memory ({(memory[m] - memory["none"]) / 2 ** 10:+.1f} KiB '
               'peak)' for m, (t, mem) in ratios.items() if m != 'none']
     lines += [f'- {m.upper()} per-sample table, not in its peak memory: {table / 2 ** 20:.2f} MiB for {RUN_SAMPLES} '
-              f'images x {args.num_classes} classes (see benchmarks/memory_pskd.py for ImageNet)'
+              f'images x {args.num_classes} classes (benchmarks/memory_pskd.py: ImageNet)'
               for m, table in tables.items() if table]
-    targets = [(m, limits) for m, limits in TARGETS.items() if m in ratios]
+    targets = [(m, TARGETS[m.split(':')[0]]) for m in ratios if m.split(':')[0] in TARGETS]
     if targets:
-        lines += ['', 'Targets (from the issue, for CPU + resnet18):', '']
+        lines += ['', 'Targets (from the issues):', '']
         for method, (max_time, max_memory) in targets:
             time_ratio, memory_ratio = ratios[method]
             for what, value, limit in (('time', time_ratio, max_time), ('memory', memory_ratio, max_memory)):
-                if limit is None:
-                    continue
-                verdict = 'PASS' if value <= limit else 'FAIL'
-                lines.append(f'- {method.upper()} {what} {value:.3f}x <= {limit:.2f}x: {verdict}')
+                if limit is not None:
+                    verdict = 'PASS' if value <= limit else 'FAIL'
+                    lines.append(f'- {method.upper()} {what} {value:.3f}x <= {limit:.2f}x: {verdict}')
     return '\n'.join(lines) + '\n'
 
 
@@ -270,6 +340,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     measured = {method: peak_memory(method, args, pool) for method in args.methods}
     memory = {method: peak for method, (peak, _) in measured.items()}
     text = report(args, times, memory, group, {method: table for method, (_, table) in measured.items()})
+    if args.loop_checks:
+        per_image = seeding_cost()
+        share = per_image * args.batch_size / np.median(times['none'])
+        text += (f'\nPer-image seeding in the data loader (`KeyedDataset`): {per_image * 1e6:.1f} us per image, '
+                 f'{args.batch_size} images = {share * 100:.2f}% of a plain step (paid by the loader\'s workers, '
+                 f'in parallel with training when `-j` > 0).\n')
     print(text + f'\n(benchmark took {time.perf_counter() - start:.0f} s)')
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ from timm.utils import ParseKwargs
 
 from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods
 
-__all__ = ['UsageError', 'parse_args', 'method_hparams', 'recipe_values', 'format_methods']
+__all__ = ['UsageError', 'parse_args', 'add_selfkd_arguments', 'resolve_selfkd_args', 'method_hparams', 'recipe_values',
+           'format_methods']
 
 
 class UsageError(ValueError):
@@ -36,11 +37,15 @@ def _dest(method: str, field_name: str) -> str:
 
 
 _TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}  # dataclass annotations given as strings
-_MINIMUMS = {'epochs': 1, 'batch_size': 1, 'recovery_interval': 0, 'check_interval': 0, 'nonfinite_patience': 1}
+_MINIMUMS = {'epochs': 1, 'batch_size': 1, 'recovery_interval': 0, 'check_interval': 0, 'nonfinite_patience': 1,
+             'grad_accum_steps': 1, 'val_interval': 1, 'aug_repeats': 0}
 _RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank'}  # not recipe keys
 
 
-def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the Self-KD group to `parser`: `--selfkd`, `--list-selfkd` and one flag per method hyper-parameter
+    (`--dlb-alpha`, dest and YAML key `dlb_alpha`), generated from the registry. Hyper-parameter defaults are
+    None (= the paper's, from the dataclass), so that setting another method's value can be told apart."""
     group = parser.add_argument_group('Self-KD', 'method and its hyper-parameters (see --list-selfkd)')
     group.add_argument('--selfkd', default='none', metavar='NAME',
                        help=f'self-KD method: {", ".join(list_methods())} (default: none = plain timm training)')
@@ -58,6 +63,59 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_flag(name, field.name), **kwargs)
 
 
+# timm train.py flags that this trainer refuses, with the reason shown to the user (flag -> (nargs, reason))
+_REFUSED = {
+    '--aug-splits': (1, 'augmentation splits change the batch layout the methods rely on'),
+    '--jsd-loss': (0, 'the JSD loss needs --aug-splits'),
+    '--resplit': (0, 'it needs --aug-splits'),
+    '--split-bn': (0, 'it needs --aug-splits'),
+    '--epoch-repeats': (1, 'an epoch is one pass of the method\'s batches; set --epochs'),
+    '--start-epoch': (1, 'use --resume, which continues at the saved step'),
+    '--worker-seeding': (1, 'every image is seeded from its own key (seed, rank, epoch, step, position)'),
+    '--use-multi-epochs-loader': (0, 'the batch stream is rebuilt each epoch'),
+    '--model-dtype': (1, 'self-KD terms need float32 weights; use --amp --amp-dtype bfloat16'),
+    '--torchscript': (0, 'the methods\' tasks are Python modules; use --torchcompile'),
+    '--fuser': (1, 'it selects a TorchScript fuser; use --torchcompile'),
+    '--device-modules': ('+', 'only CUDA and CPU devices are supported'),
+    '--model-ema-force-cpu': (0, 'deprecated in timm; the EMA stays on the training device'),
+    '--save-images': (0, 'debugging aid of timm\'s train.py'),
+    '--tta': (1, 'validation runs without test-time augmentation'),
+    '--log-wandb': (0, 'not built in; summary.csv has every metric'),
+    '--wandb-project': (1, 'not built in; summary.csv has every metric'),
+    '--wandb-tags': ('+', 'not built in; summary.csv has every metric'),
+    '--wandb-resume-id': (1, 'not built in; summary.csv has every metric'),
+    **{flag: (nargs, 'the NaFlex loader changes sequence lengths per batch') for flag, nargs in (
+        ('--naflex-loader', 0), ('--naflex-train-seq-lens', '+'), ('--naflex-max-seq-len', 1),
+        ('--naflex-patch-sizes', '+'), ('--naflex-patch-size-probs', '+'), ('--naflex-loss-scale', 1),
+        ('--naflex-patchify-channels-first', 0))},
+    **{flag: (nargs, 'variable image/batch sizes change the batch layout the methods rely on') for flag, nargs in (
+        ('--train-img-sizes', '+'), ('--train-batch-sizes', '+'), ('--train-size-probs', '+'),
+        ('--train-size-schedule', 1), ('--train-size-schedule-spread', 1), ('--train-size-random-mix', 1),
+        ('--train-batches-per-epoch', 1), ('--train-steps-per-epoch', 1), ('--variable-batch-loss-scale', 1))},
+    **{flag: (nargs, 'teacher distillation is timm\'s own train.py; here the model is its own teacher (--selfkd)')
+       for flag, nargs in (('--kd-model-name', 1), ('--kd-distill-type', 1), ('--kd-loss-type', 1),
+                           ('--distill-loss-weight', 1), ('--task-loss-weight', 1), ('--kd-temperature', 1),
+                           ('--kd-student-feature-dim', 1), ('--kd-teacher-feature-dim', 1),
+                           ('--kd-token-distill-type', 1))},
+}
+
+
+class _Refuse(argparse.Action):
+    """A flag of timm's train.py that this trainer does not take: using it is a one-line error saying why."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f'{option_string} is not supported by timm_selfkd\'s train.py: {self.help}')
+
+
+def _add_refused_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Flags of timm\'s train.py not supported here (each is an error)')
+    for flag, (nargs, reason) in _REFUSED.items():
+        group.add_argument(flag, nargs=nargs, action=_Refuse, default=None, help=reason)
+
+
+_REFUSED_KEYS = {flag[2:].replace('-', '_'): reason for flag, (_, reason) in _REFUSED.items()}  # as recipe keys
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog='train.py', description='Train a timm model with a self-knowledge-distillation method')
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe; its keys set the defaults')
@@ -72,12 +130,27 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-split', default='validation', metavar='NAME')
     g.add_argument('--dataset-download', action='store_true', default=False,
                    help='allow torchvision datasets to download (needs a network)')
+    g.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class to index mapping file')
+    g.add_argument('--input-img-mode', default=None, type=str, help='image conversion mode of the data set\'s images')
+    g.add_argument('--input-key', default=None, type=str, help='data set key of the input images')
+    g.add_argument('--target-key', default=None, type=str, help='data set key of the target labels')
+    g.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                   help='allow a Hugging Face data set to run code from its repository')
+    g.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                   help='samples in the train split, for streamed (iterable) data sets')
+    g.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                   help='samples in the validation split, for streamed (iterable) data sets')
     g.add_argument('--train-subset', type=int, default=0, metavar='N', help='train on N random images (0 = all)')
     g.add_argument('--val-subset', type=int, default=0, metavar='N', help='validate on N random images (0 = all)')
+    g.add_argument('--train-label-noise', type=float, default=0.0, metavar='P',
+                   help='symmetric label noise: a fraction P in [0, 1) of the training labels (drawn with --seed) '
+                        'replaced by another class, uniformly; the samplers see the same noisy labels (default: 0)')
 
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='resnet18', type=str, metavar='MODEL')
     g.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
+    g.add_argument('--pretrained-path', default=None, type=str, metavar='PATH',
+                   help='load this file as the pretrained weights (with head adaptation)')
     g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                    help='start from the model weights of this checkpoint (not its optimizer, method or epoch)')
     g.add_argument('--num-classes', type=int, default=None, metavar='N')
@@ -94,8 +167,22 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path (stochastic depth) rate')
+    g.add_argument('--drop-connect', type=float, default=None, metavar='PCT', help='deprecated name of --drop-path')
+    g.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='drop block rate')
+    g.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type (model default if unset)')
+    g.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override')
+    g.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override')
+    g.add_argument('--head-init-scale', default=None, type=float, help='scale the classifier\'s initial weights')
+    g.add_argument('--head-init-bias', default=None, type=float, help='initial value of the classifier\'s bias')
+    g.add_argument('--fast-norm', default=False, action='store_true', help='timm\'s experimental fast norm layers')
+    g.add_argument('--channels-last', action='store_true', default=False, help='channels-last memory layout')
+    g.add_argument('--grad-checkpointing', action='store_true', default=False,
+                   help='gradient checkpointing through the model\'s blocks or stages')
+    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                   help='batches whose gradients are accumulated into one optimizer update')
     g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                    help='torch.compile the model with this backend')
+    g.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode')
 
     g = p.add_argument_group('Optimizer')
     g.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER')
@@ -106,6 +193,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
     g.add_argument('--clip-mode', type=str, default='norm', help='norm, value or agc')
     g.add_argument('--layer-decay', type=float, default=None)
+    g.add_argument('--layer-decay-min-scale', type=float, default=0, help='layer-wise lr decay minimum scale')
+    g.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
+                   help='layer-wise lr scale below which parameters are frozen')
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, help='more optimizer arguments')
 
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
@@ -124,6 +215,14 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
     g.add_argument('--warmup-prefix', action='store_true', default=False)
     g.add_argument('--cooldown-epochs', type=int, default=0, metavar='N')
+    g.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='patience of the plateau schedule')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='PCT', help='lr noise on/off epochs')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT')
+    g.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV')
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT')
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT')
+    g.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N')
+    g.add_argument('--lr-k-decay', type=float, default=1.0, help='k-decay of cosine/poly schedules')
 
     g = p.add_argument_group('Augmentation and regularization')
     g.add_argument('--no-aug', action='store_true', default=False)
@@ -132,7 +231,14 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--hflip', type=float, default=0.5)
     g.add_argument('--vflip', type=float, default=0.)
     g.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT')
+    g.add_argument('--train-crop-mode', type=str, default=None, help='timm\'s training crop mode (rrc, rkrc, rkrr)')
+    g.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT')
+    g.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT')
+    g.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT')
     g.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto augment policy, e.g. rand-m9-mstd0.5')
+    g.add_argument('--aug-repeats', type=float, default=0,
+                   help='repeated augmentation: epochs of the same length made of images drawn this many times '
+                        '(each copy on another rank under DDP), as timm\'s RepeatAugSampler')
     g.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob')
     g.add_argument('--remode', type=str, default='pixel')
     g.add_argument('--recount', type=int, default=1)
@@ -144,6 +250,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup-mode', type=str, default='batch')
     g.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing of the cross-entropy term')
+    g.add_argument('--bce-loss', action='store_true', default=False, help='binary cross-entropy as the hard-label term')
+    g.add_argument('--bce-sum', action='store_true', default=False, help='BCE summed over classes')
+    g.add_argument('--bce-target-thresh', type=float, default=None, help='binarize soft BCE targets above this')
+    g.add_argument('--bce-pos-weight', type=float, default=None, help='BCE positive weight')
     g.add_argument('--train-interpolation', type=str, default='random')
 
     g = p.add_argument_group('Model exponential moving average')
@@ -179,11 +289,19 @@ def _build_parser() -> argparse.ArgumentParser:
                         '(otherwise the first one stops it)')
     g.add_argument('--device', default='cuda', type=str, help='cuda, cpu, cuda:1 ... (cuda falls back to cpu)')
     g.add_argument('--dist-backend', default=None, type=str, help='default: nccl on cuda, gloo otherwise')
+    g.add_argument('--dist-bn', type=str, default='reduce', choices=('reduce', 'broadcast', ''),
+                   help='under DDP without --sync-bn, average (reduce) or copy (broadcast) BatchNorm statistics '
+                        'across ranks before each validation')
+    g.add_argument('--no-ddp-bb', action='store_true', default=False, help='no DDP buffer broadcast')
+    g.add_argument('--synchronize-step', action='store_true', default=False,
+                   help='wait for the device at the end of each step (timing)')
+    g.add_argument('--val-interval', type=int, default=1, metavar='N', help='epochs between validations')
     g.add_argument('--sync-bn', action='store_true', default=False,
                    help='synchronise BatchNorm statistics across processes (CUDA; matters for BAKE\'s per-class '
                         'batches)')
 
-    _add_method_flags(p)
+    add_selfkd_arguments(p)
+    _add_refused_flags(p)
     return p
 
 
@@ -199,6 +317,9 @@ def _load_recipe(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
         raise UsageError(f'recipe {path!r} must be a mapping of option names to values')
     actions = {a.dest: a for a in parser._actions if a.dest != 'help' and a.dest not in _RUN_ONLY}
     for key in recipe:
+        if key in _REFUSED_KEYS:
+            raise UsageError(f'recipe {path} sets {key!r}, which timm_selfkd\'s train.py does not support: '
+                             f'{_REFUSED_KEYS[key]}')
         if key not in actions and key not in _RUN_ONLY:
             raise UsageError(f'unknown key {key!r} in recipe {path}{did_you_mean(str(key), actions)}')
     return {key: _typed(actions[key], value) for key, value in recipe.items() if key not in _RUN_ONLY}
@@ -226,7 +347,7 @@ def _typed(action: argparse.Action, value: Any) -> Any:
 
 def recipe_values(args: argparse.Namespace) -> Dict[str, Any]:
     """The run's options as a recipe (a run's `args.yaml` can be passed back with `-c`)."""
-    return {key: value for key, value in vars(args).items() if key not in _RUN_ONLY}
+    return {key: value for key, value in vars(args).items() if key not in _RUN_ONLY and key not in _REFUSED_KEYS}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -246,20 +367,40 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.list_selfkd:
         return args
-    _drop_recipe_hparams_of_other_methods(args, recipe, _given_on_command_line(argv))
+    if not 0 <= args.train_label_noise < 1:
+        parser.error(f'--train-label-noise must be in [0, 1), got {args.train_label_noise}')
     for name, minimum in _MINIMUMS.items():
         if getattr(args, name) < minimum:
             parser.error(f'--{name.replace("_", "-")} must be >= {minimum}, got {getattr(args, name)}')
     try:
-        method_hparams(args)  # checked here so that a bad value is a usage error; Setup builds them again
+        resolve_selfkd_args(args, recipe, argv)  # a bad value is a usage error; Setup builds the hparams again
     except ValueError as e:
         parser.error(str(e))
     return args
 
 
+def resolve_selfkd_args(args: argparse.Namespace, recipe: Dict[str, Any], argv: List[str]):
+    """The selected method's hyper-parameters from parsed Self-KD flags (of any parser that has them).
+
+    `-c dlb_recipe.yaml --selfkd none` runs the recipe's baseline: the recipe's values of another method are
+    dropped from `args`; given on the command line, they stay an error.
+
+    Args:
+        args: Parsed arguments, with the flags of `add_selfkd_arguments`.
+        recipe: The YAML recipe's keys and values (empty without one).
+        argv: The command line, to tell the flags given there from the recipe's values.
+
+    Raises:
+        ValueError: another method's hyper-parameter is set, or a value is out of range.
+    """
+    _drop_recipe_hparams_of_other_methods(args, recipe, _given_on_command_line(argv))
+    return method_hparams(args)
+
+
 def _given_on_command_line(argv: List[str]) -> set:
-    """The destinations of the flags present in `argv` (parsed again with every default suppressed)."""
-    parser = _build_parser()
+    """The Self-KD destinations of the flags present in `argv` (a parser of those flags alone, no defaults)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_selfkd_arguments(parser)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_known_args(argv)[0]))

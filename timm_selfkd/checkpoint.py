@@ -18,7 +18,9 @@ from timm.utils import CheckpointSaver
 
 from .args import UsageError
 
-__all__ = ['RunSaver', 'read_checkpoint', 'check_same_run']
+__all__ = ['AMP_SCALER_KEY', 'RunSaver', 'read_checkpoint', 'check_same_run', 'load_error']
+
+AMP_SCALER_KEY = 'amp_scaler'  # timm's key for the fp16 loss scaler's state
 
 
 class RunSaver(CheckpointSaver):
@@ -40,7 +42,7 @@ class RunSaver(CheckpointSaver):
         state = {'epoch': epoch, 'arch': self.args.model, 'args': self.args, 'version': 2,
                  'optimizer': self.optimizer.state_dict()}
         if self.amp_scaler is not None:
-            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+            state[AMP_SCALER_KEY] = self.amp_scaler.state_dict()
         state.update(self.task.get_checkpoint_state(unwrap_fn=self.unwrap_fn))
         state.update(self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn))
         if metric is not None:

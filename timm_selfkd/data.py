@@ -8,12 +8,15 @@ import numpy as np
 from PIL import Image
 from timm.data import create_dataset
 from timm.data.loader import PrefetchLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
+from .args import UsageError
 from .stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
-           'class_count', 'dataset_labels', 'index_sampler', 'install_batch_stream']
+           'class_count', 'dataset_labels', 'symmetric_label_noise', 'with_label_noise', 'index_sampler',
+           'install_batch_stream']
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
 
@@ -60,16 +63,24 @@ class FashionMNIST(Dataset):
 
 
 class DatasetView(Dataset):
-    """A data set seen through an optional subset of its indices and an optional PIL image-mode conversion.
+    """A data set seen through an optional subset of its indices, an optional PIL image-mode conversion and
+    optional replacement labels.
 
     The view owns the transform (timm's `create_loader` sets `transform` on the data set it gets) and applies
     it after the conversion, so torchvision's grayscale sets (`torch/mnist`, ...) feed 3-channel models.
+
+    Args:
+        targets: The label of each item of the view (e.g. noisy labels); None keeps the data set's own.
     """
 
-    def __init__(self, dataset: Dataset, indices: Optional[Sequence[int]] = None, img_mode: Optional[str] = None):
+    def __init__(self, dataset: Dataset, indices: Optional[Sequence[int]] = None, img_mode: Optional[str] = None,
+                 targets: Optional[Sequence[int]] = None):
         self.dataset = dataset
         self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.img_mode = img_mode
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
+        if self.targets is not None and len(self.targets) != len(self.indices):
+            raise ValueError(f'{len(self.targets)} labels for a view of {len(self.indices)} items')
         self.transform = getattr(dataset, 'transform', None)
         dataset.transform = None
 
@@ -82,17 +93,20 @@ class DatasetView(Dataset):
             image = image.convert(self.img_mode)
         if self.transform is not None:
             image = self.transform(image)
-        return image, target
+        return image, target if self.targets is None else int(self.targets[index])
 
 
 def build_dataset(name: str, root: Optional[str], split: str, is_training: bool, in_chans: int,
-                  download: bool = False, subset: int = 0, seed: int = 0) -> Dataset:
+                  download: bool = False, subset: int = 0, seed: int = 0, input_img_mode: Optional[str] = None,
+                  **timm_kwargs) -> Dataset:
     """`fashion_mnist` from local files, anything else through timm's `create_dataset`.
 
     Args:
         subset: If > 0, keep this many images, drawn at random with `seed` (the same on every rank).
+        input_img_mode: PIL mode of the images (default: 'L' for 1 channel, else 'RGB').
+        **timm_kwargs: More `create_dataset` arguments (class_map, input_key, num_samples, ...).
     """
-    img_mode = 'L' if in_chans == 1 else 'RGB'
+    img_mode = input_img_mode or ('L' if in_chans == 1 else 'RGB')
     convert_mode = None  # timm's own readers and ours produce img_mode already; torchvision's sets do not
     if name == 'fashion_mnist':
         dataset = FashionMNIST(root or FASHION_MNIST_DIR, train=is_training, img_mode=img_mode)
@@ -101,12 +115,16 @@ def build_dataset(name: str, root: Optional[str], split: str, is_training: bool,
             raise DatasetNotFoundError(f'image folder {root!r} does not exist (set --data-dir)')
         try:
             dataset = create_dataset(name, root=root, split=split, is_training=is_training, download=download,
-                                     input_img_mode=img_mode, seed=seed)
+                                     input_img_mode=img_mode, seed=seed, **timm_kwargs)
         except (RuntimeError, AssertionError, FileNotFoundError, OSError) as e:
             raise DatasetNotFoundError(f'data set {name or "folder"!r} ({split}) could not be loaded from '
                                        f'{root!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
         if name.lower().startswith('torch/'):
             convert_mode = img_mode
+    if isinstance(dataset, IterableDataset):
+        if subset:
+            raise UsageError(f'--train-subset/--val-subset need a map-style data set, and {name!r} is streamed')
+        return dataset
     indices = None
     if subset and subset < len(dataset):
         indices = np.sort(np.random.default_rng(seed).choice(len(dataset), subset, replace=False))
@@ -118,6 +136,8 @@ def build_dataset(name: str, root: Optional[str], split: str, is_training: bool,
 def dataset_labels(dataset: Dataset) -> Optional[np.ndarray]:
     """Class index of every item without reading any image, or None if the data set does not expose them."""
     if isinstance(dataset, DatasetView):
+        if dataset.targets is not None:
+            return dataset.targets
         labels = dataset_labels(dataset.dataset)
         return None if labels is None else labels[dataset.indices]
     if hasattr(dataset, 'targets'):
@@ -130,17 +150,69 @@ def dataset_labels(dataset: Dataset) -> Optional[np.ndarray]:
 
 def class_count(dataset: Dataset) -> Optional[int]:
     """Number of classes of the whole data set (a subset may miss some), or None if labels are not exposed."""
-    labels = dataset_labels(dataset.dataset if isinstance(dataset, DatasetView) else dataset)
+    while isinstance(dataset, DatasetView):
+        dataset = dataset.dataset
+    labels = dataset_labels(dataset)
     return None if labels is None or not labels.size else int(labels.max()) + 1
 
 
-def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int) -> Sampler[int]:
-    """A shuffling index sampler that is rank-aware and replayable per epoch (seed, epoch)."""
+_NOISE_STREAM = 0x6e6f697365  # keeps the noise draw apart from the subset draw of the same seed
+
+
+def symmetric_label_noise(labels: np.ndarray, rate: float, num_classes: int, seed: int) -> np.ndarray:
+    """Symmetric label noise: `round(rate * N)` items, drawn at random, get a label drawn uniformly from the
+    `num_classes - 1` classes other than their own.
+
+    `rate` is the fraction of wrong labels (conventions that draw from all `K` classes, the true one included,
+    give `rate * (K - 1) / K` wrong labels). Deterministic per seed; every process computes the same labels.
+
+    Args:
+        labels: Clean class index of every item.
+        rate: Fraction of labels to corrupt, in [0, 1).
+        num_classes: K; labels lie in [0, K).
+        seed: Seed of the draw.
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f'label noise rate must be in [0, 1), got {rate}')
+    labels = np.asarray(labels, dtype=np.int64)
+    if num_classes < 2 or not labels.size:
+        return labels.copy()
+    rng = np.random.default_rng([seed, _NOISE_STREAM])
+    flipped = rng.choice(labels.size, int(round(rate * labels.size)), replace=False)
+    noisy = labels.copy()
+    # an offset in [1, K) from the true class reaches each other class with the same probability
+    noisy[flipped] = (labels[flipped] + rng.integers(1, num_classes, flipped.size)) % num_classes
+    return noisy
+
+
+def with_label_noise(dataset: Dataset, rate: float, seed: int) -> Dataset:
+    """`dataset` with symmetric noise (`symmetric_label_noise`) on its labels, as a `DatasetView`.
+
+    The noisy labels are the data set's labels from then on: the loader yields them and `dataset_labels` returns
+    them, so samplers that group images by class (BAKE, CS-KD) see the same labels as the loss, as they would on
+    a data set whose annotations are wrong (grouping by the clean labels would use knowledge no real run has).
+
+    Raises:
+        ValueError: the data set does not expose its labels.
+    """
+    labels = dataset_labels(dataset)
+    if labels is None:
+        raise ValueError('--train-label-noise needs a data set that exposes its labels (image folder, '
+                         'Fashion-MNIST, torchvision sets)')
+    return DatasetView(dataset, targets=symmetric_label_noise(labels, rate, class_count(dataset) or 0, seed))
+
+
+def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int, aug_repeats: int = 0) -> Sampler[int]:
+    """A shuffling index sampler that is rank-aware and replayable per epoch (seed, epoch); with `aug_repeats`,
+    timm's repeated-augmentation sampler (epochs of the usual length made of images drawn `aug_repeats` times,
+    each copy on another rank)."""
+    if aug_repeats:
+        return RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, num_repeats=aug_repeats)
     return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
 
 
 def install_batch_stream(loader, task, hparams, dataset: Dataset, *, batch_size: int, seed: int, rank: int,
-                         world_size: int) -> Tuple[Any, BatchStream]:
+                         world_size: int, aug_repeats: int = 0) -> Tuple[Any, Optional[BatchStream]]:
     """Make a timm training loader read the batches of `task`'s method through a `BatchStream`.
 
     The method's batch sampler (or plain shuffled batches) is wrapped in a stream that seeds every sample and
@@ -148,13 +220,24 @@ def install_batch_stream(loader, task, hparams, dataset: Dataset, *, batch_size:
     transforms, collate (fast collate, mixup), workers and the prefetcher stay timm's. The task is bound to the
     method's sampler and, if it reads batch information, to the stream. Used by our loop and by the adapter.
 
+    A streamed (iterable) data set takes no sampler and has no indices: its loader stays timm's, for methods
+    that need neither (others are refused), and the stream is None.
+
     Returns:
         The loader to use (the same PrefetchLoader, or the rebuilt DataLoader) and the stream, whose
         `set_epoch`/`start_at` choose the batches of the next pass.
     """
-    indices = index_sampler(dataset, seed, rank, world_size)
+    if isinstance(dataset, IterableDataset):
+        if not task.takes_streamed_data():
+            raise UsageError(f'--selfkd {task.method_name} chooses its batches or reads sample indices, which a '
+                             'streamed data set (wds/, hfids/, tfds/) cannot give; use a map-style data set')
+        return loader, None
+    indices = index_sampler(dataset, seed, rank, world_size, aug_repeats)
     method_sampler = task.batch_sampler(hparams, index_sampler=indices, labels=dataset_labels(dataset),
                                         batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+    if method_sampler is not None and aug_repeats:
+        raise UsageError(f'--aug-repeats cannot combine with --selfkd {task.method_name}, which chooses its own '
+                         'batches')
     if method_sampler is None:
         stream = BatchStream.shuffled(indices, batch_size, seed, rank)
     else:

@@ -13,6 +13,7 @@ would have happened. A non-finite loss stops the run (or skips the step, `--nonf
 import csv
 import dataclasses
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -30,16 +31,17 @@ import torch.distributed as dist
 import yaml
 from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 from timm.data.random_erasing import RandomErasing
-from timm.layers import convert_sync_batchnorm
+from timm.layers import convert_sync_batchnorm, set_fast_norm
 from timm.models import clean_state_dict, create_model, load_checkpoint
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import evaluation_sample_limit
-from timm.utils import NativeScaler, dispatch_clip_grad, init_distributed_device, random_seed, setup_default_logging
+from timm.utils import (dispatch_clip_grad, distribute_bn, init_distributed_device, random_seed,
+                        setup_default_logging)
 
 from .args import UsageError, format_methods, method_hparams, parse_args, recipe_values
-from .checkpoint import RunSaver, check_same_run, load_error, read_checkpoint
-from .data import build_dataset, class_count, install_batch_stream
+from .checkpoint import AMP_SCALER_KEY, RunSaver, check_same_run, load_error, read_checkpoint
+from .data import build_dataset, class_count, install_batch_stream, with_label_noise
 from .guard import RunGuard, Verdict
 from .metrics import LOWER_IS_BETTER
 from .methods.base import RunInfo
@@ -58,7 +60,7 @@ def _resolve_lr(args) -> None:
     """timm's rule: without --lr, scale --lr-base by the global batch (sqrt for adaptive optimizers)."""
     if args.lr is not None:
         return
-    global_batch = args.batch_size * args.world_size
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size
     scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
     args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
@@ -87,6 +89,7 @@ class Position:
     epoch: int = 0
     step: int = 0
     num_updates: int = 0
+    batches: int = 0  # batches trained in the whole run (the guard's step numbers)
     sums: Dict[str, torch.Tensor] = field(default_factory=dict)
     counted: int = 0  # steps whose loss terms are in `sums`
     images: int = 0
@@ -142,6 +145,42 @@ class Stopped(Exception):
         self.status = status
 
 
+class ConstantLR:
+    """The schedule of `--sched none`: the optimizer's lr throughout (timm's factory returns None)."""
+
+    def step(self, epoch: int, metric: Optional[float] = None) -> None:
+        pass
+
+    def step_update(self, num_updates: int, metric: Optional[float] = None) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def _criterion_kwargs(args, soft_targets: bool) -> dict:
+    """timm's `create_classification_loss` arguments: cross-entropy (label smoothing, mixup targets) or BCE."""
+    kwargs = dict(smoothing=args.smoothing, soft_targets=soft_targets)
+    if args.bce_loss:
+        kwargs.update(loss_type='bce', bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum,
+                      pos_weight=args.bce_pos_weight)
+    return kwargs
+
+
+def _init_head(model, scale: Optional[float], bias: Optional[float]) -> None:
+    """timm's --head-init-scale/--head-init-bias: rescale the classifier's initial weights, set its bias."""
+    classifier = model.get_classifier() if (scale is not None or bias is not None) else None
+    with torch.no_grad():
+        if scale is not None:
+            classifier.weight.mul_(scale)
+            classifier.bias.mul_(scale)
+        if bias is not None:
+            classifier.bias.fill_(bias)
+
+
 class Setup:
     """Everything the loop needs, built (and validated) before any file is written."""
 
@@ -181,12 +220,11 @@ class Setup:
                                             device=self.device) if args.reprob > 0 and not args.no_prefetcher \
             and not args.no_aug else None
 
-        self.task = self.spec.task_cls(
-            self.model, self.hparams, device=self.device,
-            criterion_kwargs=dict(smoothing=args.smoothing, soft_targets=self.mixup is not None))
+        self.task = self.spec.task_cls(self.model, self.hparams, device=self.device,
+                                       criterion_kwargs=_criterion_kwargs(args, self.mixup is not None))
         self.train_loader, self.stream = install_batch_stream(
             self.train_loader, self.task, self.hparams, self.train_dataset, batch_size=args.batch_size,
-            seed=args.seed, rank=args.rank, world_size=args.world_size)
+            seed=args.seed, rank=args.rank, world_size=args.world_size, aug_repeats=int(args.aug_repeats))
         self.steps_per_epoch = self.stream.steps_per_epoch  # nominal: DLB's first epoch is one step shorter
         self.task.bind_run(RunInfo(
             num_epochs=args.epochs, steps_per_epoch=self.steps_per_epoch, num_samples=len(self.train_dataset),
@@ -195,10 +233,13 @@ class Setup:
             local_world_size=int(os.environ.get('LOCAL_WORLD_SIZE', args.world_size))))
         _resolve_lr(args)
         self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), **optimizer_kwargs(cfg=args))
-        self.loss_scaler = NativeScaler(device=self.device.type) \
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) \
             if args.amp and self.amp_dtype == torch.float16 and self.device.type == 'cuda' else None
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / args.grad_accum_steps)
         self.scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer, **scheduler_kwargs(args), updates_per_epoch=self.steps_per_epoch)
+            self.optimizer, **scheduler_kwargs(args), updates_per_epoch=self.updates_per_epoch)
+        if self.scheduler is None:  # --sched none
+            self.scheduler, self.num_epochs = ConstantLR(), args.epochs
         self.position = Position()
         if checkpoint is not None:
             self._resume(checkpoint, args.resume)
@@ -208,30 +249,40 @@ class Setup:
                 self.task.load_checkpoint_state(clean_state_dict(checkpoint['state_dict_ema']),
                                                 checkpoint.get('task_state_ema'), ema=True)
         if args.torchcompile:
-            self.task.compile(backend=args.torchcompile)
+            self.task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
             if args.model_ema:
-                self.task.compile_ema(backend=args.torchcompile)
+                self.task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
         if args.distributed:
-            self.task.prepare_distributed(device_ids=[args.local_rank] if self.device.type == 'cuda' else None)
+            self.task.prepare_distributed(device_ids=[args.local_rank] if self.device.type == 'cuda' else None,
+                                          broadcast_buffers=not args.no_ddp_bb)
         self.check_interval = args.check_interval or (1 if self.device.type == 'cpu' else 20)
         # fp16 loss scaling skips overflowing steps by design; otherwise one non-finite step is divergence
-        patient = self.loss_scaler is not None or args.nonfinite == 'skip'
+        patient = self.grad_scaler is not None or args.nonfinite == 'skip'
         self.guard = RunGuard(self.device, args.distributed, patience=args.nonfinite_patience if patient else 1)
 
     def _create_model(self, num_labels: Optional[int]):
         """timm's model; without --num-classes, as many classes as the training set has."""
         args = self.args
+        if args.drop_path is not None and not 0 <= args.drop_path < 1:
+            raise UsageError(f'--drop-path (the stochastic-depth rate) must be in [0, 1), got {args.drop_path}')
         if args.num_classes is None and num_labels is not None and not args.pretrained:
             args.num_classes = num_labels
+        if args.fast_norm:
+            set_fast_norm()
         kwargs = dict(args.model_kwargs)
         for key, value in (('num_classes', args.num_classes), ('in_chans', args.in_chans),
-                           ('drop_path_rate', args.drop_path)):
+                           ('drop_path_rate', args.drop_path if args.drop_connect is None else args.drop_connect),
+                           ('drop_block_rate', args.drop_block), ('global_pool', args.gp),
+                           ('bn_momentum', args.bn_momentum), ('bn_eps', args.bn_eps)):
             if value is not None:
                 kwargs[key] = value
+        if args.pretrained_path:  # a local file as the pretrained weights; the head adapts to num_classes
+            kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
         try:
             model = create_model(args.model, pretrained=args.pretrained, drop_rate=args.drop, **kwargs)
         except (RuntimeError, TypeError) as e:  # unknown model, or --model-kwargs it does not take
             raise UsageError(str(e).splitlines()[0]) from e
+        _init_head(model, args.head_init_scale, args.head_init_bias)
         if num_labels is not None and num_labels > model.num_classes:
             raise UsageError(f'the data set has {num_labels} classes but the model has {model.num_classes} '
                              '(set --num-classes)')
@@ -244,17 +295,28 @@ class Setup:
             except RuntimeError as e:
                 raise UsageError(f'initial checkpoint {args.initial_checkpoint!r} does not fit {args.model} with '
                                  f'{model.num_classes} classes: {load_error(e)}') from e
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(enable=True)
         if args.sync_bn and args.distributed:
             model = convert_sync_batchnorm(model)
-        return model.to(self.device)
+        model.to(self.device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
 
     def _datasets(self):
         args = self.args
         root = args.data_dir or args.data
         common = dict(name=args.dataset, root=root, in_chans=args.in_chans or 3, download=args.dataset_download,
-                      seed=args.seed)
-        train = build_dataset(split=args.train_split, is_training=True, subset=args.train_subset, **common)
-        evaluation = build_dataset(split=args.val_split, is_training=False, subset=args.val_subset, **common)
+                      seed=args.seed, class_map=args.class_map, input_img_mode=args.input_img_mode,
+                      input_key=args.input_key, target_key=args.target_key,
+                      trust_remote_code=args.dataset_trust_remote_code)
+        train = build_dataset(split=args.train_split, is_training=True, subset=args.train_subset,
+                              num_samples=args.train_num_samples, **common)
+        evaluation = build_dataset(split=args.val_split, is_training=False, subset=args.val_subset,
+                                   num_samples=args.val_num_samples, **common)
+        if args.train_label_noise:
+            train = with_label_noise(train, args.train_label_noise, args.seed)
         return train, evaluation
 
     def _loaders(self):
@@ -266,7 +328,8 @@ class Setup:
             self.train_dataset, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
             re_prob=0. if not args.no_prefetcher else args.reprob, re_mode=args.remode, re_count=args.recount,
             scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-            auto_augment=args.aa, train_crop_mode=None,
+            color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+            gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, train_crop_mode=args.train_crop_mode,
             collate_fn=self.mixup if isinstance(self.mixup, FastCollateMixup) else None,
             **{**common, 'interpolation': args.train_interpolation})
         eval_loader = create_loader(self.eval_dataset, batch_size=args.validation_batch_size or args.batch_size,
@@ -286,20 +349,20 @@ class Setup:
                 self.optimizer.load_state_dict(checkpoint['optimizer'])
             except (ValueError, KeyError) as e:
                 raise UsageError(f'the optimizer state in {path!r} does not fit --opt {args.opt}: {e}') from e
-            if self.loss_scaler is not None and self.loss_scaler.state_dict_key in checkpoint:
-                self.loss_scaler.load_state_dict(checkpoint[self.loss_scaler.state_dict_key])
+            if self.grad_scaler is not None and AMP_SCALER_KEY in checkpoint:
+                self.grad_scaler.load_state_dict(checkpoint[AMP_SCALER_KEY])
         loop = checkpoint.get('loop')
         if loop is None:  # a checkpoint of timm's train.py (or an older release): the next epoch, from its start
             self.position = Position(epoch=checkpoint.get('epoch', -1) + 1)
-            self.position.num_updates = self.position.epoch * self.steps_per_epoch
+            self.position.num_updates = self.position.epoch * self.updates_per_epoch
         else:
             self.position = Position.from_state(loop['position'], self.device, args.rank, args.world_size)
             self.scheduler.load_state_dict(loop['scheduler'])
+        if self.position.finished:  # an epoch checkpoint: the next epoch
+            self.position.start_epoch(self.position.epoch + 1)
         if args.no_resume_opt or loop is None:  # the lr comes from the schedule, not the saved optimizer
             self.scheduler.step(self.position.epoch)
             self.scheduler.step_update(self.position.num_updates)
-        if self.position.finished:  # an epoch checkpoint: the next epoch
-            self.position.start_epoch(self.position.epoch + 1)
         if args.rank == 0:
             _logger.info(f'Resumed {path} at epoch {self.position.epoch}, step {self.position.step}')
 
@@ -353,8 +416,12 @@ class Run:
                 s.train_loader.mixup_enabled = False
             else:
                 s.mixup.mixup_enabled = False
-        s.stream.start_at(p.epoch, p.step)
+        if s.stream is not None:
+            s.stream.start_at(p.epoch, p.step)
+        elif hasattr(s.train_dataset, 'set_epoch'):  # a streamed data set shuffles per epoch itself
+            s.train_dataset.set_epoch(p.epoch)
         self.epoch_steps = steps = len(s.train_loader)
+        accum = args.grad_accum_steps
         start = time.time() - p.seconds
         for input, target in s.train_loader:
             seed_everything(step_seed(args.seed, args.rank, p.epoch, p.step))
@@ -364,28 +431,41 @@ class Run:
                     input, target = s.mixup(input, target)
             if s.random_erasing is not None:
                 input = s.random_erasing(input)
-            with s.autocast():
-                out = task(input, target)
-            terms = {name: value for name, value in out.items() if name.startswith('loss')}
-            bad = s.guard.observe(p.num_updates, terms)
-            if args.nonfinite == 'skip' and s.guard.agree_bad(bad):
-                s.optimizer.zero_grad(set_to_none=True)
-                p.skipped += 1
-            else:
-                self._update(out['loss'])
-                p.add(terms, input.shape[0])
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            group = p.step // accum * accum  # first batch of this update's accumulation group
+            update = p.step + 1 == min(group + accum, steps)
+            with task.no_sync() if args.distributed and not update else nullcontext():
+                with s.autocast():
+                    out = task(input, target)
+                terms = {name: value for name, value in out.items() if name.startswith('loss')}
+                bad = s.guard.observe(p.batches, terms)
+                if args.nonfinite == 'skip' and s.guard.agree_bad(bad):
+                    p.skipped += 1
+                else:
+                    loss = out['loss'] / (min(group + accum, steps) - group)
+                    (s.grad_scaler.scale(loss) if s.grad_scaler is not None else loss).backward()
+                    p.add(terms, input.shape[0])
+            if update:
+                self._optimizer_step()
+                p.num_updates += 1
+                task.update_ema(step=p.num_updates)
+                s.scheduler.step_update(num_updates=p.num_updates)
+                if args.synchronize_step and s.device.type == 'cuda':
+                    torch.cuda.synchronize()
             p.step += 1
-            p.num_updates += 1
-            task.update_ema(step=p.num_updates)
-            s.scheduler.step_update(num_updates=p.num_updates)
+            p.batches += 1
             p.seconds = time.time() - start
             if args.rank == 0 and ((p.step - 1) % args.log_interval == 0 or p.step == steps):
                 values = '  '.join(f'{n} {float(v) / max(p.counted, 1):.4f}' for n, v in p.sums.items())
                 _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps}]  {values}  '
                              f'lr {s.optimizer.param_groups[0]["lr"]:.3e}  {p.seconds:.1f}s')
+            if not update:  # checks and checkpoints only between optimizer updates
+                continue
             # the epoch's last step is followed by validation and the epoch checkpoint, which serves as recovery
-            recovery_due = bool(args.recovery_interval) and p.step % args.recovery_interval == 0 and p.step < steps
-            if recovery_due or p.step % s.check_interval == 0 or p.step == steps:
+            updates = -(-p.step // accum)
+            recovery_due = bool(args.recovery_interval) and updates % args.recovery_interval == 0 and p.step < steps
+            if recovery_due or updates % s.check_interval == 0 or p.step == steps:
                 verdict = self.check()
                 stop = verdict.signum and p.step < steps
                 if recovery_due or stop:
@@ -394,17 +474,20 @@ class Run:
                     self.stop(verdict.signum)
         p.finished = True
 
-    def _update(self, loss: torch.Tensor) -> None:
+    def _optimizer_step(self) -> None:
+        """Clip (unscaled) gradients, step (through the fp16 loss scaler if any), clear the gradients."""
         s, args = self.s, self.s.args
-        s.optimizer.zero_grad(set_to_none=True)
-        if s.loss_scaler is not None:
-            s.loss_scaler(loss, s.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                          parameters=s.task.get_clip_parameters())
+        if s.grad_scaler is not None and args.clip_grad is not None:
+            s.grad_scaler.unscale_(s.optimizer)
+        if args.clip_grad is not None:
+            dispatch_clip_grad(s.task.get_clip_parameters(exclude_head='agc' in args.clip_mode), args.clip_grad,
+                               mode=args.clip_mode)
+        if s.grad_scaler is not None:
+            s.grad_scaler.step(s.optimizer)
+            s.grad_scaler.update()
         else:
-            loss.backward()
-            if args.clip_grad is not None:
-                dispatch_clip_grad(s.task.get_clip_parameters(), args.clip_grad, mode=args.clip_mode)
             s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
 
     def check(self) -> Verdict:
         """Poll the guard (every rank); a divergence ends the run here, with the epoch's partial row in the
@@ -413,7 +496,7 @@ class Run:
         if verdict.bad_step is None:
             return verdict
         p = self.s.position
-        step = p.step - (p.num_updates - verdict.bad_step) + 1  # 1-based; a poll ends every epoch: this one
+        step = p.step - (p.batches - verdict.bad_step) + 1  # 1-based; a poll ends every epoch: this one
         metrics = epoch_metrics(self.s)
         if self.s.args.rank == 0:
             self.write_summary(metrics, {}, status='diverged')
@@ -450,29 +533,37 @@ class Run:
         s = self.s
         model = s.task.get_eval_model(ema=ema)
         model.eval()
+        forward = s.task.eval_forward(ema=ema)  # the model, or what the task's evaluator needs besides its logits
         evaluator = s.task.create_evaluator(max_samples=evaluation_sample_limit(s.eval_loader))
         for input, target in s.eval_loader:
             if s.args.no_prefetcher:
                 input, target = input.to(s.device), target.to(s.device)
             with s.autocast():
-                output = model(input)
+                output = forward(input)
             evaluator.update(output, target)
         return evaluator.compute(distributed=s.args.distributed)
 
     def write_summary(self, train_metrics: Dict[str, float], eval_metrics: Dict[str, float], status: str,
                       lr: Optional[float] = None) -> None:
-        """Append the epoch's row to summary.csv (`status`: ok, or diverged for a run the guard stopped)."""
+        """Append the epoch's row to summary.csv (`status`: ok, or diverged for a run the guard stopped). A row
+        with a column the file lacks (the first validation after --val-interval epochs, say) widens the file."""
         row = OrderedDict(epoch=self.s.position.epoch)
         row.update((f'train_{k}', v) for k, v in train_metrics.items())
         row.update((f'eval_{k}', v) for k, v in eval_metrics.items())
         row['lr'] = lr if lr is not None else self.s.optimizer.param_groups[0]['lr']
         row['status'] = status
         path = os.path.join(self.output_dir, 'summary.csv')
-        with open(path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(row), restval='')
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerow(row)
+        rows, columns = [], list(row)
+        if os.path.exists(path):
+            with open(path, newline='') as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                columns = list(reader.fieldnames or []) + [c for c in row if c not in (reader.fieldnames or [])]
+        with open(path + '.tmp', 'w', newline='') as f:  # replaced whole, so a kill never truncates it
+            writer = csv.DictWriter(f, fieldnames=columns, restval='')
+            writer.writeheader()
+            writer.writerows(rows + [row])
+        os.replace(path + '.tmp', path)
 
     def run(self) -> None:
         s, args = self.s, self.s.args
@@ -480,18 +571,25 @@ class Run:
         while s.position.epoch < s.num_epochs:
             self.train_one_epoch()
             train_metrics = epoch_metrics(s)
-            eval_metrics = self.validate()
-            if args.model_ema:
-                eval_metrics.update({f'ema_{k}': v for k, v in self.validate(ema=True).items()})
+            if args.distributed and args.dist_bn and not args.sync_bn:  # one set of BatchNorm statistics
+                for ema in (False, True) if args.model_ema else (False,):
+                    distribute_bn(s.task.get_eval_model(ema=ema), args.world_size, args.dist_bn == 'reduce')
+            eval_metrics = {}
+            if (s.position.epoch + 1) % args.val_interval == 0 or s.position.epoch + 1 == s.num_epochs:
+                eval_metrics = self.validate()
+                if args.model_ema:
+                    eval_metrics.update({f'ema_{k}': v for k, v in self.validate(ema=True).items()})
+            metric = eval_metrics.get(args.eval_metric)
             lrs = [group['lr'] for group in s.optimizer.param_groups]
-            s.scheduler.step(s.position.epoch + 1, eval_metrics[args.eval_metric])
+            s.scheduler.step(s.position.epoch + 1, metric)
             s.task.sync_task_state()
             s.position.gather(args.distributed)
             if args.rank == 0:
-                _logger.info(f'Eval {s.position.epoch}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+                if eval_metrics:
+                    _logger.info(f'Eval {s.position.epoch}: ' +
+                                 '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
                 self.write_summary(train_metrics, eval_metrics, 'ok', lr=sum(lrs) / len(lrs))
-                best = self.save(lambda: self.saver.save_checkpoint(s.position.epoch,
-                                                                    metric=eval_metrics[args.eval_metric]))
+                best = self.save(lambda: self.saver.save_checkpoint(s.position.epoch, metric=metric))
                 self.last_checkpoint = os.path.join(self.output_dir, 'last.pth.tar')
             verdict = s.guard.poll()  # a stop request during the epoch's last step or validation
             if verdict.signum and s.position.epoch + 1 < s.num_epochs:
@@ -569,7 +667,7 @@ def main(argv: Optional[list] = None) -> None:
     saver = None
     if args.rank == 0:
         saver = RunSaver(model=s.task.get_eval_model(), optimizer=s.optimizer, args=args, task=s.task,
-                         amp_scaler=s.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
+                         amp_scaler=s.grad_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                          decreasing=args.eval_metric in LOWER_IS_BETTER, max_history=args.checkpoint_hist,
                          loop_state=s.loop_state)
         if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
