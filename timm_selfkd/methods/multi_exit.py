@@ -294,7 +294,8 @@ class MultiExitEvaluator:
 
 @register_method('multi_exit', hparams=MultiExitHparams, paper='BYOT: Zhang et al., Be Your Own Teacher, ICCV 2019; '
                                                               'DMFL: Chottananurak et al., Progressive '
-                                                              'Self-Knowledge Distillation with Mutual Learning')
+                                                              'Self-Knowledge Distillation with Mutual Learning; '
+                                                              'PS-KD: Kim et al., ICCV 2021')
 class MultiExitTask(SelfKDTask):
     """Auxiliary exits on stage outputs learn from the labels and the deepest classifier (BYOT), and exchange
     feature distributions with it (DMFL); with `pskd`, every classifier learns from PS-KD's soft targets.
