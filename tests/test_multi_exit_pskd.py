@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from torch.utils.data import DistributedSampler, IterableDataset
+from torch.utils.data import IterableDataset
 
 import timm_selfkd
 import test_trajectory_distributed as ddp
@@ -252,27 +252,7 @@ def _triple(rank, local_world_size):
     task.bind_run(RunInfo(num_epochs=ddp.EPOCHS, steps_per_epoch=ddp.STEPS, num_samples=ddp.NUM_SAMPLES,
                           num_classes=ddp.NUM_CLASSES, batch_size=ddp.PER_RANK_BATCH, world_size=ddp.WORLD,
                           rank=rank, local_rank=rank % local_world_size, local_world_size=local_world_size))
-    task.prepare_distributed(device_ids=None)
-    optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=0.2)
-    sampler = DistributedSampler(range(ddp.NUM_SAMPLES), num_replicas=ddp.WORLD, rank=rank, shuffle=True, seed=0)
-    memory, predictions, reads = task.progressive.memory, [], []
-    for epoch in range(ddp.EPOCHS):
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        for step in range(ddp.STEPS):
-            indices = torch.tensor(order[step * ddp.PER_RANK_BATCH:(step + 1) * ddp.PER_RANK_BATCH])
-            memory.flush()
-            reads.append((epoch, indices, *memory.lookup(indices)))
-            task.bind_batch_info_source(lambda: BatchInfo(epoch, step, indices))
-            out = task(images[indices], labels[indices])
-            predictions.append((epoch, indices, out['output'].detach().softmax(-1)))
-            optimizer.zero_grad()
-            out['loss'].backward()
-            optimizer.step()
-    task.sync_task_state()
-    everyone = [None] * ddp.WORLD
-    dist.all_gather_object(everyone, predictions)
-    return {'table': memory.values.clone(), 'reads': reads, 'predictions': everyone}
+    return ddp.train_recording(task, task.progressive.memory, images, labels, rank, lr=0.2)
 
 
 def _worker(rank, init_file, out_dir):
