@@ -34,6 +34,30 @@ def image_folder(tmp_path_factory):
     return str(root)
 
 
+# The six model families of the sub-network methods at small sizes: (timm name, create_model kwargs, image size).
+# Residual branches start non-zero (timm zero-initialises ResNet's last BN and scales ConvNeXt's by 1e-6), so that
+# dropping a block changes the output from the first step.
+SMALL_FAMILIES = {
+    'resnet': ('resnet18', {'zero_init_last': False}, 32),
+    'resnext': ('resnext50_32x4d', {'layers': (1, 1, 1, 1), 'zero_init_last': False}, 32),
+    'efficientnet': ('efficientnet_b0', {}, 32),
+    'convnext': ('convnext_atto', {'ls_init_value': 1.0}, 32),
+    'swin': ('swin_tiny_patch4_window7_224', {'img_size': 64, 'embed_dim': 24, 'depths': (2, 2, 2, 2),
+                                              'num_heads': (1, 2, 2, 4), 'window_size': 4, 'drop_path_rate': 0.},
+             64),
+    'vit': ('vit_tiny_patch16_224', {'img_size': 32, 'patch_size': 8, 'depth': 4}, 32),
+}
+
+
+def small_model(family, seed=0, **kwargs):
+    """A seeded small model of one of `SMALL_FAMILIES` with NUM_CLASSES classes, and its image size."""
+    import timm
+    import torch
+    name, family_kwargs, size = SMALL_FAMILIES[family]
+    torch.manual_seed(seed)
+    return timm.create_model(name, num_classes=NUM_CLASSES, **{**family_kwargs, **kwargs}), size
+
+
 def pytest_addoption(parser):
     parser.addoption('--matrix-json', metavar='FILE', default=None,
                      help='record the compatibility-matrix cells the tests check into FILE (merged into it), for '

@@ -29,7 +29,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _flag(method: str, field_name: str) -> str:
-    return f'--{method}-{field_name.replace("_", "-")}'
+    return f'--{method}-{field_name}'.replace('_', '-')
 
 
 def _dest(method: str, field_name: str) -> str:

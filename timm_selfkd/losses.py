@@ -6,7 +6,7 @@ All functions run with autocast disabled and upcast their inputs, so they stay f
 import torch
 import torch.nn.functional as F
 
-__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'bake_targets']
+__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'soft_target_ce', 'bake_targets']
 
 
 def float32_region(tensor: torch.Tensor):
@@ -28,13 +28,29 @@ def kd_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature
         return kl * temperature ** 2
 
 
-def kd_kl_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`T^2 * KL(softmax(t / T) || softmax(z / T))` for teacher logits `t`, computed between log-probabilities."""
+def kd_kl_from_logits(
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        temperature: float,
+        detach_teacher: bool = True,
+) -> torch.Tensor:
+    """`T^2 * KL(softmax(t / T) || softmax(z / T))` for teacher logits `t`, computed between log-probabilities.
+
+    The teacher side is detached unless `detach_teacher=False` lets the term's gradient reach it too.
+    """
     with float32_region(student_logits):
         log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+        teacher_logits = teacher_logits.detach() if detach_teacher else teacher_logits
+        log_q = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
         kl = F.kl_div(log_p, log_q, reduction='batchmean', log_target=True)
         return kl * temperature ** 2
+
+
+def soft_target_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """`-sum_k q_k log softmax(z)_k`, averaged over the batch, for target distributions `q` (detached here)."""
+    with float32_region(logits):
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        return -(target_probs.detach().float() * log_p).sum(dim=-1).mean()
 
 
 @torch.no_grad()

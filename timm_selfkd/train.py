@@ -262,6 +262,8 @@ class Setup:
     def _create_model(self, num_labels: Optional[int]):
         """timm's model; without --num-classes, as many classes as the training set has."""
         args = self.args
+        if args.drop_path is not None and not 0 <= args.drop_path < 1:
+            raise UsageError(f'--drop-path (the stochastic-depth rate) must be in [0, 1), got {args.drop_path}')
         if args.num_classes is None and num_labels is not None and not args.pretrained:
             args.num_classes = num_labels
         if args.fast_norm:
@@ -530,12 +532,13 @@ class Run:
         s = self.s
         model = s.task.get_eval_model(ema=ema)
         model.eval()
+        forward = s.task.eval_forward(ema=ema)  # the model, or what the task's evaluator needs besides its logits
         evaluator = s.task.create_evaluator(max_samples=evaluation_sample_limit(s.eval_loader))
         for input, target in s.eval_loader:
             if s.args.no_prefetcher:
                 input, target = input.to(s.device), target.to(s.device)
             with s.autocast():
-                output = model(input)
+                output = forward(input)
             evaluator.update(output, target)
         return evaluator.compute(distributed=s.args.distributed)
 

@@ -3,3 +3,5 @@ from .base import LogitsAndFeatures, SelfKDTask
 from .plain import PlainTask
 from .dlb import DLBTask
 from .bake import BAKETask
+from .self_guidance import SelfGuidanceTask
+from .multi_exit import MultiExitTask

@@ -1,7 +1,7 @@
 """What every self-KD task shares: the trainable module, timm's criterion, DDP/compile/eval-model plumbing."""
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -13,7 +13,8 @@ from timm.task import TrainingTask, resolve_classification_loss
 from ..losses import float32_region
 from ..stream import BatchInfo
 
-__all__ = ['SelfKDTask', 'LogitsAndFeatures', 'RunInfo', 'check_range', 'world_size']
+__all__ = ['SelfKDTask', 'ModelWrapper', 'LogitsAndFeatures', 'has_pooled_features', 'RunInfo', 'check_range',
+           'world_size']
 
 
 @dataclass(frozen=True)
@@ -54,23 +55,18 @@ def check_range(method: str, name: str, value: float, low: float, high: float = 
         raise ValueError(f'{method} {name} must be >= {low}{upper}, got {value}')
 
 
-class LogitsAndFeatures(nn.Module):
-    """A timm model that returns `(logits, pooled pre-logit features)` from one forward pass.
+class ModelWrapper(nn.Module):
+    """Base of the trainable modules that wrap a timm model (`self.model`) to return more than its logits.
 
-    The features are the input of the model's classifier, captured while `forward_head` runs once, so the
-    head (pooling, head convs and norms, dropout) runs once per step as in plain training. (With `--drop`,
-    models that drop out after their pre-logits, e.g. MobileNetV3, give dropped-out features.) Models whose
-    classifier is not one module (e.g. distilled DeiT's two heads) get `forward_head(pre_logits=True)` too.
-    All gradient work happens inside this module's `forward`, so DDP sees a single forward per step.
+    All gradient work happens inside the wrapper's `forward`, so DDP sees a single forward per step.
     Parameter names gain a `model.` prefix; weight-decay exclusions and layer groups (for `--layer-decay`)
-    follow the wrapped model.
+    follow the wrapped model, and the wrapper's own parameters (e.g. auxiliary heads) join the last group.
+    `SelfKDTask.get_eval_model` returns the wrapped model, so validation, EMA evaluation and checkpoints see
+    the plain timm model.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        if not _has_pooled_features(model):
-            raise ValueError(f'model {type(model).__name__} has no forward_features/forward_head(pre_logits=True), '
-                             'which this method needs for pooled features')
         self.model = model
 
     def no_weight_decay(self):
@@ -81,10 +77,16 @@ class LogitsAndFeatures(nn.Module):
             return lambda name: 0
         layer_of = group_parameters(self.model, self.model.group_matcher(coarse=coarse), reverse=True)
         last = max(layer_of.values(), default=0)
-        return lambda name: layer_of.get(name[len('model.'):], last)
+        return lambda name: layer_of.get(name[len('model.'):], last) if name.startswith('model.') else last
 
-    def forward(self, input: torch.Tensor):
-        feature_map = self.model.forward_features(input)
+    def logits_and_features(self, feature_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pooled pre-logit features from the output of `forward_features`, running the head once.
+
+        The features are the input of the model's classifier, captured while `forward_head` runs, so the head
+        (pooling, head convs and norms, dropout) runs once per step as in plain training. (With `--drop`,
+        models that drop out after their pre-logits, e.g. MobileNetV3, give dropped-out features.) Models
+        whose classifier is not one module (e.g. distilled DeiT's two heads) get `forward_head(pre_logits=True)`.
+        """
         classifier = self.model.get_classifier() if hasattr(self.model, 'get_classifier') else None
         if not isinstance(classifier, nn.Module):
             return self.model.forward_head(feature_map), self.model.forward_head(feature_map, pre_logits=True)
@@ -99,7 +101,21 @@ class LogitsAndFeatures(nn.Module):
         return logits, captured[0].flatten(1)  # conv classifiers (ResNetV2, DLA, DPN) take (B, C, 1, 1)
 
 
-def _has_pooled_features(model: nn.Module) -> bool:
+class LogitsAndFeatures(ModelWrapper):
+    """A timm model that returns `(logits, pooled pre-logit features)` from one forward pass
+    (see `ModelWrapper.logits_and_features`)."""
+
+    def __init__(self, model: nn.Module):
+        if not has_pooled_features(model):
+            raise ValueError(f'model {type(model).__name__} has no forward_features/forward_head(pre_logits=True), '
+                             'which this method needs for pooled features')
+        super().__init__(model)
+
+    def forward(self, input: torch.Tensor):
+        return self.logits_and_features(self.model.forward_features(input))
+
+
+def has_pooled_features(model: nn.Module) -> bool:
     head = getattr(model, 'forward_head', None)
     return (callable(getattr(model, 'forward_features', None)) and callable(head)
             and 'pre_logits' in inspect.signature(head).parameters)
@@ -223,11 +239,19 @@ class SelfKDTask(TrainingTask):
         return self.eval_model
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
-        """The bare timm model inside any wrapper (DDP, EMA, compile, `LogitsAndFeatures`)."""
+        """The bare timm model inside any wrapper (DDP, EMA, compile, a `ModelWrapper`)."""
         resolved = super().get_eval_model(module=module, ema=ema)
         current = resolved
         while current is not None:
-            if isinstance(current, LogitsAndFeatures):
+            if isinstance(current, ModelWrapper):
                 return current.model
             current = getattr(current, 'module', None) or getattr(current, '_orig_mod', None)
         return resolved
+
+    def eval_forward(self, ema: bool = False) -> Callable[[torch.Tensor], Any]:
+        """What validation calls on each batch of images; its output goes to `create_evaluator()`'s `update`.
+
+        The default is the eval model itself (logits). Tasks whose evaluator reports more than the deployed
+        model's metrics (e.g. auxiliary exits) return a callable that also computes what that evaluator needs.
+        """
+        return self.get_eval_model(ema=ema)

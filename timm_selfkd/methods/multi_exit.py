@@ -1,0 +1,365 @@
+"""Multi-exit self-distillation on any timm model with `forward_intermediates()`: BYOT's auxiliary exits and
+DMFL's mutual feature loss (Chottananurak et al., Progressive Self-Knowledge Distillation with Mutual Learning,
+sec. 3.1, eq. 2-3, after Zhang et al., Be Your Own Teacher, ICCV 2019)."""
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.utils import unwrap_model
+
+from ..losses import float32_region, kd_kl_from_logits, soft_target_ce
+from ..registry import register_method
+from .base import ModelWrapper, SelfKDTask, check_range, has_pooled_features
+
+__all__ = ['MultiExitHparams', 'Exit', 'MultiExitModule', 'MultiExitEvaluator', 'MultiExitTask', 'exit_indices',
+           'multi_exit_loss']
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_EXITS = 3  # BYOT and seed 4 table 2: three exits plus the model's own classifier
+
+
+def _parse_indices(text: str) -> Tuple[int, ...]:
+    try:
+        indices = tuple(int(item) for item in text.split(',')) if text.strip() else ()
+    except ValueError:
+        raise ValueError(f'multi_exit indices must be comma-separated integers (e.g. 2,5,8), got {text!r}') from None
+    if len(set(indices)) != len(indices):
+        raise ValueError(f'multi_exit indices must be distinct, got {text!r}')
+    return indices
+
+
+@dataclass
+class MultiExitHparams:
+    byot: bool = field(default=True, metadata={
+        'help': 'BYOT loss on every exit (eq. 2): (1 - alpha) CE to the target + alpha KL to the deepest '
+                'classifier + lambda feature hint'})
+    dmfl: bool = field(default=True, metadata={
+        'help': 'deep mutual feature loss (eq. 3): symmetric KL between each exit\'s feature distribution and '
+                'the deepest one\'s'})
+    alpha: float = field(default=0.1, metadata={'help': 'BYOT weight alpha of the KL to the deepest classifier '
+                                                        '(eq. 2; the CE gets 1 - alpha)'})
+    feature_weight: float = field(default=1e-6, metadata={'help': 'BYOT weight lambda of the L2 feature hint (eq. 2)'})
+    temperature: float = field(default=1.0, metadata={'help': 'temperature of the exits\' KL, scaled by T^2 (eq. 2 '
+                                                              'uses 1; BYOT\'s code 3)'})
+    indices: str = field(default='', metadata={
+        'help': 'forward_intermediates() levels that get an exit, comma-separated (e.g. ViT blocks 2,5,8); '
+                'default: the three stage ends before the last (ViT-like models: blocks at 1/4, 1/2, 3/4 depth)'})
+
+    def __post_init__(self):
+        check_range('multi_exit', 'alpha', self.alpha, 0., 1.)
+        check_range('multi_exit', 'feature_weight', self.feature_weight, 0.)
+        check_range('multi_exit', 'temperature', self.temperature, 1e-6)
+        if not (self.byot or self.dmfl):
+            raise ValueError('multi_exit needs byot or dmfl (or both); without them the exits teach nothing')
+        _parse_indices(self.indices)
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+
+
+def exit_indices(model: nn.Module, indices: str = '') -> List[int]:
+    """The `forward_intermediates()` levels that get an exit, checked against the model.
+
+    Levels are the model's `feature_info` entries; the last one feeds the model's own classifier (the
+    deepest exit, N) and gets no auxiliary exit. By default: the ends of the three stages before the last
+    (levels followed by a change of resolution), or, for models whose levels all share one resolution (ViT,
+    MLP-Mixer, ...), the blocks at 1/4, 1/2 and 3/4 of the depth.
+
+    Args:
+        model: A timm model.
+        indices: Comma-separated levels, or '' for the default.
+
+    Raises:
+        ValueError: The model has no `forward_intermediates`, or an index does not exist (the message names the
+            valid range).
+    """
+    name = _model_name(model)
+    feature_info = getattr(model, 'feature_info', None)
+    if not callable(getattr(model, 'forward_intermediates', None)) or not feature_info:
+        raise ValueError(f'multi_exit needs the stage outputs of timm\'s forward_intermediates(), and model {name} '
+                         'has no forward_intermediates()')
+    if not has_pooled_features(model):
+        raise ValueError(f'multi_exit needs forward_head(pre_logits=True) for the deepest feature, and model {name} '
+                         'has none')
+    levels = len(feature_info)
+    if levels < 2:
+        raise ValueError(f'multi_exit: model {name} has a single forward_intermediates() level, no room for exits')
+    requested = _parse_indices(indices)
+    for index in requested:
+        if not 0 <= index <= levels - 2:
+            raise ValueError(f'multi_exit: exit index {index} does not exist for {name}: valid indices are '
+                             f'0-{levels - 2} (of its {levels} forward_intermediates() levels, the last feeds the '
+                             'model\'s own classifier)')
+    if requested:
+        return sorted(requested)
+    reductions = [info['reduction'] for info in feature_info]
+    stage_ends = [i for i in range(levels - 1) if reductions[i + 1] != reductions[i]]
+    if stage_ends:
+        return stage_ends[-DEFAULT_EXITS:]
+    return sorted({max(round(levels * k / (DEFAULT_EXITS + 1)) - 1, 0) for k in range(1, DEFAULT_EXITS + 1)})
+
+
+class Exit(nn.Module):
+    """An auxiliary classifier on a stage output (BYOT; seed 4 sec. 3.1): bottleneck -> pooled feature -> fc.
+
+    The bottleneck is a 1x1 convolution with BatchNorm and ReLU at the stage's width; after global average
+    pooling a linear map gives the exit's feature `F_i` the size of the deepest classifier's pooled feature
+    `F_N` (so eq. 2's hint and eq. 3's KL compare like with like), and a linear classifier its logits. Light
+    by design: pooling comes before the widening map, so an exit costs a small fraction of its stage.
+
+    Args:
+        in_chs: Channels of the stage output (NCHW).
+        feature_dim: Size of `F_N`, the input of the model's classifier.
+        num_classes: Classes of the model.
+        detach_classifier: Train the classifier on a detached feature (an exit whose feature is trained by
+            DMFL alone, so that its accuracy can still be reported).
+    """
+
+    def __init__(self, in_chs: int, feature_dim: int, num_classes: int, detach_classifier: bool = False):
+        super().__init__()
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(in_chs, in_chs, kernel_size=1, bias=False), nn.BatchNorm2d(in_chs), nn.ReLU(inplace=True))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature = nn.Linear(in_chs, feature_dim)
+        self.fc = nn.Linear(feature_dim, num_classes)
+        self.detach_classifier = detach_classifier
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(logits, feature)` of a (B, C, H, W) stage output."""
+        feature = self.feature(self.pool(self.bottleneck(x)).flatten(1))
+        return self.fc(feature.detach() if self.detach_classifier else feature), feature
+
+
+class MultiExitModule(ModelWrapper):
+    """A timm model with auxiliary exits on some `forward_intermediates()` levels; one pass gives all outputs.
+
+    `forward` returns `(logits, features, exit_logits, exit_features)`: the model's logits and pooled
+    pre-logit features (`F_N`) and, per exit in depth order, its logits and feature `F_i`. The exits are
+    parameters of this module (trained, averaged by EMA) but not of the wrapped model, so the deployed
+    checkpoint stays the plain timm model.
+    """
+
+    def __init__(self, model: nn.Module, indices: Sequence[int], exits: nn.ModuleList):
+        super().__init__(model)
+        self.indices = list(indices)
+        self.exits = exits
+
+    def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        final, intermediates = self.model.forward_intermediates(input, indices=self.indices)
+        logits, features = self.logits_and_features(final)
+        exit_logits, exit_features = [], []
+        for exit_head, stage_output in zip(self.exits, intermediates):
+            exit_output, exit_feature = exit_head(stage_output)
+            exit_logits.append(exit_output)
+            exit_features.append(exit_feature)
+        return logits, features, exit_logits, exit_features
+
+    @torch.no_grad()
+    def classifier_logits(self, input: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The model's logits and every exit's, for validation."""
+        final, intermediates = self.model.forward_intermediates(input, indices=self.indices)
+        return self.model.forward_head(final), [exit_head(x)[0] for exit_head, x in zip(self.exits, intermediates)]
+
+
+def _feature_hint(exit_feature: torch.Tensor, deepest_feature: torch.Tensor) -> torch.Tensor:
+    """`||F_i - F_N||^2` per image, averaged over the batch; `F_N` detached (the teacher side)."""
+    with float32_region(exit_feature):
+        return (exit_feature.float() - deepest_feature.detach().float()).pow(2).sum(dim=1).mean()
+
+
+def multi_exit_loss(
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        exit_logits: Sequence[torch.Tensor],
+        exit_features: Sequence[torch.Tensor],
+        target: torch.Tensor,
+        cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        hparams: MultiExitHparams,
+) -> Dict[str, torch.Tensor]:
+    """`L = L_CE + L_Self-KD + L_DMFL` (seed 4 sec. 3.1) for exits i = 1..N-1 and the deepest classifier N.
+
+    - `L_CE = CE(P_N, y)`: the model's own classifier against the (soft) target.
+    - `L_Self-KD = sum_i (1 - alpha) CE(P_i, y) + alpha T^2 KL(P_N || P_i) + lambda ||F_i - F_N||^2` (eq. 2),
+      with `P_N` and `F_N` detached (the teacher side), when `byot`.
+    - `L_DMFL = 1 / (N - 1) sum_i KL(F_i || F_N) + KL(F_N || F_i)` (eq. 3) between the softmax over feature
+      dimensions of `F_i` and `F_N`, when `dmfl`. Mutual learning as in DML: in each direction the target
+      side is detached, so the first term trains `F_N`, the second `F_i`.
+    - Without `byot`, the exits' classifiers learn `CE(P_i, y)` on detached features (`Exit.detach_classifier`),
+      which leaves the backbone and the exits' features to DMFL alone.
+
+    Logged terms are unweighted sums over the exits: `loss_ce`, `loss_exit_ce`, `loss_exit_kl`, `loss_hint`,
+    `loss_dmfl`.
+    """
+    loss_ce = cross_entropy(logits, target)
+    exit_ce = torch.stack([cross_entropy(z, target) for z in exit_logits]).sum()
+    out = {'loss_ce': loss_ce, 'loss_exit_ce': exit_ce}
+    if hparams.byot:
+        exit_kl = torch.stack([kd_kl_from_logits(z, logits, hparams.temperature) for z in exit_logits]).sum()
+        hint = torch.stack([_feature_hint(f, features) for f in exit_features]).sum()
+        loss = loss_ce + (1 - hparams.alpha) * exit_ce + hparams.alpha * exit_kl + hparams.feature_weight * hint
+        out.update(loss_exit_kl=exit_kl, loss_hint=hint)
+    else:
+        loss = loss_ce + exit_ce
+    if hparams.dmfl:
+        mutual = [kd_kl_from_logits(features, f, 1.0) + kd_kl_from_logits(f, features, 1.0) for f in exit_features]
+        out['loss_dmfl'] = torch.stack(mutual).sum() / len(exit_features)
+        loss = loss + out['loss_dmfl']
+    out['loss'] = loss
+    return out
+
+
+class MultiExitEvaluator:
+    """The task's own evaluator for the deployed model's logits, plus each exit's top-1 (`exit1_top1` is the
+    shallowest) and the top-1 of the ensemble of all classifiers, exits and model, by their mean softmax
+    (`ensemble_top1`): seed 4 table 2. Counts stay on the device until `compute`.
+
+    Args:
+        main: The evaluator of the model's logits (timm's `ClassificationEvaluator` interface).
+        num_exits: Number of auxiliary exits.
+        device: Device of the counts.
+        max_samples: Ignore predictions beyond this many examples (distributed sampler padding).
+    """
+
+    def __init__(self, main: Any, num_exits: int, device: torch.device, max_samples: Optional[int] = None):
+        self.main = main
+        self.num_exits = num_exits
+        self.device = torch.device(device)
+        self.max_samples = max_samples
+        self.default_metric = main.default_metric
+        self.metric_names = tuple(main.metric_names) + self._names()
+        self.reset()
+
+    def _names(self) -> Tuple[str, ...]:
+        return tuple(f'exit{i + 1}_top1' for i in range(self.num_exits)) + ('ensemble_top1',)
+
+    def reset(self) -> None:
+        self.main.reset()
+        self.num_samples = 0
+        self.counts = torch.zeros(self.num_exits + 2, dtype=torch.int64, device=self.device)  # examples, correct
+
+    @torch.no_grad()
+    def update(self, output: Tuple[torch.Tensor, List[torch.Tensor]], target: torch.Tensor) -> None:
+        logits, exit_logits = output
+        self.main.update(logits, target)
+        count = logits.shape[0] if self.max_samples is None else max(0, min(logits.shape[0],
+                                                                            self.max_samples - self.num_samples))
+        self.num_samples += count
+        if not count:
+            return
+        classifiers = [z[:count].float() for z in exit_logits] + [logits[:count].float()]
+        target = target[:count]
+        ensemble = torch.stack([z.softmax(dim=-1) for z in classifiers]).mean(0)
+        correct = [z.argmax(dim=-1).eq(target).sum() for z in classifiers[:-1] + [ensemble]]
+        self.counts[0] += count
+        self.counts[1:] += torch.stack(correct)
+
+    def _summary(self, main_metrics: Dict[str, float], counts: torch.Tensor) -> Dict[str, float]:
+        total, *correct = counts.tolist()
+        metrics = OrderedDict(main_metrics)
+        metrics.update((name, 100 * c / max(total, 1)) for name, c in zip(self._names(), correct))
+        return metrics
+
+    def summary(self) -> Dict[str, float]:
+        return self._summary(self.main.summary(), self.counts)
+
+    def compute(self, distributed: bool = False) -> Dict[str, float]:
+        counts = self.counts.clone()
+        if distributed:
+            dist.all_reduce(counts)
+        return self._summary(self.main.compute(distributed=distributed), counts)
+
+
+@register_method('multi_exit', hparams=MultiExitHparams, paper='BYOT: Zhang et al., Be Your Own Teacher, ICCV 2019; '
+                                                              'DMFL: Chottananurak et al., Progressive '
+                                                              'Self-Knowledge Distillation with Mutual Learning')
+class MultiExitTask(SelfKDTask):
+    """Auxiliary exits on stage outputs learn from the labels and the deepest classifier (BYOT), and exchange
+    feature distributions with it (DMFL).
+
+    Exits (bottleneck -> pooled feature -> fc, `Exit`) sit on the `forward_intermediates()` levels chosen by
+    `indices`; one forward pass gives the model's and the exits' outputs, and the loss is
+    `multi_exit_loss`. The exits are training-only: they live in the trainable module and the task state
+    (saved and resumed, EMA-averaged), not in the deployed checkpoint, and inference runs the plain model.
+    Validation also reports each exit's top-1 and the ensemble top-1 (`MultiExitEvaluator`).
+    `classification_target` is the plug for PS-KD's soft targets.
+    """
+
+    supports_mixup = True
+
+    def wrap_model(self, model: nn.Module) -> MultiExitModule:
+        indices = exit_indices(model, self.hparams.indices)
+        if not getattr(model, 'num_classes', 0):
+            raise ValueError(f'multi_exit needs a model with a classifier, and {_model_name(model)} has none')
+        feature_dim = getattr(model, 'head_hidden_size', None) or model.num_features
+        reference = next(model.parameters())
+        exits = nn.ModuleList([
+            Exit(model.feature_info[i]['num_chs'], feature_dim, model.num_classes,
+                 detach_classifier=not self.hparams.byot)
+            for i in indices]).to(device=reference.device, dtype=reference.dtype)
+        if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+            exits = nn.SyncBatchNorm.convert_sync_batchnorm(exits)
+        _logger.info(f'multi_exit: exits on forward_intermediates() levels {indices} of {_model_name(model)} '
+                     f'({sum(p.numel() for p in exits.parameters()) / 1e6:.2f}M training-only parameters)')
+        return MultiExitModule(model, indices, exits)
+
+    def classification_target(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The target `y_soft` of every classifier's cross-entropy this step (eq. 2).
+
+        Here the labels (or mixup's soft targets) as given. This is the plug for PS-KD's progressive soft
+        targets: an override returns `(1 - a_e) onehot(y) + a_e P[i]` as (B, K) distributions (and may record
+        `softmax(logits)`, the model's detached prediction for the batch, in its memory); float targets are
+        trained with a soft-target cross-entropy.
+        """
+        return target
+
+    def _cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.is_floating_point():
+            return soft_target_ce(logits, target)
+        return self.cross_entropy(logits, target)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits, features, exit_logits, exit_features = self.trainable_module(input)
+        target = self.classification_target(target, logits)
+        out = multi_exit_loss(logits, features, exit_logits, exit_features, target, self._cross_entropy, self.hparams)
+        out['output'] = logits
+        return out
+
+    def _exit_module(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[MultiExitModule]:
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        return None if module is None else unwrap_model(module)
+
+    def eval_forward(self, ema: bool = False) -> Callable[[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        module = self._exit_module(ema=ema)
+        module.eval()
+        return module.classifier_logits
+
+    def create_evaluator(self, **kwargs) -> MultiExitEvaluator:
+        main = super().create_evaluator(**kwargs)
+        module = self._exit_module()
+        return MultiExitEvaluator(main, len(module.exits), self.device, max_samples=kwargs.get('max_samples'))
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        module = self._exit_module(module, ema)
+        if module is None:
+            return {}
+        return {'exit_indices': list(module.indices),
+                'exits': {k: v.detach().cpu() for k, v in module.exits.state_dict().items()}}
+
+    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
+        module = self._exit_module(module, ema)
+        if module is None:
+            raise RuntimeError('cannot load the multi_exit exits before setup_ema()' if ema else
+                               'cannot load the multi_exit exits without a trainable module')
+        if not state or 'exits' not in state:
+            _logger.warning('multi_exit: the checkpoint has no exits; they start from scratch')
+            return
+        if list(state.get('exit_indices', ())) != module.indices:
+            raise ValueError(f'multi_exit: the checkpoint\'s exits sit on levels {state.get("exit_indices")}, this '
+                             f'run\'s on {module.indices} (set --multi-exit-indices to match)')
+        module.exits.load_state_dict(state['exits'], strict=strict)
