@@ -4,9 +4,16 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from timm_selfkd.tools.matrix import merge_results
+
+# One intra-op thread in the tests and in the processes they start (train.py, torchrun ranks): their kernels are
+# tiny, and on a busy 2-core machine two threads mostly spin waiting for each other (the every-method resume test
+# of test_preemption.py took 396 s of CPU with two threads and 17 s with one, at load average 5).
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 NUM_CLASSES = 4
 TRAIN_PER_CLASS = 8

@@ -5,8 +5,7 @@ feature's effect present, or is refused before the output folder exists with one
 
 `--matrix-json FILE` records every cell (see `timm_selfkd.tools.matrix`, which renders the README's table);
 `--resume` is `test_every_method_resumes_exactly...` in test_preemption.py; fp16 and sync-BN are in test_gpu.py.
-Runs are tiny (`test_resnet`, 32 px, 32 training images, batch 8, one epoch of 4-8 steps) and use one thread:
-on a busy 2-core machine two threads of such small kernels mostly wait for each other.
+Runs are tiny: `test_resnet`, 32 px, 32 training images, batch 8, one epoch of 4-8 steps.
 """
 import json
 import math
@@ -35,14 +34,6 @@ FEATURES = {  # the cells combined in one run, each with its flags
     'ema': ['--model-ema', '--model-ema-decay', '0.5'],
 }
 MIXUP = ['--mixup', '0.2', '--cutmix', '1.0']
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass
