@@ -4,6 +4,7 @@ the optimizer updates, the EMA's starting weights, how often compiled graphs ran
 import csv
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -100,42 +101,46 @@ def refused_cell(refusal: str, cells: Sequence[str]) -> str:
 
 
 def ddp_cell(matrix, cell: str, methods: Sequence[str], method_args: Dict[str, list], data: str, output,
-             *flags: str, backend: str = 'gloo') -> Dict[str, List[dict]]:
-    """Train every method under `torchrun --nproc_per_node 2` in one launch, with `flags`; record `cell` per method.
+             *flags: str, variants: Sequence[Sequence[str]] = ((),), backend: str = 'gloo') -> Dict[str, List[dict]]:
+    """Train every method under `torchrun --nproc_per_node 2` in one launch, with `flags` and each of `variants`'
+    flags in turn; record `cell` per method.
 
-    Passed: the ranks trained on different images, ended with the same weights, and the summary counts both
-    ranks' images. Refused: both ranks stopped with the same one line naming the cell's option.
+    Passed: in every variant the ranks trained on different images and ended with the same weights, made one
+    optimizer update per `--grad-accum-steps` batches, and the summary counts both ranks' images. Refused: both
+    ranks stopped with the same one line naming the cell's option.
 
     Returns:
-        Each method's two rank records (`matrix_ddp.py`), for more checks.
+        Each method's two rank records (`matrix_ddp.py`) of its first variant, for more checks.
     """
+    runs = {f'{method}-{i}': (method, list(variant)) for method in methods for i, variant in enumerate(variants)}
     specs = []
-    for method in methods:
-        specs += ['--', method, *method_args.get(method, []), *flags]
+    for label, (method, variant) in runs.items():
+        specs += ['--', label, method, *method_args.get(method, []), *flags, *variant]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            os.path.join(os.path.dirname(os.path.abspath(__file__)), 'matrix_ddp.py'), str(output), data, backend,
            *specs]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo)
     ranks = [json.loads(p.read_text()) if p.exists() else {} for p in (output / 'rank0.json', output / 'rank1.json')]
-    unfinished = [m for m in methods if any(r.get(m, {}).get('outcome', 'failed') == 'failed' for r in ranks)]
-    for method in unfinished:
+    unfinished = [label for label in runs if any(r.get(label, {}).get('outcome', 'failed') == 'failed' for r in ranks)]
+    for method in {runs[label][0] for label in unfinished}:
         matrix.failed(method, cell, f'the {cell} run failed')
-    errors = {m: [r[m].get('error') for r in ranks if m in r] for m in unfinished}
+    errors = {label: [r[label].get('error') for r in ranks if label in r] for label in unfinished}
     assert result.returncode == 0 and not unfinished, (errors, result.stderr[-3000:])
-    records = {}
-    for method in methods:
-        first, second = records[method] = [ranks[0][method], ranks[1][method]]
+    for label, (method, variant) in runs.items():
+        first, second = ranks[0][label], ranks[1][label]
         if first['outcome'] == 'refused':
-            assert second == first and first['status'] == 2 and len(first['lines']) == 1, (method, first, second)
+            assert second == first and first['status'] == 2 and len(first['lines']) == 1, (label, first, second)
             reason = first['lines'][0][len('train.py: error: '):]
             refused_cell(reason, [cell])
             matrix.refused(method, cell, reason)
             continue
-        assert second['outcome'] == 'passed', (method, second)
-        assert first['first_input'] != second['first_input'], f'{method}: both ranks trained on the same images'
-        assert first['weights'] == second['weights'], f'{method}: the ranks ended with different weights'
-        (row,) = summary_rows(output / method / 'summary.csv')
-        assert row['status'] == 'ok' and float(row['train_images']) == first['images'] + second['images'], method
+        assert second['outcome'] == 'passed', (label, second)
+        assert first['first_input'] != second['first_input'], f'{label}: both ranks trained on the same images'
+        assert first['weights'] == second['weights'], f'{label}: the ranks ended with different weights'
+        accum = int(variant[variant.index('--grad-accum-steps') + 1]) if '--grad-accum-steps' in variant else 1
+        assert all(r['updates'] == math.ceil(r['steps'] / accum) for r in (first, second)), (label, first, second)
+        (row,) = summary_rows(output / label / 'summary.csv')
+        assert row['status'] == 'ok' and float(row['train_images']) == first['images'] + second['images'], label
         matrix.expect(method, cell)
-    return records
+    return {method: [ranks[0][f'{method}-0'], ranks[1][f'{method}-0']] for method in methods}

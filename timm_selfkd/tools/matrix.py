@@ -57,7 +57,8 @@ CELLS = (
     Cell('bf16', 'bf16 (CPU)', '`--amp --amp-dtype bfloat16` on the CPU', flags=('--amp',)),
     Cell('fp16', 'fp16 + scaling (CUDA)', '`--amp --amp-dtype float16` on CUDA (loss scaling)', cuda=True,
          flags=('--amp',)),
-    Cell('ddp', 'DDP', '`torchrun --nproc_per_node 2`, gloo on the CPU', flags=('torchrun', 'process')),
+    Cell('ddp', 'DDP', '`torchrun --nproc_per_node 2`, gloo on the CPU, alone and with `--grad-accum-steps 2` (no '
+                       'gradient sync between updates)', flags=('torchrun', 'process')),
     Cell('ema', 'EMA', '`--model-ema`', flags=('--model-ema',)),
     Cell('compile', 'compile', '`--torchcompile aot_eager` (dynamo\'s graph capture and AOT autograd) for every '
                                'method; inductor for one', flags=('--torchcompile',)),
