@@ -178,6 +178,12 @@ def test_compile_cell(run, matrix, method):
     assert compiled.losses()[0] == pytest.approx(eager.losses()[0], rel=1e-4)
 
 
+@pytest.mark.parametrize('method', METHODS)
+def test_sync_bn_is_refused_on_the_cpu(run, method):
+    """The CPU side of the sync-BN cell (the README's legend says so): one line, for every method."""
+    assert 'SyncBatchNorm does not run on the CPU' in run(method, '--sync-bn').refusal
+
+
 def test_inductor_compile(run, matrix, monkeypatch):
     """One method (BAKE: a hook inside the compiled module, a linear solve outside) with inductor's generated code."""
     monkeypatch.setattr(torch._inductor.config, 'compile_threads', 1)
