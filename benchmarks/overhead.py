@@ -39,7 +39,7 @@ from timm_selfkd.stream import seed_everything, step_seed  # noqa: E402
 # (time ratio, memory ratio) upper bounds from the issues (None: no bound), measured on CPU with resnet18
 # (self_guidance and multi_exit: also with a Swin).
 TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'none+checks': (1.01, 1.01), 'self_guidance': (2.05, None),
-           'multi_exit': (1.15, None)}
+           'multi_exit': (1.15, None), **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], (1.01, 1.01))}
 POOL_BATCHES = 4  # distinct synthetic batches cycled through by every method
 CHECKED = 'none+checks'  # plain training with the loop's per-step seeding and guard (timm_selfkd.train)
 MEMORY_WARMUP = 2  # steps before the memory-measured one: DLB then holds last-batch logits, SGD its momentum
@@ -97,9 +97,10 @@ def _key_value(text: str) -> Tuple[str, object]:
 
 
 def base_method(spec: str) -> str:
-    """The registered method of a row: `self_guidance` of `self_guidance:skip_dropped=false`, `none` of
-    `none+checks`."""
-    return spec.split(':')[0].split('+')[0]
+    """The method of a row: `self_guidance` of `self_guidance:skip_dropped=false`, `none` of `none+checks`,
+    `ddgsd+dlb` (a stack) of itself."""
+    name = spec.split(':')[0]
+    return 'none' if name == CHECKED else name
 
 
 def method_hparams(spec: str) -> Dict[str, object]:
@@ -234,8 +235,12 @@ def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> int
 
 
 def new_images(method: str, batch_size: int, group: int) -> str:
-    """Images per step that are new to the epoch (the rest are repeats or same-class partners)."""
-    return {'dlb': str(batch_size // 2), 'bake': str(batch_size // group)}.get(base_method(method), str(batch_size))
+    """Images per step that are new to the epoch (the rest are repeats, same-class partners or second views)."""
+    per_method = {'dlb': batch_size // 2, 'bake': batch_size // group,
+                  'cskd': batch_size // 2,  # anchors; their partners are a no-grad teacher pass
+                  'ddgsd': batch_size // 2,  # images, each read as two views
+                  'ddgsd+dlb': batch_size // 4}  # DLB's new half of B/2 images, two views each
+    return str(per_method.get(base_method(method), batch_size))
 
 
 def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[str, int], group: int) -> str:

@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny image-folder data sets written to a temporary directory (no network); the recorder of
-the compatibility-matrix cells (`--matrix-json`)."""
+"""Shared fixtures: tiny image-folder data sets written to a temporary directory (no network); plain-math
+references shared by the loss tests; the recorder of the compatibility-matrix cells (`--matrix-json`)."""
+import math
 import os
 
 import numpy as np
@@ -63,6 +64,28 @@ def small_model(family, seed=0, **kwargs):
     name, family_kwargs, size = SMALL_FAMILIES[family]
     torch.manual_seed(seed)
     return timm.create_model(name, num_classes=NUM_CLASSES, **{**family_kwargs, **kwargs}), size
+
+
+def log_softmax_row(row, temperature=1.0):
+    """log softmax(row / T) of a list of floats, in plain math."""
+    scaled = [v / temperature for v in row]
+    top = max(scaled)
+    log_total = top + math.log(sum(math.exp(v - top) for v in scaled))
+    return [v - log_total for v in scaled]
+
+
+def hand_ce(rows, labels):
+    """mean_i -log softmax(z_i)[y_i], in plain math."""
+    return -sum(log_softmax_row(z)[y] for z, y in zip(rows, labels)) / len(labels)
+
+
+def hand_kd(teacher_rows, student_rows, temperature):
+    """T^2 * mean_i KL(softmax(t_i / T) || softmax(z_i / T)) from teacher and student logit rows, in plain math."""
+    total = 0.0
+    for t, z in zip(teacher_rows, student_rows):
+        log_q, log_p = log_softmax_row(t, temperature), log_softmax_row(z, temperature)
+        total += sum(math.exp(lq) * (lq - lp) for lq, lp in zip(log_q, log_p))
+    return temperature ** 2 * total / len(teacher_rows)
 
 
 def pytest_addoption(parser):

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from timm_selfkd import list_methods
 from timm_selfkd.args import format_methods, method_hparams, parse_args
 from timm_selfkd.methods.bake import BAKEHparams
 from timm_selfkd.train import main
@@ -31,6 +32,13 @@ def test_method_defaults_are_the_papers():
 def test_shipped_recipes_parse(recipe):
     args = parse_args(['-c', recipe])
     method_hparams(args)
+    if 'cifar' in args.dataset:  # the papers' CIFAR augmentation: pad-4 random crop and flip
+        assert (args.train_crop_mode, args.train_crop_padding, args.hflip) == ('pad', 4, 0.5), recipe
+
+
+def test_every_method_ships_a_recipe():
+    methods = {parse_args(['-c', recipe]).selfkd for recipe in glob.glob(os.path.join(REPO, 'configs', '*.yaml'))}
+    assert set(list_methods()) <= methods
 
 
 def test_list_selfkd_shows_every_flag_default_and_paper(capsys):
@@ -81,6 +89,8 @@ def test_run_args_yaml_is_a_recipe(tmp_path):
     ('decay_milestones: [10, 20.5]\n', "recipe key 'decay_milestones' must be int"),
     ('selfkd: bake\nbake_global_batch: "no"\n', "recipe key 'bake_global_batch' must be bool"),
     ('selfkd: dlb\ndlb_alpha: "high"\n', "--dlb-alpha: invalid float value: 'high'"),  # argparse's check
+    ('train_crop_mode: padd\n', "recipe key 'train_crop_mode' must be one of rrc, rkrc, rkrr, pad, got 'padd'"),
+    ('epochs: 0\n', '--epochs must be >= 1, got 0'),
 ])
 def test_recipe_values_of_the_wrong_type(tmp_path, capsys, text, expected):
     (tmp_path / 'r.yaml').write_text(text)

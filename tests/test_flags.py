@@ -115,7 +115,7 @@ class Streamed(IterableDataset):
 
 @pytest.mark.parametrize('method', timm_selfkd.list_methods())
 def test_streamed_data_sets_only_for_methods_that_need_no_sampler_or_indices(method):
-    task = timm_selfkd.create_task(method, timm.create_model('test_resnet', num_classes=4))
+    task = timm_selfkd.create_task(method, timm.create_model('test_resnet', num_classes=10))  # TC's gamma > 1/K
     loader = object()
     if task.takes_streamed_data():
         assert install_batch_stream(loader, task, task.hparams, Streamed(), batch_size=8, seed=0, rank=0,

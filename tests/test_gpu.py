@@ -9,14 +9,11 @@ import pytest
 import torch
 
 from matrix_support import Probe, ddp_cell
+from test_train import METHOD_ARGS  # per-method flags the 4-class set needs
 from timm_selfkd import train
 from timm_selfkd.tools.matrix import matrix_methods
 from timm_selfkd.train import main
 
-try:  # per-method flags the 4-class sets need (e.g. a teacher-correction gamma above 1/4)
-    from test_train import METHOD_ARGS
-except ImportError:
-    METHOD_ARGS = {}
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 METHODS = matrix_methods()

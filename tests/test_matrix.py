@@ -18,14 +18,11 @@ import timm
 import torch
 
 from matrix_support import Probe, ddp_cell, parameters, refused_cell, summary_rows
+from test_train import METHOD_ARGS  # per-method flags the 4-class set needs
 from timm_selfkd import train
 from timm_selfkd.tools import matrix as tool
 
 METHODS = tool.matrix_methods()
-try:  # per-method flags the 4-class sets need (e.g. a teacher-correction gamma above 1/4)
-    from test_train import METHOD_ARGS
-except ImportError:
-    METHOD_ARGS = {}
 
 FEATURES = {  # the cells combined in one run, each with its flags
     'bf16': ['--amp', '--amp-dtype', 'bfloat16'],

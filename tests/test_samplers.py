@@ -1,11 +1,12 @@
-"""Tests of the DLB (`LastBatchSampler`) and BAKE (`ClassGroupBatchSampler`) batch samplers."""
+"""Tests of the batch samplers: DLB (`LastBatchSampler`), BAKE and CS-KD (`ClassGroupBatchSampler`), DDGSD
+(`ViewsBatchSampler` over `EpochBatchSampler`)."""
 from collections import defaultdict
 
 import numpy as np
 import pytest
 from torch.utils.data import DistributedSampler, SequentialSampler
 
-from timm_selfkd.samplers import ClassGroupBatchSampler, LastBatchSampler
+from timm_selfkd.samplers import ClassGroupBatchSampler, EpochBatchSampler, LastBatchSampler, ViewsBatchSampler
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,3 +269,114 @@ def test_class_group_large_dataset_vectorised():
     partners = np.sort(groups[:, 1:], axis=1)
     assert not (partners == groups[:, :1]).any()
     assert (partners[:, 1:] != partners[:, :-1]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ClassGroupBatchSampler, CS-KD layout: [anchors..., partners...]
+# ---------------------------------------------------------------------------------------------------------------------
+
+def anchor_partner_pairs(batches):
+    """(anchor, partner) rows of an epoch of `anchors_first` batches: each batch is G anchors then G partners."""
+    pairs = []
+    for batch in batches:
+        assert len(batch) % 2 == 0
+        half = len(batch) // 2
+        pairs.append(np.stack([batch[:half], batch[half:]], axis=1))
+    return np.concatenate(pairs)
+
+
+def test_anchors_first_literal_layout():
+    """Two classes of two images: every anchor's partner is the other image of its class, G anchors first."""
+    labels = [0, 1, 0, 1]
+    other = {0: 2, 2: 0, 1: 3, 3: 1}
+    (batch,) = list(ClassGroupBatchSampler(labels, 8, 1, seed=0, layout='anchors_first'))
+    assert sorted(batch[:4]) == [0, 1, 2, 3]
+    assert batch[4:] == [other[a] for a in batch[:4]]
+
+
+def test_anchors_first_pairs_share_a_class_and_cover_the_epoch():
+    """Pairs share a class, a partner is never its anchor, every index is an anchor once per epoch; the
+    anchors_first layout holds the same groups as the interleaved one."""
+    labels = make_labels()
+    sampler = ClassGroupBatchSampler(labels, 8, 1, seed=3, layout='anchors_first', method='CS-KD')
+    interleaved = ClassGroupBatchSampler(labels, 8, 1, seed=3)
+    for _ in range(2):
+        batches = list(sampler)
+        assert len(batches) == len(sampler) and all(len(b) == 8 for b in batches[:-1])
+        pairs = anchor_partner_pairs(batches)
+        assert (labels[pairs[:, 0]] == labels[pairs[:, 1]]).all(), 'a pair mixes classes'
+        assert (pairs[:, 0] != pairs[:, 1]).all(), 'an anchor is its own partner'
+        assert sorted(pairs[:, 0].tolist()) == list(range(labels.size))
+        assert np.array_equal(pairs, groups_of(list(interleaved), 2))
+
+
+def test_anchors_first_two_ranks_are_disjoint():
+    labels = make_labels()
+    anchors = [anchor_partner_pairs(list(ClassGroupBatchSampler(labels, 4, 1, seed=1, rank=r, world_size=2,
+                                                                layout='anchors_first')))[:, 0] for r in range(2)]
+    assert not set(anchors[0].tolist()) & set(anchors[1].tolist())
+    assert set(anchors[0].tolist()) | set(anchors[1].tolist()) == set(range(labels.size))
+
+
+def test_class_group_messages_name_the_method():
+    with pytest.raises(ValueError, match='CS-KD batch size 9 cannot hold whole groups .* multiple of 2'):
+        ClassGroupBatchSampler(make_labels(), 9, 1, method='CS-KD')
+    with pytest.raises(ValueError, match='CS-KD needs at least two images per class, but class 2 has one'):
+        ClassGroupBatchSampler([0, 0, 1, 1, 2], 4, 1, method='CS-KD')
+    with pytest.raises(ValueError, match='layout'):
+        ClassGroupBatchSampler(make_labels(), 4, 1, layout='pairs')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EpochBatchSampler and ViewsBatchSampler (DDGSD)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_views_literal():
+    """Sequential order, 3 indices per batch, 2 views: [0,0,1,1,2,2], [3,3,4,4,5,5]; 7th index dropped."""
+    sampler = ViewsBatchSampler(EpochBatchSampler(SequentialSampler(range(7)), 3))
+    assert len(sampler) == 2
+    assert list(sampler) == [[0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5]]
+
+
+@pytest.mark.parametrize('views', [2, 3])
+def test_views_are_the_same_index_and_epochs_cover_the_data(views):
+    """Rows v::views of a batch are views of the same indices; each index once per epoch (minus the dropped
+    tail); a new order each epoch; set_epoch replays an epoch."""
+    sampler = ViewsBatchSampler(EpochBatchSampler(dist_sampler(23, seed=4), 4), views)
+    epochs = [list(sampler) for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == len(sampler) == 5
+        for batch in batches:
+            rows = np.asarray(batch).reshape(-1, views)
+            assert (rows == rows[:, :1]).all(), f'views of different images in {batch}'
+        images = [i for batch in batches for i in batch[::views]]
+        assert len(images) == len(set(images)) == 20
+    assert epochs[0] != epochs[1]
+    replay = ViewsBatchSampler(EpochBatchSampler(dist_sampler(23, seed=4), 4), views)
+    replay.set_epoch(1)
+    assert list(replay) == epochs[1]
+
+
+def test_views_ranks_are_disjoint():
+    images = [{i for batch in ViewsBatchSampler(EpochBatchSampler(dist_sampler(24, num_replicas=2, rank=r), 3))
+               for i in batch} for r in range(2)]
+    assert not images[0] & images[1] and len(images[0] | images[1]) == 24
+
+
+def test_views_keep_the_wrapped_layout():
+    """Wrapping DLB's sampler keeps its structure on images: each batch's first rows are the previous
+    batch's new images, both views of each."""
+    inner = LastBatchSampler(SequentialSampler(range(8)), 4)
+    assert list(ViewsBatchSampler(inner)) == [[0, 0, 1, 1, 2, 2, 3, 3], [2, 2, 3, 3, 4, 4, 5, 5],
+                                              [4, 4, 5, 5, 6, 6, 7, 7]]
+
+
+@pytest.mark.parametrize('batch_size', [7, 1])
+def test_views_batch_size_must_hold_whole_view_pairs(batch_size):
+    with pytest.raises(ValueError, match='cannot hold whole sets of 2 views'):
+        ViewsBatchSampler.check_batch_size(batch_size, 2)
+
+
+def test_epoch_batch_sampler_needs_a_batch():
+    with pytest.raises(ValueError, match='batch size'):
+        EpochBatchSampler(SequentialSampler(range(3)), 4)

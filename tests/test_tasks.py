@@ -11,6 +11,7 @@ from torch.utils.data import DistributedSampler, SequentialSampler
 
 import timm_selfkd
 from timm_selfkd.losses import bake_targets
+from timm_selfkd.methods.base import RunInfo
 from timm_selfkd.samplers import ClassGroupBatchSampler, LastBatchSampler
 
 NUM_CLASSES = 5
@@ -198,7 +199,8 @@ def test_dlb_resume_without_state_keeps_the_new_part():
     torch.manual_seed(0)
     data = torch.randn(n, 6)
     task = timm_selfkd.create_task('dlb', tiny_model())
-    task.bind_batch_sampler(sampler)
+    task.bind_run(RunInfo(num_epochs=2, steps_per_epoch=len(sampler), num_samples=n, num_classes=NUM_CLASSES,
+                          batch_size=batch_size))  # a new half is batch_size // 2 rows
     task(data[first], torch.zeros(len(first), dtype=torch.long))
     new_part = first[2:]
     assert second[:len(new_part)] == new_part
@@ -355,9 +357,10 @@ def test_out_of_range_hparams_raise(name, hparams):
         timm_selfkd.create_task(name, tiny_model(), **hparams)
 
 
-@pytest.mark.parametrize('name,refused', [('dlb', True), ('bake', True), ('none', False)])
+@pytest.mark.parametrize('name,refused', [('dlb', False), ('bake', True), ('none', False)])
 def test_check_setup_mixup(name, refused):
-    """Mixup/CutMix is refused for DLB and BAKE (soft targets of mixed images), accepted for plain CE."""
+    """Mixup/CutMix is refused for BAKE (no single class for its per-class batches), accepted for plain CE and
+    for DLB, which replays the mix of its repeated half (tests/test_mixing.py)."""
     spec = timm_selfkd.get_method(name)
     hparams = spec.hparams_cls()
     spec.task_cls.check_setup(hparams, batch_size=8, mixup=False)

@@ -24,7 +24,14 @@ IMAGES_PER_EPOCH = {
     'none': TRAIN_IMAGES // BATCH * BATCH,
     'dlb': BATCH + (TRAIN_IMAGES - BATCH) * 2,
     'bake': 2 * TRAIN_IMAGES,
+    **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], TRAIN_IMAGES // BATCH * BATCH),
+    'cskd': 2 * TRAIN_IMAGES,  # every image an anchor once, with one partner
+    'ddgsd': TRAIN_IMAGES // (BATCH // 2) * BATCH,  # B/2 images per step, two views each
+    'ddgsd+dlb': 2 * (BATCH // 2 + (TRAIN_IMAGES - BATCH // 2) * 2),  # DLB's count for B/2 images, two views each
 }
+# Method flags the tiny 4-class data set needs (TC's default gamma 0.25 is the uniform teacher for 4 classes)
+METHOD_ARGS = {'lsrkd_tc': ['--lsrkd-tc-gamma', '0.5']}
+NEW_METHODS = ['lsrkd', 'lsrkd_tc', 'tfkd_reg', 'cskd', 'ddgsd', 'ddgsd+dlb']
 
 MODELS = {
     'resnet18': ['--img-size', '32'],
@@ -49,7 +56,8 @@ def read_summary(output):
 def test_one_epoch_end_to_end(image_folder, tmp_path, model, method):
     """One epoch per model family and method: finite losses, the images each method reads, and a
     checkpoint that timm loads as a plain model."""
-    main(train_args(image_folder, tmp_path, '--model', model, '--selfkd', method, *MODELS[model]))
+    main(train_args(image_folder, tmp_path, '--model', model, '--selfkd', method, *MODELS[model],
+                    *METHOD_ARGS.get(method, [])))
     (row,) = read_summary(tmp_path)
     assert math.isfinite(float(row['train_loss'])) and math.isfinite(float(row['eval_loss']))
     assert float(row['train_images']) == IMAGES_PER_EPOCH[method]
@@ -60,10 +68,17 @@ def test_one_epoch_end_to_end(image_folder, tmp_path, model, method):
                       **kwargs)
 
 
-@pytest.mark.parametrize('method', ['dlb', 'bake'])
+@pytest.mark.parametrize('model', ['resnet18', 'swin_tiny_patch4_window7_224'])
+@pytest.mark.parametrize('method', NEW_METHODS)
+def test_one_epoch_end_to_end_new_methods(image_folder, tmp_path, model, method):
+    """The methods of issue 6 on a ResNet and a small Swin; same checks as above."""
+    test_one_epoch_end_to_end(image_folder, tmp_path, model, method)
+
+
+@pytest.mark.parametrize('method', ['dlb', 'bake', *NEW_METHODS])
 def test_bf16_autocast_on_cpu_stays_finite(image_folder, tmp_path, method):
-    main(train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32', '--amp',
-                    '--amp-dtype', 'bfloat16'))
+    main(train_args(image_folder, tmp_path, '--selfkd', method, '--img-size', '32', '--amp', '--model', 'test_resnet',
+                    '--amp-dtype', 'bfloat16', *METHOD_ARGS.get(method, [])))
     (row,) = read_summary(tmp_path)
     for key in ('train_loss', 'train_loss_ce', 'train_loss_kd', 'eval_loss'):
         assert math.isfinite(float(row[key])), key
@@ -140,7 +155,7 @@ def _fails(capsys, tmp_path, argv, expected):
     """The run exits with status 2, one error line naming the problem, and no output folder."""
     output = tmp_path / 'out'
     with pytest.raises(SystemExit) as exc:
-        main(argv + ['--output', str(output), '--device', 'cpu', '-j', '0', '--epochs', '1'])
+        main(['--device', 'cpu', '-j', '0', '--epochs', '1'] + argv + ['--output', str(output)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'error:' in err[0] and expected in err[0], err
@@ -152,14 +167,50 @@ def _fails(capsys, tmp_path, argv, expected):
     (['--selfkd', 'dlb', '-b', '7'], 'even batch size'),
     (['--selfkd', 'bake', '-b', '9'], 'multiple of 2'),
     (['--selfkd', 'bake', '--bake-same-class', '3', '-b', '6'], 'multiple of 4'),
-    (['--selfkd', 'dlb', '--mixup', '0.2'], '--mixup/--cutmix are not supported with --selfkd dlb'),
+    (['--selfkd', 'dlb', '--mixup', '0.2', '--mixup-mode', 'pair'], 'a replayed mix needs --mixup-mode batch'),
     (['--selfkd', 'bake', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd bake'),
     (['--selfkd', 'dlb', '--bake-omega', '0.9'], 'hyper-parameter of bake'),
     (['--selfkd', 'bake', '--bake-omega', '1.5'], 'omega must be'),
     (['--model', 'no_such_model'], 'Unknown model'),
+    (['--selfkd', 'lsrkd_tc'], 'lsrkd_tc gamma must be > 1/K = 0.25 for 4 classes'),
+    (['--selfkd', 'tfkd_reg', '--tfkd-reg-gamma', '0.2'], 'tfkd_reg gamma must be > 1/K = 0.25 for 4 classes'),
+    (['--selfkd', 'lsrkd_tc', '--lsrkd-tc-gamma', '1.0'], 'lsrkd_tc gamma must be > 0 and < 1'),
+    (['--selfkd', 'lsrkd_tc', '--mixup', '0.2', '--lsrkd-tc-gamma', '0.5'], 'its teacher puts its mass'),
+    (['--selfkd', 'cskd', '-b', '9'], 'CS-KD batch size 9 cannot hold whole groups'),
+    (['--selfkd', 'ddgsd', '-b', '7'], 'DDGSD batch size 7 cannot hold whole sets of 2 views'),
+    (['--selfkd', 'ddgsd', '--ddgsd-mmd-weight', '-0.5'], 'ddgsd mmd_weight must be >= 0'),
+    (['--selfkd', 'cskd', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd cskd'),
+    (['--selfkd', 'ddgsd+dlb', '-b', '6'], 'ddgsd+dlb with -b 6 gives dlb batches of 3 images'),
+    (['--selfkd', 'ddgsd+cskd'], 'cskd cannot carry a batch layout'),
+    (['--selfkd', 'ddgsd+dlb', '--ddgsd-mmd-weight', '0.1'], 'mmd_weight must be 0 when DDGSD is stacked'),
 ])
 def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
-    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32'] + extra, expected)
+    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32', '-b', '8'] + extra, expected)
+
+
+@pytest.mark.parametrize('extra, expected', [
+    (['--epochs', '0'], '--epochs must be >= 1, got 0'),
+    (['-b', '0'], '--batch-size must be >= 1, got 0'),
+    (['--smoothing', '1.0'], '--smoothing must be >= 0 and < 1'),
+    (['--log-interval', '0'], '--log-interval must be >= 1'),
+    (['--reprob', '1.5'], '--reprob must be in [0, 1]'),
+    (['--checkpoint-hist', '0'], '--checkpoint-hist must be >= 1'),
+    (['--train-crop-mode', 'pad', '--train-crop-padding', '-2'], '--train-crop-padding must be >= 0'),
+    (['--cutout', '-16'], '--cutout must be >= 0'),
+    (['-b', '64'], 'does not fill one batch of 64: lower -b'),
+])
+def test_bad_values_are_one_line(image_folder, tmp_path, capsys, extra, expected):
+    """Values timm would meet with an assertion or a crash mid-run (an empty epoch) are usage errors."""
+    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--img-size', '32', '-b', '8'] + extra, expected)
+
+
+@pytest.mark.parametrize('prefetcher', [[], ['--no-prefetcher']])
+def test_dlb_with_pad_crop_and_cutout(image_folder, tmp_path, prefetcher):
+    """CutOut + DLB with the CIFAR recipes' crop, through timm's loader with and without its prefetcher."""
+    main(train_args(image_folder, tmp_path, '--img-size', '32', '--selfkd', 'dlb', '--train-crop-mode', 'pad',
+                    '--cutout', '16', '--model', 'test_resnet', *prefetcher))
+    (row,) = read_summary(tmp_path)
+    assert math.isfinite(float(row['train_loss'])) and float(row['train_loss_kd']) > 0
 
 
 def test_missing_dataset(tmp_path, capsys):
@@ -168,11 +219,12 @@ def test_missing_dataset(tmp_path, capsys):
     _fails(capsys, tmp_path, ['--dataset', 'torch/cifar10', '--data-dir', str(tmp_path)], 'could not be loaded')
 
 
-def test_bake_class_with_single_image(tmp_path, capsys):
+@pytest.mark.parametrize('method, name', [('bake', 'BAKE'), ('cskd', 'CS-KD')])
+def test_class_with_single_image(tmp_path, capsys, method, name):
     write_image_folder(str(tmp_path / 'data' / 'train'), [4, 4, 1])
     write_image_folder(str(tmp_path / 'data' / 'validation'), [2, 2, 2])
-    _fails(capsys, tmp_path, ['--data-dir', str(tmp_path / 'data'), '--selfkd', 'bake', '-b', '4'],
-           'class 2 has one')
+    _fails(capsys, tmp_path, ['--data-dir', str(tmp_path / 'data'), '--selfkd', method, '-b', '4'],
+           f'{name} needs at least two images per class, but class 2 has one')
 
 
 def test_unknown_recipe_key_names_closest(tmp_path, capsys):

@@ -15,6 +15,7 @@ import timm.data
 import yaml
 
 from conftest import NUM_CLASSES, write_image_folder
+from test_train import METHOD_ARGS
 from timm_selfkd import get_method, list_methods, register_method, registry, upstream
 from timm_selfkd.args import format_methods
 from timm_selfkd.data import dataset_labels
@@ -72,7 +73,8 @@ def test_every_method_trains_through_the_users_script(image_folder, tmp_path, ca
     """One epoch per method and script: the method's loss terms in every training log line and in summary.csv,
     full batches from the method's sampler, the method in args.yaml, and a checkpoint timm loads as is."""
     caplog.set_level('INFO', logger='train')
-    upstream.main([script(name), *script_args(image_folder, tmp_path, '--selfkd', method)])
+    extra = METHOD_ARGS.get(method, [])  # the 4-class set needs TC's gamma above 1/4
+    upstream.main([script(name), *script_args(image_folder, tmp_path, '--selfkd', method, *extra)])
     (row,) = read_summary(tmp_path)
     terms = [key[len('train_'):] for key in row if key.startswith('train_loss_')]
     assert terms and all(math.isfinite(float(row[f'train_{t}'])) for t in terms)
@@ -273,8 +275,14 @@ def test_data_the_method_cannot_batch(tmp_path, capsys):
 @pytest.mark.parametrize('method', list_methods())
 def test_mixup_refused_exactly_where_the_method_refuses_it(image_folder, tmp_path, capsys, method):
     """The adapter asks each method's own `check_setup`: a method that refuses mixup is refused with its
-    message, one that takes it trains with the script's mixup collate and soft-target loss."""
+    message, one that takes it trains with the script's mixup collate and soft-target loss. A method that mixes
+    its batches itself (DLB, replaying its repeated half's mix) cannot take the script's whole-batch mixing."""
     spec = get_method(method)
+    if spec.task_cls.mixes_batches:
+        _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method,
+                                                                  '--cutmix', '1.0')],
+                 f'--mixup/--cutmix cannot be used with --selfkd {method} under a timm script')
+        return
     try:
         spec.task_cls.check_setup(build_hparams(spec, {}), batch_size=BATCH, mixup=True)
     except ValueError as e:

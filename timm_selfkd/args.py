@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional
 import yaml
 from timm.utils import ParseKwargs
 
-from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods
+from .methods.stack import is_layout
+from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods, method_parts
+from .transforms import TRAIN_CROP_MODES
 
 __all__ = ['UsageError', 'parse_args', 'add_selfkd_arguments', 'resolve_selfkd_args', 'method_hparams', 'recipe_values',
            'format_methods']
@@ -38,7 +40,12 @@ def _dest(method: str, field_name: str) -> str:
 
 _TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}  # dataclass annotations given as strings
 _MINIMUMS = {'epochs': 1, 'batch_size': 1, 'recovery_interval': 0, 'check_interval': 0, 'nonfinite_patience': 1,
-             'grad_accum_steps': 1, 'val_interval': 1, 'aug_repeats': 0}
+             'grad_accum_steps': 1, 'val_interval': 1, 'aug_repeats': 0,
+             'validation_batch_size': 1, 'img_size': 1, 'log_interval': 1, 'checkpoint_hist': 1, 'recount': 1,
+             'warmup_epochs': 0, 'cooldown_epochs': 0, 'workers': 0, 'train_subset': 0, 'val_subset': 0,
+             'train_crop_padding': 0, 'cutout': 0, 'mixup': 0., 'cutmix': 0., 'lr': 0., 'weight_decay': 0.,
+             'mixup_off_epoch': 0}
+_PROBABILITIES = ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay')
 _RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank'}  # not recipe keys
 
 
@@ -48,7 +55,8 @@ def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
     None (= the paper's, from the dataclass), so that setting another method's value can be told apart."""
     group = parser.add_argument_group('Self-KD', 'method and its hyper-parameters (see --list-selfkd)')
     group.add_argument('--selfkd', default='none', metavar='NAME',
-                       help=f'self-KD method: {", ".join(list_methods())} (default: none = plain timm training)')
+                       help=f'self-KD method: {", ".join(list_methods())}, or a batch layout stacked on a method, '
+                            'LAYOUT+METHOD (e.g. ddgsd+dlb) (default: none = plain timm training)')
     group.add_argument('--list-selfkd', action='store_true', help='list methods, hyper-parameters and papers; exit')
     for name in list_methods():
         spec = get_method(name)
@@ -226,12 +234,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('Augmentation and regularization')
     g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--train-crop-mode', default=None, choices=TRAIN_CROP_MODES,
+                   help='training crop: timm\'s rrc (random-resized crop, default), rkrc, rkrr, or pad: the CIFAR '
+                        'papers\' zero-pad and random crop (with --train-crop-padding)')
+    g.add_argument('--train-crop-padding', type=int, default=4, metavar='N',
+                   help='zero padding on each side for --train-crop-mode pad (default: 4)')
+    g.add_argument('--cutout', type=int, default=0, metavar='N',
+                   help='Cutout: one NxN hole per image, mean colour, centre uniform and clipped at the border '
+                        '(DLB sec. 4.3: 16; default 0: off)')
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT')
     g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO')
     g.add_argument('--hflip', type=float, default=0.5)
     g.add_argument('--vflip', type=float, default=0.)
     g.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT')
-    g.add_argument('--train-crop-mode', type=str, default=None, help='timm\'s training crop mode (rrc, rkrc, rkrr)')
     g.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT')
     g.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT')
     g.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT')
@@ -326,7 +341,11 @@ def _load_recipe(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
 
 
 def _typed(action: argparse.Action, value: Any) -> Any:
-    """A recipe value checked against its flag's type (argparse converts only string defaults)."""
+    """A recipe value checked against its flag's type and choices (argparse converts only string defaults and
+    checks choices only on the command line)."""
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise UsageError(f'recipe key {action.dest!r} must be one of {", ".join(map(str, action.choices))}, '
+                         f'got {value!r}')
     flag_type = bool if action.nargs == 0 else action.type
     if flag_type not in (bool, int, float) or value is None or (isinstance(value, str) and flag_type is not bool):
         return value
@@ -367,16 +386,32 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.list_selfkd:
         return args
-    if not 0 <= args.train_label_noise < 1:
-        parser.error(f'--train-label-noise must be in [0, 1), got {args.train_label_noise}')
-    for name, minimum in _MINIMUMS.items():
-        if getattr(args, name) < minimum:
-            parser.error(f'--{name.replace("_", "-")} must be >= {minimum}, got {getattr(args, name)}')
+    try:
+        check_values(args)
+    except UsageError as e:
+        parser.error(str(e))
     try:
         resolve_selfkd_args(args, recipe, argv)  # a bad value is a usage error; Setup builds the hparams again
     except ValueError as e:
         parser.error(str(e))
     return args
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Refuse option values that timm would reject later with a traceback (or use without complaint)."""
+    for dest, low in _MINIMUMS.items():
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            raise UsageError(f'--{dest.replace("_", "-")} must be >= {low}, got {value}')
+    for dest in _PROBABILITIES:
+        if not 0 <= getattr(args, dest) <= 1:
+            raise UsageError(f'--{dest.replace("_", "-")} must be in [0, 1], got {getattr(args, dest)}')
+    if not 0 <= args.smoothing < 1:
+        raise UsageError(f'--smoothing must be >= 0 and < 1, got {args.smoothing}')
+    if args.input_size is not None and min(args.input_size) < 1:
+        raise UsageError(f'--input-size must be positive, got {args.input_size}')
+    if not 0 <= args.train_label_noise < 1:
+        raise UsageError(f'--train-label-noise must be in [0, 1), got {args.train_label_noise}')
 
 
 def resolve_selfkd_args(args: argparse.Namespace, recipe: Dict[str, Any], argv: List[str]):
@@ -414,24 +449,25 @@ def _drop_recipe_hparams_of_other_methods(args: argparse.Namespace, recipe: Dict
     for name in list_methods():
         for field in hparam_fields(get_method(name)):
             dest = _dest(name, field.name)
-            if name != args.selfkd and dest in recipe and dest not in given:
+            if name not in method_parts(args.selfkd) and dest in recipe and dest not in given:
                 setattr(args, dest, None)
 
 
 def method_hparams(args: argparse.Namespace):
-    """The selected method's hyper-parameter dataclass; setting another method's hyper-parameter is an error."""
+    """The selected method's hyper-parameter dataclass (a stack's: one per part, each from its own flags);
+    setting another method's hyper-parameter is an error."""
     spec = get_method(args.selfkd)
-    values = {}
+    values = {name: {} for name in method_parts(spec.name)}
     for name in list_methods():
         for field in hparam_fields(get_method(name)):
             value = getattr(args, _dest(name, field.name))
             if value is None:
                 continue
-            if name != spec.name:
+            if name not in values:
                 raise UsageError(f'{_flag(name, field.name)} ({_dest(name, field.name)}) is a hyper-parameter of '
                                  f'{name}, but the method is {spec.name!r}')
-            values[field.name] = value
-    return build_hparams(spec, values)
+            values[name][field.name] = value
+    return build_hparams(spec, values if len(values) > 1 else values[spec.name])
 
 
 def format_methods() -> str:
@@ -444,4 +480,7 @@ def format_methods() -> str:
         for field in hparam_fields(spec):
             lines.append(f'    {_flag(name, field.name):<26} {_dest(name, field.name):<22} '
                          f'default {field.default!s:<6} {field.metadata.get("help", "")}')
+    layouts = [name for name in list_methods() if is_layout(get_method(name))]
+    lines.append(f'LAYOUT+METHOD: a batch layout ({", ".join(layouts)}) stacked on another method, e.g. ddgsd+dlb '
+                 '(DLB paper, table 3); each part keeps its own flags')
     return '\n'.join(lines)

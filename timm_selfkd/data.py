@@ -12,6 +12,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from .args import UsageError
+from .registry import method_name
 from .stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
@@ -229,14 +230,14 @@ def install_batch_stream(loader, task, hparams, dataset: Dataset, *, batch_size:
     """
     if isinstance(dataset, IterableDataset):
         if not task.takes_streamed_data():
-            raise UsageError(f'--selfkd {task.method_name} chooses its batches or reads sample indices, which a '
+            raise UsageError(f'--selfkd {method_name(hparams)} chooses its batches or reads sample indices, which a '
                              'streamed data set (wds/, hfids/, tfds/) cannot give; use a map-style data set')
         return loader, None
     indices = index_sampler(dataset, seed, rank, world_size, aug_repeats)
     method_sampler = task.batch_sampler(hparams, index_sampler=indices, labels=dataset_labels(dataset),
                                         batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if method_sampler is not None and aug_repeats:
-        raise UsageError(f'--aug-repeats cannot combine with --selfkd {task.method_name}, which chooses its own '
+        raise UsageError(f'--aug-repeats cannot combine with --selfkd {method_name(hparams)}, which chooses its own '
                          'batches')
     if method_sampler is None:
         stream = BatchStream.shuffled(indices, batch_size, seed, rank)

@@ -3,10 +3,14 @@
 All functions run with autocast disabled and upcast their inputs, so they stay finite under fp16/bf16 AMP
 (CPU autocast would otherwise keep softmax in bf16, and `torch.linalg.solve` refuses low precision).
 """
+import math
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'soft_target_ce', 'bake_targets']
+__all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'soft_target_ce', 'corrected_teacher',
+           'class_teacher_kl', 'linear_mmd', 'bake_targets']
 
 
 def float32_region(tensor: torch.Tensor):
@@ -51,6 +55,63 @@ def soft_target_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Te
     with float32_region(logits):
         log_p = F.log_softmax(logits.float(), dim=-1)
         return -(target_probs.detach().float() * log_p).sum(dim=-1).mean()
+
+
+def corrected_teacher(num_classes: int, gamma: float) -> Tuple[float, float]:
+    """The teacher of Teacher Correction (LsrKD paper, eq. 11) as `(true_prob, other_prob)`: `gamma` on the true
+    class and `(1 - gamma) / (K - 1)` on each other class. `gamma = 1 / K` is the uniform teacher of LSR/LsrKD.
+
+    Raises:
+        ValueError: if `gamma` is not in [1/K, 1), i.e. the teacher would favour a wrong class or be one-hot.
+    """
+    if num_classes < 2:
+        raise ValueError(f'a class teacher needs at least 2 classes, got {num_classes}')
+    if not 1 / num_classes - 1e-12 <= gamma < 1:
+        raise ValueError(f'gamma must be >= 1/K = {1 / num_classes:.4g} (uniform) and < 1 for {num_classes} classes, '
+                         f'got {gamma}')
+    return gamma, (1 - gamma) / (num_classes - 1)
+
+
+def class_teacher_kl(
+        student_logits: torch.Tensor,
+        target: torch.Tensor,
+        true_prob: float,
+        other_prob: float,
+        temperature: float,
+) -> torch.Tensor:
+    """`KL(q || softmax(z / T))` for a teacher `q` that is `true_prob` on the label and `other_prob` elsewhere.
+
+    Summed over classes and averaged over the batch, without the `T` or `T^2` factor (methods scale it their
+    way). The teacher is never materialised: with `log p = log_softmax(z / T)`,
+    `KL = sum_k q_k log q_k - other_prob * sum_k log p_k - (true_prob - other_prob) * log p_y`, whose first
+    term is a constant of the class count.
+
+    Args:
+        student_logits: Student logits `z`, shape (N, K).
+        target: Class indices, shape (N,); not read when the teacher is uniform (`true_prob == other_prob`).
+        true_prob: Teacher probability of the labelled class.
+        other_prob: Teacher probability of every other class (`(1 - true_prob) / (K - 1)`).
+        temperature: Softening temperature T of the student.
+    """
+    num_classes = student_logits.shape[-1]
+    neg_entropy = sum(count * p * math.log(p) for count, p in ((1, true_prob), (num_classes - 1, other_prob)) if p > 0)
+    with float32_region(student_logits):
+        log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        cross = other_prob * log_p.sum(dim=-1)
+        if true_prob != other_prob:
+            cross = cross + (true_prob - other_prob) * log_p.gather(-1, target[:, None]).squeeze(-1)
+        return neg_entropy - cross.mean()
+
+
+def linear_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared maximum mean discrepancy with a linear kernel, `||mean_i x_i - mean_i y_i||^2`, in float32.
+
+    Args:
+        x: Samples of one distribution, shape (N, D); gradients flow through both arguments.
+        y: Samples of the other, shape (M, D).
+    """
+    with float32_region(x):
+        return (x.float().mean(dim=0) - y.float().mean(dim=0)).square().sum()
 
 
 @torch.no_grad()

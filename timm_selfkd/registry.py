@@ -12,6 +12,13 @@ Example:
     ... class MyTask(SelfKDTask):
     ...     ...
 
+`LAYOUT+METHOD` names a stack (`timm_selfkd.methods.stack`): a batch-layout method on another method, each
+part with its own hyper-parameters; stacks are built on demand and not listed.
+
+One task class may be registered under several names (presets of one implementation), each with its own
+hyper-parameter dataclass (its fields and paper defaults) and summary; a dataclass belongs to one name only, so
+`method_name(hparams)` tells which preset a task runs.
+
 Third-party packages register methods the same way and expose the module that does it through the entry
 point group `timm_selfkd.methods`; it is imported the first time the registry is read.
 """
@@ -19,9 +26,10 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Dict, List, Type
+from typing import Any, Dict, List, Optional, Type
 
-__all__ = ['MethodSpec', 'register_method', 'get_method', 'list_methods', 'hparam_fields', 'build_hparams']
+__all__ = ['MethodSpec', 'register_method', 'get_method', 'list_methods', 'method_name', 'method_parts',
+           'hparam_fields', 'build_hparams']
 
 ENTRY_POINT_GROUP = 'timm_selfkd.methods'
 
@@ -37,16 +45,23 @@ class MethodSpec:
 
 
 _METHODS: Dict[str, MethodSpec] = {}
+_STACKS: Dict[str, MethodSpec] = {}
+_NAME_OF_HPARAMS: Dict[Type, str] = {}
+STACK_SEPARATOR = '+'
 _plugins_loaded = False
 
 
-def register_method(name: str, *, hparams: Type, paper: str = ''):
+def register_method(name: str, *, hparams: Type, paper: str = '', summary: Optional[str] = None):
     """Class decorator that registers a `TrainingTask` subclass under `name`.
 
+    Stack the decorator to register one class under several names (presets): each name has its own
+    hyper-parameter dataclass, so the presets can differ in fields, defaults and help texts.
+
     Args:
-        name: CLI/YAML name; also the prefix of the hyper-parameter flags (`--{name}-{field}`).
-        hparams: Dataclass of the method's hyper-parameters, defaults as in the paper.
+        name: CLI/YAML name; also the prefix of the hyper-parameter flags (`--{name}-{field}`, `_` -> `-`).
+        hparams: Dataclass of the method's hyper-parameters, defaults as in the paper; used by this name only.
         paper: Citation shown by `--list-selfkd`.
+        summary: One line for `--list-selfkd`; default: the first line of the class docstring.
     """
     if not dataclasses.is_dataclass(hparams):
         raise TypeError(f'hparams for method {name!r} must be a dataclass, got {hparams!r}')
@@ -56,9 +71,12 @@ def register_method(name: str, *, hparams: Type, paper: str = ''):
     def decorator(task_cls):
         if name in _METHODS and _METHODS[name].task_cls is not task_cls:
             raise ValueError(f'a method named {name!r} is already registered ({_METHODS[name].task_cls.__name__})')
-        summary = (task_cls.__doc__ or '').strip().splitlines()[0] if task_cls.__doc__ else ''
-        _METHODS[name] = MethodSpec(name, task_cls, hparams, paper, summary)
-        task_cls.method_name = name
+        if _NAME_OF_HPARAMS.get(hparams, name) != name:
+            raise ValueError(f'hparams {hparams.__name__} already belong to method {_NAME_OF_HPARAMS[hparams]!r}; '
+                             f'give {name!r} a dataclass of its own (a subclass works)')
+        doc_line = (task_cls.__doc__ or '').strip().splitlines()[0] if task_cls.__doc__ else ''
+        _METHODS[name] = MethodSpec(name, task_cls, hparams, paper, doc_line if summary is None else summary)
+        _NAME_OF_HPARAMS[hparams] = name
         return task_cls
 
     return decorator
@@ -82,12 +100,44 @@ def list_methods() -> List[str]:
 
 
 def get_method(name: str) -> MethodSpec:
-    """Return the spec of a registered method; an unknown name raises a ValueError with the closest match."""
+    """Return the spec of a registered method or of a stack `LAYOUT+METHOD`; an unknown name raises a ValueError
+    with the closest match."""
     _load_methods()
+    if STACK_SEPARATOR in name:
+        return _stack(name)
     if name not in _METHODS:
         raise ValueError(f'unknown self-KD method {name!r}{did_you_mean(name, _METHODS)}; '
                          f'choose from: {", ".join(list_methods())}')
     return _METHODS[name]
+
+
+def method_parts(name: str) -> List[str]:
+    """The registered methods a name is made of: itself, or the layout and the method of a stack."""
+    return name.split(STACK_SEPARATOR)
+
+
+def _stack(name: str) -> MethodSpec:
+    if name not in _STACKS:
+        parts = method_parts(name)
+        if len(parts) != 2:
+            raise ValueError(f'{name!r}: a stack is one batch layout on one method, LAYOUT{STACK_SEPARATOR}METHOD '
+                             f'(e.g. ddgsd{STACK_SEPARATOR}dlb)')
+        layout, base = (get_method(part) for part in parts)
+        from .methods.stack import build_stack  # the methods package imports this module
+        task_cls, hparams_cls = build_stack(layout, base)
+        paper = f'{base.paper}; with the batch layout of {layout.paper}'
+        _STACKS[name] = MethodSpec(name, task_cls, hparams_cls, paper, f'{layout.name} batch layout on {base.name}')
+        _NAME_OF_HPARAMS[hparams_cls] = name
+    return _STACKS[name]
+
+
+def method_name(hparams: Any) -> str:
+    """The name registered with the dataclass of `hparams` (the preset a task runs)."""
+    _load_methods()
+    name = _NAME_OF_HPARAMS.get(type(hparams))
+    if name is None:
+        raise ValueError(f'{type(hparams).__name__} is not the hyper-parameter dataclass of a registered method')
+    return name
 
 
 def hparam_fields(spec: MethodSpec) -> List[dataclasses.Field]:
@@ -101,6 +151,9 @@ def build_hparams(spec: MethodSpec, values: Dict[str, Any]):
     for key in values:
         if key not in names:
             raise ValueError(f'method {spec.name!r} has no hyper-parameter {key!r}{did_you_mean(key, names)}')
+    if spec.name in _STACKS:  # one dataclass (or a dict of its values) per part
+        values = {key: build_hparams(get_method(key), value) if isinstance(value, dict) else value
+                  for key, value in values.items()}
     return spec.hparams_cls(**values)
 
 

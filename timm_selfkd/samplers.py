@@ -1,6 +1,6 @@
 """Batch samplers that decide which images share a mini-batch.
 
-Both samplers are rank-aware, deterministic for a given seed and epoch, and advance their own epoch after
+All samplers are rank-aware, deterministic for a given seed and epoch, and advance their own epoch after
 each pass (a loop may also call `set_epoch`), so they work with training loops that never touch them.
 """
 import math
@@ -9,7 +9,9 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ['LastBatchSampler', 'ClassGroupBatchSampler']
+__all__ = ['LastBatchSampler', 'ClassGroupBatchSampler', 'EpochBatchSampler', 'ViewsBatchSampler']
+
+GROUP_LAYOUTS = ('interleaved', 'anchors_first')
 
 
 class LastBatchSampler(Sampler[List[int]]):
@@ -84,13 +86,18 @@ class LastBatchSampler(Sampler[List[int]]):
 
 
 class ClassGroupBatchSampler(Sampler[List[int]]):
-    """Per-class batches for BAKE (Ge et al., 2021, sec. 3.3): each anchor is followed by M images of its class.
+    """Per-class batches: each anchor comes with M other images of its class (BAKE, Ge et al., 2021, sec. 3.3;
+    CS-KD, Yun et al., CVPR 2020, sec. 3.1).
 
     Every epoch, each index is an anchor exactly once across all ranks (the permutation is padded by
     wrapping, like `DistributedSampler`, so all ranks get the same number of batches). Each anchor is joined
     by `num_same_class` other images of its class, never the anchor itself, distinct whenever the class
-    has enough images. A batch holds `batch_size // (M + 1)` whole groups `[anchor, partner_1..partner_M]`;
-    the last batch of an epoch may hold fewer groups. Sampling is vectorised (no Python loop per image).
+    has enough images. A batch holds `batch_size // (M + 1)` whole groups of an anchor and its partners; the
+    last batch of an epoch may hold fewer groups. The layout of a batch of G groups is
+    `'interleaved'`: `[anchor_1, partners of 1, anchor_2, partners of 2, ...]` (BAKE), or
+    `'anchors_first'`: `[anchor_1..anchor_G, first partner of each anchor, ..., M-th partner of each]`
+    (CS-KD with M = 1: G anchors, then their G partners in the same order).
+    Sampling is vectorised (no Python loop per image).
 
     Args:
         labels: Class index of every dataset item.
@@ -99,6 +106,8 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
         seed: Base seed; anchors depend on (seed, epoch), partners on (seed, epoch, rank).
         rank: This process's rank.
         world_size: Number of processes.
+        layout: `'interleaved'` or `'anchors_first'`.
+        method: Name used in error messages.
     """
 
     def __init__(
@@ -109,13 +118,17 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
             seed: int = 0,
             rank: int = 0,
             world_size: int = 1,
+            layout: str = 'interleaved',
+            method: str = 'BAKE',
     ):
-        self.check_batch_size(batch_size, num_same_class)
+        self.check_batch_size(batch_size, num_same_class, method)
+        if layout not in GROUP_LAYOUTS:
+            raise ValueError(f'unknown layout {layout!r}; choose from {", ".join(GROUP_LAYOUTS)}')
         labels = np.asarray(labels, dtype=np.int64)
         counts = np.bincount(labels)
         single = np.flatnonzero(counts == 1)
         if single.size:
-            raise ValueError(f'BAKE needs at least two images per class, but class {int(single[0])} has one')
+            raise ValueError(f'{method} needs at least two images per class, but class {int(single[0])} has one')
         self.labels = labels
         self.counts = counts
         self.by_class = np.argsort(labels, kind='stable')
@@ -123,6 +136,7 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
         self.position = np.empty_like(labels)
         self.position[self.by_class] = np.arange(labels.size) - self.class_start[labels[self.by_class]]
         self.num_same_class = num_same_class
+        self.layout = layout
         self.anchors_per_batch = batch_size // (num_same_class + 1)
         self.seed = seed
         self.rank = rank
@@ -131,13 +145,14 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
         self.epoch = 0
 
     @staticmethod
-    def check_batch_size(batch_size: int, num_same_class: int) -> None:
+    def check_batch_size(batch_size: int, num_same_class: int, method: str = 'BAKE') -> None:
         if num_same_class < 1:
-            raise ValueError(f'BAKE needs at least one same-class image per anchor, got {num_same_class}')
+            raise ValueError(f'{method} needs at least one same-class image per anchor, got {num_same_class}')
         group = num_same_class + 1
         if batch_size < group or batch_size % group:
-            raise ValueError(f'BAKE batch size {batch_size} cannot hold whole groups of one anchor and '
-                             f'{num_same_class} same-class images; use a multiple of {group}')
+            raise ValueError(f'{method} batch size {batch_size} cannot hold whole groups of one anchor and '
+                             f'{num_same_class} same-class image{"s" if num_same_class > 1 else ""}; '
+                             f'use a multiple of {group}')
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -175,8 +190,82 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         groups = np.concatenate([anchors[:, None], self._partners(anchors, rng)], axis=1)
         self.epoch += 1
-        for start in range(0, len(groups), self.anchors_per_batch):
-            yield groups[start:start + self.anchors_per_batch].reshape(-1).tolist()
+        if self.layout == 'anchors_first':
+            for start in range(0, len(groups), self.anchors_per_batch):
+                yield groups[start:start + self.anchors_per_batch].T.reshape(-1).tolist()
+        else:
+            for start in range(0, len(groups), self.anchors_per_batch):
+                yield groups[start:start + self.anchors_per_batch].reshape(-1).tolist()
 
     def __len__(self) -> int:
         return math.ceil(self.num_anchors / self.anchors_per_batch)
+
+
+class EpochBatchSampler(Sampler[List[int]]):
+    """Consecutive batches of a replayable index sampler (e.g. `DistributedSampler`), last partial one dropped.
+
+    Unlike torch's `BatchSampler` it sets the index sampler's epoch before each pass and advances its own
+    epoch, so a loop that never calls `set_epoch` still gets a new order every epoch.
+
+    Args:
+        sampler: Sampler of dataset indices; rank awareness comes from it.
+        batch_size: Indices per batch.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int):
+        if batch_size < 1 or len(sampler) < batch_size:
+            raise ValueError(f'batch size {batch_size} must be >= 1 and at most the {len(sampler)} images per process')
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[List[int]]:
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(self.epoch)
+        order = np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.sampler))
+        self.epoch += 1
+        for batch in order[:len(self) * self.batch_size].reshape(-1, self.batch_size):
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+
+class ViewsBatchSampler(Sampler[List[int]]):
+    """Every index of a wrapped batch sampler's batches `views` times in a row (DDGSD, Xu & Liu, AAAI 2019).
+
+    `[i, j, ...]` becomes `[i, i, j, j, ...]` for two views: the loader reads (and augments, with timm's own
+    pipeline) each copy separately, so the copies are independent views of one image, and rows `v::views` of
+    a batch are the v-th views. The order of the wrapped batches is kept, so a layout the wrapped sampler
+    gives (e.g. `LastBatchSampler`'s repeated part first) holds for the expanded rows too.
+
+    Args:
+        batch_sampler: Any batch sampler; epochs are forwarded to it.
+        views: Copies of each index (>= 2).
+    """
+
+    def __init__(self, batch_sampler: Sampler[List[int]], views: int = 2):
+        if views < 2:
+            raise ValueError(f'views must be at least 2, got {views}')
+        self.batch_sampler = batch_sampler
+        self.views = views
+
+    @staticmethod
+    def check_batch_size(batch_size: int, views: int, method: str = 'DDGSD') -> None:
+        if batch_size < views or batch_size % views:
+            raise ValueError(f'{method} batch size {batch_size} cannot hold whole sets of {views} views of an '
+                             f'image; use a multiple of {views}')
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batch_sampler, 'set_epoch'):
+            self.batch_sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in self.batch_sampler:
+            yield np.repeat(np.asarray(batch, dtype=np.int64), self.views).tolist()
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)

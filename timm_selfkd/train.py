@@ -46,6 +46,7 @@ from .guard import RunGuard, Verdict
 from .methods.base import RunInfo
 from .registry import get_method
 from .stream import seed_everything, step_seed
+from .transforms import with_cutout, with_pad_crop
 
 _logger = logging.getLogger('train')
 
@@ -69,14 +70,14 @@ def _mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-def _mixup(args, num_classes: int):
-    """timm's Mixup/CutMix (collate or batch form), or None when off."""
+def _mixup(args, num_classes: int, in_task: bool = False):
+    """timm's Mixup/CutMix (collate or batch form; the batch form for a task that mixes itself), or None."""
     if not _mixup_active(args):
         return None
     mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                       label_smoothing=args.smoothing, num_classes=num_classes)
-    return FastCollateMixup(**mixup_args) if not args.no_prefetcher else Mixup(**mixup_args)
+    return FastCollateMixup(**mixup_args) if not (args.no_prefetcher or in_task) else Mixup(**mixup_args)
 
 
 @dataclass
@@ -212,7 +213,7 @@ class Setup:
         self.train_dataset, self.eval_dataset = self._datasets()
         self.model = self._create_model(class_count(self.train_dataset))
         self.data_config = resolve_data_config(vars(args), model=self.model)
-        self.mixup = _mixup(args, self.model.num_classes)
+        self.mixup = _mixup(args, self.model.num_classes, in_task=self.spec.task_cls.mixes_batches)
         self.train_loader, self.eval_loader = self._loaders()
         # the loop erases on the batch, under the step's seed (the prefetcher would draw it a step early)
         self.random_erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount,
@@ -221,10 +222,15 @@ class Setup:
 
         self.task = self.spec.task_cls(self.model, self.hparams, device=self.device,
                                        criterion_kwargs=_criterion_kwargs(args, self.mixup is not None))
+        if self.mixup is not None and self.task.mixes_batches:
+            self.task.bind_mixup(self.mixup)
         self.train_loader, self.stream = install_batch_stream(
             self.train_loader, self.task, self.hparams, self.train_dataset, batch_size=args.batch_size,
             seed=args.seed, rank=args.rank, world_size=args.world_size, aug_repeats=int(args.aug_repeats))
         self.steps_per_epoch = self.stream.steps_per_epoch  # nominal: DLB's first epoch is one step shorter
+        if len(self.train_loader) == 0:
+            raise UsageError(f'the training set ({len(self.train_dataset)} images, split over {args.world_size} '
+                             f'process(es)) does not fill one batch of {args.batch_size}: lower -b')
         self.task.bind_run(RunInfo(
             num_epochs=args.epochs, steps_per_epoch=self.steps_per_epoch, num_samples=len(self.train_dataset),
             num_classes=self.model.num_classes, batch_size=args.batch_size, world_size=args.world_size,
@@ -328,9 +334,15 @@ class Setup:
             re_prob=0. if not args.no_prefetcher else args.reprob, re_mode=args.remode, re_count=args.recount,
             scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
             color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
-            gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, train_crop_mode=args.train_crop_mode,
+            gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa,
+            train_crop_mode=None if args.train_crop_mode == 'pad' else args.train_crop_mode,
             collate_fn=self.mixup if isinstance(self.mixup, FastCollateMixup) else None,
             **{**common, 'interpolation': args.train_interpolation})
+        if args.train_crop_mode == 'pad':
+            train_loader.dataset.transform = with_pad_crop(train_loader.dataset.transform, cfg['input_size'][-2:],
+                                                           args.train_crop_padding, args.train_interpolation)
+        if args.cutout and not args.no_aug:
+            train_loader.dataset.transform = with_cutout(train_loader.dataset.transform, args.cutout, cfg['mean'])
         eval_loader = create_loader(self.eval_dataset, batch_size=args.validation_batch_size or args.batch_size,
                                     is_training=False, crop_pct=cfg['crop_pct'], **common)
         return train_loader, eval_loader
@@ -411,10 +423,7 @@ class Run:
         s, args, task, p = self.s, self.s.args, self.s.task, self.s.position
         task.train()
         if s.mixup is not None and args.mixup_off_epoch and p.epoch >= args.mixup_off_epoch:
-            if hasattr(s.train_loader, 'mixup_enabled'):
-                s.train_loader.mixup_enabled = False
-            else:
-                s.mixup.mixup_enabled = False
+            s.mixup.mixup_enabled = False  # the loader's collate mixup, the loop's or the task's: the same object
         if s.stream is not None:
             s.stream.start_at(p.epoch, p.step)
         elif hasattr(s.train_dataset, 'set_epoch'):  # a streamed data set shuffles per epoch itself
@@ -426,7 +435,7 @@ class Run:
             seed_everything(step_seed(args.seed, args.rank, p.epoch, p.step))
             if args.no_prefetcher:
                 input, target = input.to(s.device), target.to(s.device)
-                if s.mixup is not None:
+                if s.mixup is not None and not task.mixes_batches:
                     input, target = s.mixup(input, target)
             if s.random_erasing is not None:
                 input = s.random_erasing(input)

@@ -345,6 +345,11 @@ class Injection:
                 self.spec = get_method(args.selfkd)
                 _refuse_options(args)
                 self.spec.task_cls.check_setup(self.hparams, batch_size=args.batch_size, mixup=_mixup_active(args))
+                if _mixup_active(args) and self.spec.task_cls.mixes_batches:
+                    raise ValueError(f'--mixup/--cutmix cannot be used with --selfkd {args.selfkd} under a timm '
+                                     'script: the method mixes its batches itself (DLB replays the repeated half\'s '
+                                     'mix of one step earlier), and the script mixes whole batches; use '
+                                     'timm_selfkd\'s train.py')
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.args = args

@@ -11,6 +11,7 @@ from timm.models import group_parameters
 from timm.task import TrainingTask, resolve_classification_loss
 
 from ..losses import float32_region
+from ..registry import method_name
 from ..stream import BatchInfo
 
 __all__ = ['SelfKDTask', 'ModelWrapper', 'LogitsAndFeatures', 'has_pooled_features', 'RunInfo', 'check_range',
@@ -129,7 +130,9 @@ class SelfKDTask(TrainingTask):
     `bind_batch_sampler` (to choose which images share a batch), `bind_run` (to learn the run's length and
     data set size) and `get_task_state`/`load_task_state` with `sync_task_state` (for state that must survive
     `--resume`, per rank under DDP). A task that sets `needs_batch_info` calls `batch_info()` once per training
-    `forward` to learn the epoch, step and dataset indices of its batch.
+    `forward` to learn the epoch, step and dataset indices of its batch. A task that sets `mixes_batches`
+    receives timm's batch-form `Mixup` through `bind_mixup` when mixup/CutMix is on, gets its batches unmixed
+    (hard labels) and mixes them itself (DLB replays the previous step's mix on its repeated half).
 
     Args:
         model: A timm model, already on `device`.
@@ -139,9 +142,10 @@ class SelfKDTask(TrainingTask):
         device: Device of the task's tensors.
     """
 
-    method_name = ''
     supports_mixup = False
     needs_batch_info = False
+    mixes_batches = False  # with mixup/CutMix on, the loop leaves batches unmixed and calls bind_mixup
+    full_batch_output = True  # `output` has a row per input row, in order (a batch layout can stack on it)
     mixup_conflict = 'its soft targets are not defined for mixed images'
 
     def __init__(
@@ -169,7 +173,8 @@ class SelfKDTask(TrainingTask):
     def check_setup(cls, hparams: Any, *, batch_size: int, mixup: bool) -> None:
         """Raise a ValueError for option combinations this method cannot train correctly."""
         if mixup and not cls.supports_mixup:
-            raise ValueError(f'--mixup/--cutmix are not supported with --selfkd {cls.method_name}: {cls.mixup_conflict}')
+            raise ValueError(f'--mixup/--cutmix are not supported with --selfkd {method_name(hparams)}: '
+                             f'{cls.mixup_conflict}')
 
     @classmethod
     def batch_sampler(
@@ -193,6 +198,9 @@ class SelfKDTask(TrainingTask):
 
     def bind_batch_sampler(self, batch_sampler: Sampler) -> None:
         """Receive the sampler `batch_sampler()` returned, for tasks that depend on its batch layout."""
+
+    def bind_mixup(self, mixup) -> None:
+        """Receive timm's batch-form `Mixup` (tasks with `mixes_batches`, which mix each batch in `forward`)."""
 
     def bind_run(self, run: RunInfo) -> None:
         """Receive the run's facts before the first step (stored as `self.run`)."""

@@ -1,0 +1,91 @@
+"""DDGSD: data-distortion guided self-distillation (Xu & Liu, AAAI 2019), without official code."""
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from ..losses import kd_kl_from_logits, linear_mmd
+from ..registry import register_method
+from ..samplers import EpochBatchSampler, ViewsBatchSampler
+from .base import LogitsAndFeatures, SelfKDTask, check_range
+
+VIEWS = 2
+
+
+@dataclass
+class DDGSDHparams:
+    weight: float = field(default=1.0, metadata={
+        'help': 'weight of the symmetric KL between the two views\' predictions (unverified: no official code)'})
+    temperature: float = field(default=4.0, metadata={'help': 'softening temperature T of the KL (unverified)'})
+    mmd_weight: float = field(default=0.0, metadata={
+        'help': 'weight of the linear-kernel MMD between the two views\' pooled features; 0 = off, as in DLB\'s '
+                'comparison (the paper\'s kernel and weight are unverified)'})
+
+    def __post_init__(self):
+        check_range('ddgsd', 'weight', self.weight, 0.)
+        check_range('ddgsd', 'temperature', self.temperature, 1e-6)
+        check_range('ddgsd', 'mmd_weight', self.mmd_weight, 0.)
+
+
+@register_method('ddgsd', hparams=DDGSDHparams, paper='Xu & Liu, Data-Distortion Guided Self-Distillation for '
+                                                      'Deep Neural Networks, AAAI 2019')
+class DDGSDTask(SelfKDTask):
+    """Make two independently augmented views of each image agree: ce on both + symmetric KL (+ MMD).
+
+    Batches hold every image twice in a row (`ViewsBatchSampler`; `-b` counts both views), and timm's pipeline
+    augments each copy on its own. With z_a, z_b the logits of the views (rows 0::2 and 1::2), the loss is
+    `ce(z, y)` averaged over both views + `w * T^2 * (KL(sm(z_b/T) || sm(z_a/T)) + KL(sm(z_a/T) || sm(z_b/T)))`,
+    each KL's target detached, + `w_mmd * ||mean f_a - mean f_b||^2` on pooled features when `mmd_weight > 0`
+    (features from the same forward pass, `LogitsAndFeatures`).
+
+    DDGSD is also a batch layout that stacks on another method (`--selfkd ddgsd+dlb`, `methods/stack.py`): it
+    expands that method's batches into views (`wrap_batch_sampler`) and adds its view terms (`layout_terms`)
+    to that method's loss.
+    """
+
+    mixup_conflict = 'the two views would be mixed with different partners and stop being views of one image'
+    rows_per_image = VIEWS
+
+    def wrap_model(self, model):
+        return LogitsAndFeatures(model) if self.hparams.mmd_weight > 0 else model
+
+    @classmethod
+    def check_setup(cls, hparams, *, batch_size, mixup):
+        super().check_setup(hparams, batch_size=batch_size, mixup=mixup)
+        ViewsBatchSampler.check_batch_size(batch_size, VIEWS)
+
+    @classmethod
+    def check_stack(cls, hparams) -> None:
+        """Refuse what a stack cannot do: the other method's forward gives logits only, no pooled features."""
+        if hparams.mmd_weight > 0:
+            raise ValueError('ddgsd mmd_weight must be 0 when DDGSD is stacked on another method (that method\'s '
+                             'forward gives no pooled features; DLB\'s comparison also drops the MMD)')
+
+    @classmethod
+    def batch_sampler(cls, hparams, *, index_sampler, batch_size, **_):
+        return cls.wrap_batch_sampler(hparams, EpochBatchSampler(index_sampler, batch_size // VIEWS))
+
+    @classmethod
+    def wrap_batch_sampler(cls, hparams, batch_sampler) -> ViewsBatchSampler:
+        """Every image of `batch_sampler`'s batches as two consecutive rows (views)."""
+        return ViewsBatchSampler(batch_sampler, VIEWS)
+
+    @classmethod
+    def layout_terms(cls, hparams, output: torch.Tensor, features: Optional[torch.Tensor] = None):
+        """The view terms of a batch of view pairs: (their weighted sum, {'kd': ..., 'mmd': ...})."""
+        view_a, view_b = output[0::VIEWS], output[1::VIEWS]
+        temperature = hparams.temperature
+        terms = {'kd': kd_kl_from_logits(view_a, view_b, temperature) + kd_kl_from_logits(view_b, view_a, temperature)}
+        total = hparams.weight * terms['kd']
+        if features is not None:
+            terms['mmd'] = linear_mmd(features[0::VIEWS], features[1::VIEWS])
+            total = total + hparams.mmd_weight * terms['mmd']
+        return total, terms
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        result = self.trainable_module(input)
+        output, features = result if isinstance(result, tuple) else (result, None)
+        loss_ce = self.cross_entropy(output, target)
+        extra, terms = self.layout_terms(self.hparams, output, features)
+        return {'loss': loss_ce + extra, 'output': output, 'loss_ce': loss_ce,
+                **{f'loss_{name}': value for name, value in terms.items()}}

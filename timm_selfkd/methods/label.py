@@ -1,0 +1,191 @@
+"""Hand-made class teachers: LsrKD and LsrKD-TC (Wang et al., sec. 3.2-3.3, eq. 9-12) and Tf-KD_reg (Yuan et al.).
+
+One task, `LabelTeacherTask`, computes `(1 - alpha) ce(z, y) + alpha * s * KL(q_y || softmax(z / T))` for a
+teacher `q_y` that puts `t` on the label and `(1 - t) / (K - 1)` on every other class. It is registered three
+times; each preset's hyper-parameter dataclass says what `t`, the student temperature `T` and the KL scale `s`
+are for K classes:
+
+- `lsrkd`: uniform teacher (`t = 1/K`), `s = T` (eq. 10). Plain LSR (eq. 6: `T = 1`, no T factor) is timm's
+  `--smoothing`, which every method's cross-entropy already takes.
+- `lsrkd_tc`: Teacher Correction, `t = gamma` (eq. 11-12), `s = T`.
+- `tfkd_reg`: Tf-KD_reg's virtual teacher as in its official code: `gamma` (0.99) on the label, softened by
+  `softmax(q / T)` with a high T; the student at T = 1; the KL averaged over classes and scaled by a multiplier.
+
+The teacher's two probabilities depend only on the class count: they are computed once per K, and the KL is
+evaluated from them without building an (N, K) target (`timm_selfkd.losses.class_teacher_kl`).
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..losses import class_teacher_kl, corrected_teacher
+from ..registry import method_name, register_method
+from .base import SelfKDTask, check_range
+
+__all__ = ['LsrKDHparams', 'LsrKDTCHparams', 'TfKDRegHparams', 'LabelTeacherTask']
+
+_LSRKD_PAPER = ('Wang et al., Extending Label Smoothing Regularization with Self-Knowledge Distillation, 2020')
+
+
+class ClassTeacher:
+    """What a preset of `LabelTeacherTask` defines: its teacher, student temperature and KL scale for K classes."""
+
+    uses_label = True  # False for a teacher that ignores the label (then mixed images are fine)
+
+    def teacher(self, num_classes: int) -> Tuple[float, float]:
+        """(probability of the labelled class, probability of each other class); ValueError if unusable."""
+        raise NotImplementedError
+
+    def student_temperature(self) -> float:
+        raise NotImplementedError
+
+    def kl_scale(self, num_classes: int) -> float:
+        raise NotImplementedError
+
+    def check_gamma(self) -> None:
+        if not 0 < self.gamma < 1:
+            raise ValueError(f'{method_name(self)} gamma must be > 0 and < 1, got {self.gamma}')
+
+    def corrected(self, num_classes: int) -> Tuple[float, float]:
+        """Eq. 11 with this preset's gamma; a ValueError unless gamma > 1/K (1/K is the uniform teacher)."""
+        if self.gamma <= 1 / num_classes:
+            raise ValueError(f'{method_name(self)} gamma must be > 1/K = {1 / num_classes:.4g} for {num_classes} '
+                             f'classes (1/K is the uniform teacher), got {self.gamma}')
+        return corrected_teacher(num_classes, self.gamma)
+
+
+@dataclass
+class LsrKDHparams(ClassTeacher):
+    alpha: float = field(default=0.1, metadata={
+        'help': 'weight alpha: (1 - alpha) ce + alpha * T * KL(teacher || softmax(z / T)) (eq. 10, 12; sec. 4.3: 0.1)'})
+    temperature: float = field(default=3.0, metadata={
+        'help': 'temperature tau of the student softmax and of the KL factor (eq. 10, 12; sec. 4.3: 3)'})
+
+    uses_label = False
+
+    def __post_init__(self):
+        check_range(method_name(self), 'alpha', self.alpha, 0., 1.)
+        check_range(method_name(self), 'temperature', self.temperature, 1e-6)
+
+    def teacher(self, num_classes: int) -> Tuple[float, float]:
+        return corrected_teacher(num_classes, 1 / num_classes)
+
+    def student_temperature(self) -> float:
+        return self.temperature
+
+    def kl_scale(self, num_classes: int) -> float:
+        return self.temperature  # the paper's T, not Hinton's T^2 (end of sec. 3.2)
+
+
+@dataclass
+class LsrKDTCHparams(LsrKDHparams):
+    gamma: float = field(default=0.25, metadata={
+        'help': 'teacher probability of the true class (eq. 11), in (1/K, 1). Unverified default: sec. 4.3 gives '
+                '[0.11, 0.25] for 100 classes (its grid holds 0.011-0.025) and 0.25 for 10 classes'})
+
+    uses_label = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_gamma()
+
+    def teacher(self, num_classes: int) -> Tuple[float, float]:
+        return self.corrected(num_classes)
+
+
+@dataclass
+class TfKDRegHparams(ClassTeacher):
+    alpha: float = field(default=0.1, metadata={
+        'help': 'weight alpha: (1 - alpha) ce + alpha * KL term (official code: 0.1 for ResNet-18 on CIFAR-100)'})
+    temperature: float = field(default=20.0, metadata={
+        'help': 'temperature T that softens the virtual teacher, softmax(q / T) as in the official code '
+                '(20 for ResNet-18 on CIFAR-100, 40 for MobileNetV2/GoogLeNet); the student stays at T = 1'})
+    gamma: float = field(default=0.99, metadata={
+        'help': 'virtual teacher probability of the true class before softening (the paper\'s 0.99)'})
+    multiplier: float = field(default=100.0, metadata={
+        'help': 'the official code averages the KL over classes and multiplies by this, i.e. KL x multiplier / K '
+                'per image (100 for ResNet-18 on CIFAR-100, model-dependent; unverified for other settings)'})
+
+    def __post_init__(self):
+        name = method_name(self)
+        check_range(name, 'alpha', self.alpha, 0., 1.)
+        check_range(name, 'temperature', self.temperature, 1e-6)
+        check_range(name, 'multiplier', self.multiplier, 0.)
+        self.check_gamma()
+
+    def teacher(self, num_classes: int) -> Tuple[float, float]:
+        true_prob, other_prob = self.corrected(num_classes)
+        # softmax(q / T) of a vector with two distinct values, in closed form
+        other_weight = (num_classes - 1) * math.exp((other_prob - true_prob) / self.temperature)
+        softened = 1 / (1 + other_weight)
+        return softened, (1 - softened) / (num_classes - 1)
+
+    def student_temperature(self) -> float:
+        return 1.0
+
+    def kl_scale(self, num_classes: int) -> float:
+        return self.multiplier / num_classes
+
+
+_SUMMARY = 'KD from a hand-made class teacher: '
+
+
+@register_method('lsrkd', hparams=LsrKDHparams, paper=_LSRKD_PAPER + ', sec. 3.2, eq. 10',
+                 summary=_SUMMARY + 'LSR extended to a temperature, (1 - alpha) ce + alpha T KL(u || sm(z/T)); '
+                                    'plain LSR is timm\'s --smoothing')
+@register_method('lsrkd_tc', hparams=LsrKDTCHparams, paper=_LSRKD_PAPER + ', sec. 3.3, eq. 11-12',
+                 summary=_SUMMARY + 'LsrKD with Teacher Correction, gamma on the true class')
+@register_method('tfkd_reg', hparams=TfKDRegHparams,
+                 paper='Yuan et al., Revisiting Knowledge Distillation via Label Smoothing Regularization, CVPR 2020 '
+                       '(Tf-KD_reg, official code\'s loss)',
+                 summary=_SUMMARY + 'Tf-KD_reg\'s virtual teacher, 0.99 on the true class softened at a high T')
+class LabelTeacherTask(SelfKDTask):
+    """Distil a hand-made class teacher: `(1 - alpha) ce(z, y) + alpha * s * KL(q_y || softmax(z / T))`.
+
+    The preset's dataclass (`LsrKDHparams`, `LsrKDTCHparams`, `TfKDRegHparams`) gives the teacher `q_y`, the
+    student temperature T and the KL scale s for the model's class count; they are computed once (when the
+    model tells its `num_classes`, else at the first step) and the KL needs no per-step target tensor.
+    `loss_kd` is `s * KL`; `loss_ce` is timm's criterion (so `--smoothing` adds LSR on top: the recipes use 0).
+    """
+
+    mixup_conflict = 'its teacher puts its mass on one true class, and a mixed image has two'
+
+    def __init__(self, model, hparams: ClassTeacher, **kwargs):
+        super().__init__(model, hparams, **kwargs)
+        self.num_classes: Optional[int] = None
+        self.teacher_probs: Tuple[float, float] = (0., 0.)
+        self.scale = 0.
+        if isinstance(getattr(model, 'num_classes', None), int):
+            self.set_num_classes(model.num_classes)
+
+    @classmethod
+    def check_setup(cls, hparams, *, batch_size, mixup):
+        super().check_setup(hparams, batch_size=batch_size, mixup=mixup and hparams.uses_label)
+
+    def bind_run(self, run) -> None:
+        super().bind_run(run)
+        if run.num_classes != self.num_classes:
+            self.set_num_classes(run.num_classes)
+
+    def set_num_classes(self, num_classes: int) -> None:
+        """Build the teacher for K classes (a ValueError if the preset's gamma does not fit K)."""
+        self.teacher_probs = self.hparams.teacher(num_classes)
+        self.scale = self.hparams.kl_scale(num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        output = self.trainable_module(input)
+        if output.shape[-1] != self.num_classes:  # a model that did not tell its class count
+            self.set_num_classes(output.shape[-1])
+        loss_ce = self.cross_entropy(output, target)
+        loss_kd = self.scale * class_teacher_kl(output, target, *self.teacher_probs,
+                                                self.hparams.student_temperature())
+        alpha = self.hparams.alpha
+        return {
+            'loss': (1 - alpha) * loss_ce + alpha * loss_kd,
+            'output': output,
+            'loss_ce': loss_ce,
+            'loss_kd': loss_kd,
+        }

@@ -1,0 +1,91 @@
+"""Stacks: a batch-layout method on top of another method, selected as `--selfkd LAYOUT+METHOD`.
+
+A batch layout changes which rows a batch holds and adds loss terms that read that layout; DDGSD is one (every
+image as two views, and the agreement of the views). Stacked on a method, e.g. `ddgsd+dlb` (DLB paper, sec.
+4.3: "distilling the last mini-batch for both two predictions from different augmented versions"):
+
+- batches: the method's own batch sampler, built for `-b / rows_per_image` images, expanded by the layout
+  (`wrap_batch_sampler`). A layout that keeps the order of the images (views of an image are consecutive rows)
+  keeps the method's structure: DLB's repeated part still heads the batch, now as both views of each image.
+- loss: the method's `forward` on the expanded batch (its cross-entropy covers every row, so every view), plus
+  the layout's weighted terms on the method's logits (`layout_terms`), logged as `loss_<layout>_<term>`.
+- everything else (state, resume, mixing, `bind_run` with the batch size in rows) is the method's.
+
+A layout class defines `rows_per_image`, `check_stack(hparams)`, `wrap_batch_sampler(hparams, sampler)` (a
+sampler whose `.batch_sampler` is the wrapped one) and `layout_terms(hparams, output)`. The method must give
+logits for every row of its batch (`full_batch_output`; not CS-KD, whose partners are only a teacher).
+Each part keeps its own flags and YAML keys (`--ddgsd-weight`, `--dlb-alpha`).
+"""
+import dataclasses
+from typing import Tuple, Type
+
+from ..registry import STACK_SEPARATOR, MethodSpec
+from ..samplers import EpochBatchSampler
+
+__all__ = ['is_layout', 'build_stack']
+
+
+def is_layout(spec: MethodSpec) -> bool:
+    """Whether a method is a batch layout that stacks on other methods."""
+    return all(hasattr(spec.task_cls, name) for name in ('rows_per_image', 'wrap_batch_sampler', 'layout_terms'))
+
+
+def build_stack(layout: MethodSpec, base: MethodSpec) -> Tuple[Type, Type]:
+    """The task class and hyper-parameter dataclass of `layout` stacked on `base`; a ValueError if they do not
+    stack."""
+    name = f'{layout.name}{STACK_SEPARATOR}{base.name}'
+    if not is_layout(layout):
+        raise ValueError(f'{layout.name} is not a batch layout, so it cannot lead a stack ({name}); '
+                         f'write LAYOUT{STACK_SEPARATOR}METHOD, e.g. ddgsd{STACK_SEPARATOR}dlb')
+    if is_layout(base):
+        raise ValueError(f'{name} stacks two batch layouts; stack a layout on a method that is not one')
+    if not base.task_cls.full_batch_output:
+        raise ValueError(f'{base.name} cannot carry a batch layout ({name}): its forward gives logits for only part '
+                         'of its batch')
+    hparams_cls = dataclasses.make_dataclass(
+        f'{layout.hparams_cls.__name__}On{base.hparams_cls.__name__}',
+        [(part.name, part.hparams_cls, dataclasses.field(default_factory=part.hparams_cls)) for part in (layout, base)])
+    return _stacked_task(layout, base), hparams_cls
+
+
+def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
+    layout_cls, base_cls, rows = layout.task_cls, base.task_cls, layout.task_cls.rows_per_image
+
+    class StackedTask(base_cls):
+        __doc__ = f'{layout.name} batch layout stacked on {base.name} (see timm_selfkd.methods.stack).'
+
+        def __init__(self, model, hparams, **kwargs):
+            super().__init__(model, getattr(hparams, base.name), **kwargs)
+            self.layout_hparams = getattr(hparams, layout.name)
+
+        @classmethod
+        def check_setup(cls, hparams, *, batch_size, mixup):
+            layout_hparams, base_hparams = getattr(hparams, layout.name), getattr(hparams, base.name)
+            layout_cls.check_setup(layout_hparams, batch_size=batch_size, mixup=mixup)
+            layout_cls.check_stack(layout_hparams)
+            try:
+                base_cls.check_setup(base_hparams, batch_size=batch_size // rows, mixup=mixup)
+            except ValueError as e:
+                raise ValueError(f'{layout.name}{STACK_SEPARATOR}{base.name} with -b {batch_size} gives {base.name} '
+                                 f'batches of {batch_size // rows} images ({rows} rows each): {e}') from e
+
+        @classmethod
+        def batch_sampler(cls, hparams, *, index_sampler, batch_size, **kwargs):
+            images = batch_size // rows
+            inner = base_cls.batch_sampler(getattr(hparams, base.name), index_sampler=index_sampler,
+                                           batch_size=images, **kwargs)
+            inner = inner if inner is not None else EpochBatchSampler(index_sampler, images)
+            return layout_cls.wrap_batch_sampler(getattr(hparams, layout.name), inner)
+
+        def bind_batch_sampler(self, batch_sampler) -> None:
+            super().bind_batch_sampler(batch_sampler.batch_sampler)
+
+        def forward(self, input, target):
+            out = super().forward(input, target)
+            extra, terms = layout_cls.layout_terms(self.layout_hparams, out['output'])
+            out['loss'] = out['loss'] + extra
+            out.update({f'loss_{layout.name}_{term}': value for term, value in terms.items()})
+            return out
+
+    StackedTask.__name__ = StackedTask.__qualname__ = f'{layout_cls.__name__}On{base_cls.__name__}'
+    return StackedTask
