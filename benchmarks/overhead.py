@@ -34,12 +34,17 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
 from timm_selfkd.guard import RunGuard  # noqa: E402
-from timm_selfkd.stream import seed_everything, step_seed  # noqa: E402
+from timm_selfkd.methods.base import RunInfo  # noqa: E402
+from timm_selfkd.stream import BatchInfo, seed_everything, step_seed  # noqa: E402
 
 # (time ratio, memory ratio) upper bounds from the issues (None: no bound), measured on CPU with resnet18
 # (self_guidance and multi_exit: also with a Swin).
+# MrKD: time <= 1 + 0.4 n for its default n = 3 copies (memory: n copies of the weights, no bound). PS-KD: memory
+# without its per-sample table, which is reported apart (benchmarks/memory_pskd.py measures it at ImageNet size).
 TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'none+checks': (1.01, 1.01), 'self_guidance': (2.05, None),
-           'multi_exit': (1.15, None), **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], (1.01, 1.01))}
+           'multi_exit': (1.15, None), **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], (1.01, 1.01)),
+           'mrkd': (1 + 0.4 * 3, None), 'mrkd_tc': (1 + 0.4 * 3, None), 'pskd': (1.02, 1.02)}
+RUN_EPOCHS, RUN_SAMPLES = 100, 50_000  # the run every task is told about (bind_run): a CIFAR-size data set
 POOL_BATCHES = 4  # distinct synthetic batches cycled through by every method
 CHECKED = 'none+checks'  # plain training with the loop's per-step seeding and guard (timm_selfkd.train)
 MEMORY_WARMUP = 2  # steps before the memory-measured one: DLB then holds last-batch logits, SGD its momentum
@@ -130,6 +135,13 @@ class Trainer:
         model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
         self.task = timm_selfkd.create_task(base_method(method), model.to(args.device).train(),
                                             **method_hparams(method))
+        steps_per_epoch = RUN_SAMPLES // args.batch_size
+        self.task.bind_run(RunInfo(num_epochs=RUN_EPOCHS, steps_per_epoch=steps_per_epoch, num_samples=RUN_SAMPLES,
+                                   num_classes=args.num_classes, batch_size=args.batch_size))
+        self.batches = 0  # batch info: pool batch b holds dataset indices b * batch_size ... (b + 1) * batch_size - 1
+        self.task.bind_batch_info_source(lambda: BatchInfo(
+            self.batches // steps_per_epoch, self.batches % steps_per_epoch,
+            torch.arange(args.batch_size) + self.batches % POOL_BATCHES * args.batch_size))
         self.optimizer = torch.optim.SGD(self.task.trainable_module.parameters(), lr=0.01, momentum=0.9,
                                          weight_decay=5e-4, nesterov=True)
         self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp)
@@ -142,7 +154,13 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.loss = out['loss'].detach()
+        self.batches += 1
         return out
+
+    def table_bytes(self) -> int:
+        """Bytes of a per-sample table the method keeps (PS-KD's memory), reported apart from the peak."""
+        memory = getattr(self.task, 'memory', None)
+        return memory.nbytes if memory is not None else 0
 
 
 class CheckedTrainer(Trainer):
@@ -201,8 +219,9 @@ def time_methods(args: argparse.Namespace, pool: List[Batch], sync: Callable[[],
     return times
 
 
-def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> int:
-    """Peak bytes of live tensors during one steady-state step, counting all the method allocated since setup.
+def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> Tuple[int, int]:
+    """Peak bytes of live tensors during one steady-state step, counting all the method allocated since setup
+    except a per-sample table (PS-KD's memory, which grows with the data set), and that table's bytes.
 
     CPU: the profiler's allocation/free events (`profile_memory=True`) from before the model is built, summed
     in time order; the peak of that running sum inside the measured step is the live-tensor peak. It is exact
@@ -220,7 +239,8 @@ def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> int
             method_trainer.step(pool[r % POOL_BATCHES])
         torch.cuda.reset_peak_memory_stats()
         method_trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
-        return torch.cuda.max_memory_allocated() - base
+        table = method_trainer.table_bytes()
+        return torch.cuda.max_memory_allocated() - base - table, table
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         method_trainer = make_trainer(method, args)
         for r in range(MEMORY_WARMUP):
@@ -231,7 +251,8 @@ def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> int
     window = next(e for e in events if e.name() == MEASURED_STEP)
     allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]')
     live = itertools.accumulate(nbytes for _, nbytes in allocations)
-    return max(level for (when, _), level in zip(allocations, live) if window.start_ns() <= when <= window.end_ns())
+    peak = max(level for (when, _), level in zip(allocations, live) if window.start_ns() <= when <= window.end_ns())
+    return peak - method_trainer.table_bytes(), method_trainer.table_bytes()
 
 
 def new_images(method: str, batch_size: int, group: int) -> str:
@@ -243,7 +264,8 @@ def new_images(method: str, batch_size: int, group: int) -> str:
     return str(per_method.get(base_method(method), batch_size))
 
 
-def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[str, int], group: int) -> str:
+def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[str, int], group: int,
+           tables: Dict[str, int]) -> str:
     """The markdown table, the costs in words and the targets."""
     base = times['none']
     lines = [
@@ -270,6 +292,9 @@ def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[
               'round. Peak memory: live tensors (model, gradients, optimizer and task state, activations).', '']
     lines += [f'- {m.upper()}: {t:.2f}x time, {mem:.2f}x memory ({(memory[m] - memory["none"]) / 2 ** 10:+.1f} KiB '
               'peak)' for m, (t, mem) in ratios.items() if m != 'none']
+    lines += [f'- {m.upper()} per-sample table, not in its peak memory: {table / 2 ** 20:.2f} MiB for {RUN_SAMPLES} '
+              f'images x {args.num_classes} classes (benchmarks/memory_pskd.py: ImageNet)'
+              for m, table in tables.items() if table]
     targets = [(m, TARGETS[m.split(':')[0]]) for m in ratios if m.split(':')[0] in TARGETS]
     if targets:
         lines += ['', 'Targets (from the issues):', '']
@@ -317,8 +342,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     sync = torch.cuda.synchronize if args.device == 'cuda' else (lambda: None)
     start = time.perf_counter()
     times = time_methods(args, pool, sync)
-    memory = {method: peak_memory(method, args, pool) for method in args.methods}
-    text = report(args, times, memory, group)
+    measured = {method: peak_memory(method, args, pool) for method in args.methods}
+    memory = {method: peak for method, (peak, _) in measured.items()}
+    text = report(args, times, memory, group, {method: table for method, (_, table) in measured.items()})
     if args.loop_checks:
         per_image = seeding_cost()
         share = per_image * args.batch_size / np.median(times['none'])

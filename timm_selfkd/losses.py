@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'soft_target_ce', 'corrected_teacher',
-           'class_teacher_kl', 'linear_mmd', 'bake_targets']
+           'class_teacher_kl', 'linear_mmd', 'bake_targets', 'teacher_correction']
 
 
 def float32_region(tensor: torch.Tensor):
@@ -151,3 +151,30 @@ def bake_targets(
         # solve_ex skips the error check that would synchronise the host with the device on every step
         targets = torch.linalg.solve_ex(system, probs, check_errors=False).result
         return targets.mul_(1 - omega).clamp_(min=0)
+
+
+@torch.no_grad()
+def teacher_correction(teacher_logits: torch.Tensor, target: torch.Tensor, gamma: float,
+                       temperature: float) -> torch.Tensor:
+    """Teacher Correction of a teacher's distribution at temperature T (MrKD-TC, eq. 16).
+
+    The true class c gets `gamma`; every other class m keeps its share of the rest in proportion to the
+    teacher's own probabilities: `(1 - gamma) q_m / (1 - q_c)`, which is the softmax over the classes other
+    than c (computed that way, so it stays exact when the teacher is nearly certain of c). With constant
+    (e.g. zero) teacher logits this is the uniform-teacher correction of eq. 11.
+
+    Args:
+        teacher_logits: Teacher logits, shape (..., N, K).
+        target: True class of each row, shape (N,).
+        gamma: Probability given to the true class.
+        temperature: Softening temperature T.
+
+    Returns:
+        Float32 tensor of the logits' shape whose rows are probability distributions.
+    """
+    with float32_region(teacher_logits):
+        logits = teacher_logits.float() / temperature
+        true_class = F.one_hot(target, logits.shape[-1]).bool().expand_as(logits)
+        others = logits.masked_fill(true_class, float('-inf')).softmax(dim=-1)
+        return torch.where(true_class, torch.full_like(others, gamma), (1 - gamma) * others)
+

@@ -43,6 +43,7 @@ from .args import UsageError, format_methods, method_hparams, parse_args, recipe
 from .checkpoint import AMP_SCALER_KEY, RunSaver, check_same_run, load_error, read_checkpoint
 from .data import build_dataset, class_count, install_batch_stream, with_label_noise
 from .guard import RunGuard, Verdict
+from .metrics import LOWER_IS_BETTER
 from .methods.base import RunInfo
 from .registry import get_method
 from .stream import seed_everything, step_seed
@@ -676,7 +677,7 @@ def main(argv: Optional[list] = None) -> None:
     if args.rank == 0:
         saver = RunSaver(model=s.task.get_eval_model(), optimizer=s.optimizer, args=args, task=s.task,
                          amp_scaler=s.grad_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                         decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
+                         decreasing=args.eval_metric in LOWER_IS_BETTER, max_history=args.checkpoint_hist,
                          loop_state=s.loop_state)
         if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
             saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking the checkpoints of this folder

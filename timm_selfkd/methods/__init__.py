@@ -8,3 +8,5 @@ from .cskd import CSKDTask
 from .ddgsd import DDGSDTask
 from .self_guidance import SelfGuidanceTask
 from .multi_exit import MultiExitTask
+from .mrkd import MrKDTask, MrKDTCTask
+from .pskd import PSKDTask

@@ -11,6 +11,7 @@ from timm.models import group_parameters
 from timm.task import TrainingTask, resolve_classification_loss
 
 from ..losses import float32_region
+from ..metrics import CalibrationEvaluator
 from ..registry import method_name
 from ..stream import BatchInfo
 
@@ -225,6 +226,19 @@ class SelfKDTask(TrainingTask):
 
     def sync_task_state(self) -> None:
         """Collective run on every rank before rank 0 saves a checkpoint, for per-rank task state."""
+
+    def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
+        """Raise a ValueError when a checkpoint's task state cannot resume this run (checked before the model
+        weights are loaded, so that a mismatch is reported as such, not as a failed `load_state_dict`)."""
+
+    def load_checkpoint_state(self, state_dict, task_state=None, ema: bool = False, strict: bool = True) -> None:
+        if not ema:
+            self.check_task_state(task_state)
+        super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
+
+    def create_evaluator(self, **kwargs) -> CalibrationEvaluator:
+        """timm's loss/top-1/top-5 evaluator plus NLL, ECE and AURC (`timm_selfkd.metrics`)."""
+        return CalibrationEvaluator(device=self.device, **kwargs)
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The hard-label term, in float32 under any autocast."""
