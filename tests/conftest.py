@@ -1,11 +1,20 @@
 """Shared fixtures: tiny image-folder data sets written to a temporary directory (no network); plain-math
-references shared by the loss tests."""
+references shared by the loss tests; the recorder of the compatibility-matrix cells (`--matrix-json`)."""
 import math
 import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from timm_selfkd.tools.matrix import merge_results
+
+# One intra-op thread in the tests and in the processes they start (train.py, torchrun ranks): their kernels are
+# tiny, and on a busy 2-core machine two threads mostly spin waiting for each other (the every-method resume test
+# of test_preemption.py took 396 s of CPU with two threads and 17 s with one, at load average 5).
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 NUM_CLASSES = 4
 TRAIN_PER_CLASS = 8
@@ -77,3 +86,64 @@ def hand_kd(teacher_rows, student_rows, temperature):
         log_q, log_p = log_softmax_row(t, temperature), log_softmax_row(z, temperature)
         total += sum(math.exp(lq) * (lq - lp) for lq, lp in zip(log_q, log_p))
     return temperature ** 2 * total / len(teacher_rows)
+
+
+def pytest_addoption(parser):
+    parser.addoption('--matrix-json', metavar='FILE', default=None,
+                     help='record the compatibility-matrix cells the tests check into FILE (merged into it), for '
+                          '`python -m timm_selfkd.tools.matrix`')
+
+
+class MatrixCells:
+    """The matrix cells one test checks. `expect` names them before the run (passed unless the test fails),
+    `refused` records a one-line refusal and its reason, `note` adds a remark to a passed cell, `failed` marks a
+    cell failed whatever the test's outcome."""
+
+    def __init__(self):
+        self.cells = {}
+
+    def expect(self, method, *cells):
+        for cell in cells:
+            self.cells.setdefault((method, cell), {'outcome': 'passed'})
+
+    def refused(self, method, cell, reason):
+        self.cells[(method, cell)] = {'outcome': 'refused', 'reason': reason}
+
+    def note(self, method, cell, text):
+        self.cells[(method, cell)] = {'outcome': 'passed', 'note': text}
+
+    def failed(self, method, cell, reason):
+        self.cells[(method, cell)] = {'outcome': 'failed', 'reason': reason}
+
+
+_MATRIX_CELLS = pytest.StashKey()
+_MATRIX_RESULTS = pytest.StashKey()
+
+
+@pytest.fixture
+def matrix(request):
+    """Records the test's matrix cells with its outcome (a failed test fails its cells; a skipped one records none)."""
+    cells = MatrixCells()
+    request.node.stash[_MATRIX_CELLS] = cells
+    return cells
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    cells = item.stash.get(_MATRIX_CELLS, None)
+    if cells is None or report.skipped or not (report.when == 'call' or report.failed):
+        return
+    results = item.config.stash.setdefault(_MATRIX_RESULTS, {})
+    for key, record in cells.cells.items():
+        if report.failed:
+            record = {'outcome': 'failed', 'reason': f'{item.nodeid} failed'}
+        if results.get(key, {}).get('outcome') != 'failed':  # a cell checked twice fails if either check fails
+            results[key] = record
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption('--matrix-json')
+    results = session.config.stash.get(_MATRIX_RESULTS, {})
+    if path and results:
+        merge_results(path, results)

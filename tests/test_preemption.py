@@ -12,9 +12,9 @@ import pytest
 import timm
 import torch
 
-import timm_selfkd
 from conftest import write_image_folder
 from test_train import METHOD_ARGS
+from timm_selfkd.tools.matrix import matrix_methods
 from timm_selfkd.train import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,11 +119,13 @@ def test_torchrun_one_sigterm_stops_both_ranks_at_the_same_step(folder, tmp_path
     assert_same_run(tmp_path / 'run', tmp_path / 'uninterrupted')
 
 
-@pytest.mark.parametrize('method', timm_selfkd.list_methods() + ['ddgsd+dlb'])
+@pytest.mark.parametrize('method', matrix_methods())  # every method and the stacks the recipes use
 @pytest.mark.parametrize('workers', [0, 2])
-def test_every_method_resumes_exactly_from_recovery_and_epoch_checkpoints(folder, tmp_path, method, workers):
+def test_every_method_resumes_exactly_from_recovery_and_epoch_checkpoints(folder, tmp_path, method, workers, matrix):
     """`--recovery-interval 5` leaves mid-epoch checkpoints in an uninterrupted run (timm keeps the last two);
-    resuming the earliest of them and the epoch-0 checkpoint both end bit-identical to it."""
+    resuming the earliest of them and the epoch-0 checkpoint both end bit-identical to it. (The compatibility
+    matrix's resume cell.)"""
+    matrix.expect(method, 'resume')
     method_args = METHOD_ARGS.get(method, [])  # the 4-class set needs TC's gamma above 1/4
     main(run_args(folder, tmp_path, 'full', method, workers, '--recovery-interval', '5', *method_args))
     recovery = sorted((f for f in os.listdir(tmp_path / 'full') if f.startswith('recovery-')),

@@ -1,0 +1,1 @@
+"""Developer tools of timm-selfkd (run from a checkout of the repository)."""
