@@ -312,8 +312,8 @@ class MultiExitTask(SelfKDTask):
     sample by `progressive.ProgressiveTargets` (the component `--selfkd pskd` uses). The exits' predictions
     are not stored: the paper's teacher is "the trained model in the previous epoch". PS-KD alone (no BYOT, no
     DMFL) trains the model exactly as `--selfkd pskd`; its exits are then probes on detached features, for
-    the per-exit accuracies. The task then reads `batch_info()` (`needs_batch_info` per instance), and refuses
-    mixup/CutMix and streamed data sets as PS-KD does.
+    the per-exit accuracies. With PS-KD on, the task reads `batch_info()` (`needs_batch_info` is set per
+    instance) and refuses mixup/CutMix and streamed data sets, as PS-KD does.
     """
 
     supports_mixup = True
