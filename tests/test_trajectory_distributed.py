@@ -41,8 +41,14 @@ def _pskd(rank, local_world_size):
     task.bind_run(RunInfo(num_epochs=EPOCHS, steps_per_epoch=STEPS, num_samples=NUM_SAMPLES,
                           num_classes=NUM_CLASSES, batch_size=PER_RANK_BATCH, world_size=WORLD, rank=rank,
                           local_rank=rank % local_world_size, local_world_size=local_world_size))
+    return train_recording(task, task.memory, features, labels, rank, lr=0.5)
+
+
+def train_recording(task, memory, inputs, labels, rank, lr):
+    """Train `task` (a PS-KD memory user, bound to this run) under DDP for EPOCHS on `inputs`; return the final
+    table, every read of the memory and every rank's predictions (also used by tests/test_multi_exit_pskd.py)."""
     task.prepare_distributed(device_ids=None)
-    optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=0.5)
+    optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=lr)
     sampler = DistributedSampler(range(NUM_SAMPLES), num_replicas=WORLD, rank=rank, shuffle=True, seed=0)
     predictions, reads = [], []
     for epoch in range(EPOCHS):
@@ -50,10 +56,10 @@ def _pskd(rank, local_world_size):
         order = list(sampler)
         for step in range(STEPS):
             indices = torch.tensor(order[step * PER_RANK_BATCH:(step + 1) * PER_RANK_BATCH])
-            task.memory.flush()
-            reads.append((epoch, indices, *task.memory.lookup(indices)))
+            memory.flush()
+            reads.append((epoch, indices, *memory.lookup(indices)))
             task.bind_batch_info_source(lambda: BatchInfo(epoch, step, indices))
-            out = task(features[indices], labels[indices])
+            out = task(inputs[indices], labels[indices])
             predictions.append((epoch, indices, out['output'].detach().softmax(-1)))
             optimizer.zero_grad()
             out['loss'].backward()
@@ -61,7 +67,7 @@ def _pskd(rank, local_world_size):
     task.sync_task_state()
     everyone = [None] * WORLD
     dist.all_gather_object(everyone, predictions)
-    return {'table': task.memory.values.clone(), 'reads': reads, 'predictions': everyone}
+    return {'table': memory.values.clone(), 'reads': reads, 'predictions': everyone}
 
 
 def _worker(rank, init_file, out_dir):

@@ -192,10 +192,10 @@ class SelfKDTask(TrainingTask):
         """The batch sampler that replaces the loader's own, or None to keep timm's batching."""
         return None
 
-    @classmethod
-    def takes_streamed_data(cls) -> bool:
-        """Whether the method trains on a streamed data set: with timm's own batches and no sample indices."""
-        return cls.batch_sampler.__func__ is SelfKDTask.batch_sampler.__func__ and not cls.needs_batch_info
+    def takes_streamed_data(self) -> bool:
+        """Whether the task trains on a streamed data set: with timm's own batches and no sample indices
+        (`needs_batch_info` may be set per task, from its hyper-parameters)."""
+        return type(self).batch_sampler.__func__ is SelfKDTask.batch_sampler.__func__ and not self.needs_batch_info
 
     def bind_batch_sampler(self, batch_sampler: Sampler) -> None:
         """Receive the sampler `batch_sampler()` returned, for tasks that depend on its batch layout."""

@@ -1,6 +1,7 @@
-"""Multi-exit self-distillation on any timm model with `forward_intermediates()`: BYOT's auxiliary exits and
-DMFL's mutual feature loss (Chottananurak et al., Progressive Self-Knowledge Distillation with Mutual Learning,
-sec. 3.1, eq. 2-3, after Zhang et al., Be Your Own Teacher, ICCV 2019)."""
+"""Multi-exit self-distillation on any timm model with `forward_intermediates()`: BYOT's auxiliary exits, DMFL's
+mutual feature loss and PS-KD's progressive soft targets (Chottananurak et al., Progressive Self-Knowledge
+Distillation with Mutual Learning, sec. 3.1, eq. 2-3, after Zhang et al., Be Your Own Teacher, ICCV 2019, and
+Kim et al., PS-KD, ICCV 2021)."""
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ import torch.nn as nn
 from timm.utils import unwrap_model
 
 from ..losses import float32_region, kd_kl_from_logits, soft_target_ce
+from ..progressive import MIXUP_CONFLICT, ProgressiveTargets
 from ..registry import register_method
-from .base import ModelWrapper, SelfKDTask, check_range, has_pooled_features
+from .base import ModelWrapper, RunInfo, SelfKDTask, check_range, has_pooled_features
 
 __all__ = ['MultiExitHparams', 'Exit', 'MultiExitModule', 'MultiExitEvaluator', 'MultiExitTask', 'exit_indices',
            'multi_exit_loss']
@@ -49,13 +51,24 @@ class MultiExitHparams:
     indices: str = field(default='', metadata={
         'help': 'forward_intermediates() levels that get an exit, comma-separated (e.g. ViT blocks 2,5,8); '
                 'default: the three stage ends before the last (ViT-like models: blocks at 1/4, 1/2, 3/4 depth)'})
+    pskd: bool = field(default=False, metadata={
+        'help': 'PS-KD\'s progressive soft targets (sec. 3.1): every classifier\'s CE (the deepest one\'s, BYOT\'s '
+                'exits\') is to (1 - a_e) y + a_e P[i], P[i] the deepest classifier\'s last softmax of image i'})
+    pskd_alpha_t: float = field(default=0.8, metadata={
+        'help': 'PS-KD alpha_T: weight of the past prediction at the last epoch; epoch e (0-based) of E uses '
+                'alpha_T (e + 1) / E'})
+    pskd_topk: int = field(default=0, metadata={
+        'help': 'PS-KD memory: keep the k largest probabilities of each past prediction, the rest spread evenly '
+                '(0 = all K, in fp16)'})
 
     def __post_init__(self):
         check_range('multi_exit', 'alpha', self.alpha, 0., 1.)
         check_range('multi_exit', 'feature_weight', self.feature_weight, 0.)
         check_range('multi_exit', 'temperature', self.temperature, 1e-6)
-        if not (self.byot or self.dmfl):
-            raise ValueError('multi_exit needs byot or dmfl (or both); without them the exits teach nothing')
+        check_range('multi_exit', 'pskd_alpha_t', self.pskd_alpha_t, 0., 1.)
+        check_range('multi_exit', 'pskd_topk', self.pskd_topk, 0)
+        if not (self.byot or self.dmfl or self.pskd):
+            raise ValueError('multi_exit needs byot or dmfl or pskd (or several); without them it is plain training')
         _parse_indices(self.indices)
 
 
@@ -184,6 +197,10 @@ def multi_exit_loss(
 ) -> Dict[str, torch.Tensor]:
     """`L = L_CE + L_Self-KD + L_DMFL` (seed 4 sec. 3.1) for exits i = 1..N-1 and the deepest classifier N.
 
+    `target` is the labels, mixup's soft targets, or PS-KD's `y_soft` (B, K) (sec. 3.1: distilled "to each
+    classifier", i.e. both cross-entropies below); float targets take a soft-target cross-entropy in
+    `cross_entropy`.
+
     - `L_CE = CE(P_N, y)`: the model's own classifier against the (soft) target.
     - `L_Self-KD = sum_i (1 - alpha) CE(P_i, y) + alpha T^2 KL(P_N || P_i) + lambda ||F_i - F_N||^2` (eq. 2),
       with `P_N` and `F_N` detached (the teacher side), when `byot`.
@@ -277,20 +294,48 @@ class MultiExitEvaluator:
 
 @register_method('multi_exit', hparams=MultiExitHparams, paper='BYOT: Zhang et al., Be Your Own Teacher, ICCV 2019; '
                                                               'DMFL: Chottananurak et al., Progressive '
-                                                              'Self-Knowledge Distillation with Mutual Learning')
+                                                              'Self-Knowledge Distillation with Mutual Learning; '
+                                                              'PS-KD: Kim et al., ICCV 2021')
 class MultiExitTask(SelfKDTask):
     """Auxiliary exits on stage outputs learn from the labels and the deepest classifier (BYOT), and exchange
-    feature distributions with it (DMFL).
+    feature distributions with it (DMFL); with `pskd`, every classifier learns from PS-KD's soft targets.
 
     Exits (bottleneck -> pooled feature -> fc, `Exit`) sit on the `forward_intermediates()` levels chosen by
     `indices`; one forward pass gives the model's and the exits' outputs, and the loss is
     `multi_exit_loss`. The exits are training-only: they live in the trainable module and the task state
     (saved and resumed, EMA-averaged), not in the deployed checkpoint, and inference runs the plain model.
     Validation also reports each exit's top-1 and the ensemble top-1 (`MultiExitEvaluator`).
-    `classification_target` is the plug for PS-KD's soft targets.
+
+    PS-KD (seed 4 sec. 3.1, after Kim et al.): the target of `L_CE` and of eq. 2's exit CE is
+    `y_soft = (1 - a_e) y + a_e P^T(x)`, where the teacher `P^T` is the previous epoch's model, i.e. the
+    softmax the deepest classifier (the deployed model) gave the image when it was last trained on, kept per
+    sample by `progressive.ProgressiveTargets` (the component `--selfkd pskd` uses). The exits' predictions
+    are not stored: the paper's teacher is "the trained model in the previous epoch". PS-KD alone (no BYOT, no
+    DMFL) trains the model exactly as `--selfkd pskd`; its exits are then probes on detached features, for
+    the per-exit accuracies. With PS-KD on, the task reads `batch_info()` (`needs_batch_info` is set per
+    instance) and refuses mixup/CutMix and streamed data sets, as PS-KD does.
     """
 
     supports_mixup = True
+
+    def __init__(self, model: nn.Module, hparams: MultiExitHparams, **kwargs):
+        super().__init__(model, hparams, **kwargs)
+        self.needs_batch_info = hparams.pskd
+        self.progressive = ProgressiveTargets(
+            hparams.pskd_alpha_t, hparams.pskd_topk, float(getattr(self.criterion, 'smoothing', 0.)), self.device,
+            name='PS-KD (--multi-exit-pskd)', topk_flag='--multi-exit-pskd-topk') if hparams.pskd else None
+
+    @classmethod
+    def check_setup(cls, hparams: MultiExitHparams, *, batch_size: int, mixup: bool) -> None:
+        if mixup and hparams.pskd:
+            raise ValueError(f'--mixup/--cutmix are not supported with --selfkd multi_exit --multi-exit-pskd: '
+                             f'{MIXUP_CONFLICT}')
+        super().check_setup(hparams, batch_size=batch_size, mixup=mixup)
+
+    def bind_run(self, run: RunInfo) -> None:
+        super().bind_run(run)
+        if self.progressive is not None:
+            self.progressive.bind_run(run)
 
     def wrap_model(self, model: nn.Module) -> MultiExitModule:
         indices = exit_indices(model, self.hparams.indices)
@@ -308,25 +353,19 @@ class MultiExitTask(SelfKDTask):
                      f'({sum(p.numel() for p in exits.parameters()) / 1e6:.2f}M training-only parameters)')
         return MultiExitModule(model, indices, exits)
 
-    def classification_target(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The target `y_soft` of every classifier's cross-entropy this step (eq. 2).
-
-        Here the labels (or mixup's soft targets) as given. This is the plug for PS-KD's progressive soft
-        targets: an override returns `(1 - a_e) onehot(y) + a_e P[i]` as (B, K) distributions (and may record
-        `softmax(logits)`, the model's detached prediction for the batch, in its memory); float targets are
-        trained with a soft-target cross-entropy.
-        """
-        return target
-
     def _cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.is_floating_point():
             return soft_target_ce(logits, target)
         return self.cross_entropy(logits, target)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        info = self.batch_info(batch_size=input.shape[0]) if self.progressive is not None and self.training else None
+        if info is not None:
+            target = self.progressive.targets(target, info)
         logits, features, exit_logits, exit_features = self.trainable_module(input)
-        target = self.classification_target(target, logits)
         out = multi_exit_loss(logits, features, exit_logits, exit_features, target, self._cross_entropy, self.hparams)
+        if info is not None:
+            self.progressive.record(info, logits)
         out['output'] = logits
         return out
 
@@ -344,14 +383,26 @@ class MultiExitTask(SelfKDTask):
         module = self._exit_module()
         return MultiExitEvaluator(main, len(module.exits), self.device, max_samples=kwargs.get('max_samples'))
 
+    def sync_task_state(self) -> None:
+        if self.progressive is not None:
+            self.progressive.sync()
+
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """The exits (of the EMA model with `ema`) and, with PS-KD, the memory (not part of the EMA state)."""
+        state = {} if ema or self.progressive is None else self.progressive.state_dict()
         module = self._exit_module(module, ema)
-        if module is None:
-            return {}
-        return {'exit_indices': list(module.indices),
-                'exits': {k: v.detach().cpu() for k, v in module.exits.state_dict().items()}}
+        if module is not None:
+            state.update(exit_indices=list(module.indices),
+                         exits={k: v.detach().cpu() for k, v in module.exits.state_dict().items()})
+        return state
+
+    def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
+        if self.progressive is not None:
+            self.progressive.check_state(state)
 
     def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
+        if not ema and self.progressive is not None:
+            self.progressive.load_state_dict(state)
         module = self._exit_module(module, ema)
         if module is None:
             raise RuntimeError('cannot load the multi_exit exits before setup_ema()' if ema else
