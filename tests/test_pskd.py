@@ -53,7 +53,7 @@ def test_targets_by_hand_at_epochs_0_1_and_last():
     out = _step(task, EPOCHS - 1, [2, 3], [0, 1])
     expected = (_soft_ce([0.6, 0.24, 0.16]) + _soft_ce([0.4, 0.44, 0.16])) / 2
     assert out['loss'].item() == pytest.approx(expected, abs=1e-4)
-    assert task.alpha(EPOCHS) == pytest.approx(0.8)  # a cool-down epoch past E keeps alpha_T
+    assert task.progressive.alpha(EPOCHS) == pytest.approx(0.8)  # a cool-down epoch past E keeps alpha_T
     # an image first seen in the last epoch still trains on its label
     out = _step(task, EPOCHS - 1, [0], [2])
     assert out['loss'].item() == pytest.approx(_soft_ce([0, 0, 1]), abs=1e-6)
@@ -63,7 +63,7 @@ def test_soft_targets_by_hand_with_label_smoothing():
     task = timm_selfkd.create_task('pskd', FixedModel(P), criterion_kwargs=dict(smoothing=0.3))
     task.bind_run(RunInfo(num_epochs=EPOCHS, steps_per_epoch=1, num_samples=2, num_classes=3, batch_size=2))
     past = torch.tensor([P, [0., 0., 0.]])
-    targets = task.soft_targets(torch.tensor([1, 0]), past, torch.tensor([True, False]), epoch=1)
+    targets = task.progressive.soft_targets(torch.tensor([1, 0]), past, torch.tensor([True, False]), epoch=1)
     # smoothed labels: (0.1, 0.8, 0.1) and (0.8, 0.1, 0.1); the second image has no past prediction
     expected = torch.tensor([[0.6 * 0.1 + 0.4 * 0.5, 0.6 * 0.8 + 0.4 * 0.3, 0.6 * 0.1 + 0.4 * 0.2],
                              [0.8, 0.1, 0.1]])

@@ -56,15 +56,6 @@ class PSKDTask(SelfKDTask):
         super().bind_run(run)
         self.progressive.bind_run(run)
 
-    def alpha(self, epoch: int) -> float:
-        """a_e = alpha_T (e + 1) / E, at most alpha_T (in cool-down epochs past E)."""
-        return self.progressive.alpha(epoch)
-
-    def soft_targets(self, target: torch.Tensor, past: torch.Tensor, written: torch.Tensor,
-                     epoch: int) -> torch.Tensor:
-        """`(1 - a_e) y + a_e P`, with P = y for images never trained on; float32 (B, K)."""
-        return self.progressive.soft_targets(target, past, written, epoch)
-
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         if not self.training:
             output = self.trainable_module(input)
