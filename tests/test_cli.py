@@ -98,3 +98,22 @@ def test_recipe_values_of_the_wrong_type(tmp_path, capsys, text, expected):
         parse_args(['-c', str(tmp_path / 'r.yaml')])
     assert exc.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_readme_documents_every_method_and_flag():
+    """The README's method table names every registered method, and its flag table every method flag (a row
+    `--mrkd-tc-*` covers the flags a preset shares with its base method)."""
+    import re
+
+    from timm_selfkd.registry import get_method, hparam_fields
+    with open(os.path.join(REPO, 'README.md')) as f:
+        readme = f.read()
+    documented = set(re.findall(r'`(--[a-z0-9-]+)', readme))
+    wildcards = re.findall(r'`(--[a-z0-9-]+-)\*`', readme)
+    missing = [name for name in list_methods() if f'`{name}`' not in readme]
+    for name in list_methods():
+        for spec_field in hparam_fields(get_method(name)):
+            flag = f'--{name}-{spec_field.name}'.replace('_', '-')
+            if flag not in documented and not any(flag.startswith(w) for w in wildcards):
+                missing.append(flag)
+    assert not missing, f'README.md does not document: {missing}'
