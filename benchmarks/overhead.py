@@ -10,7 +10,8 @@ A method may carry hyper-parameters, `name:key=value[:key=value]` (e.g. `self_gu
 to compare variants of it in one run.
 
 Usage:
-    python benchmarks/overhead.py --output benchmarks/results/overhead_cpu_resnet18.md
+    python benchmarks/overhead.py --threads 1 --clock cpu --loop-checks --methods none,dlb,bake \
+        --output benchmarks/results/overhead_cpu_resnet18_cpuclock.md
     python benchmarks/overhead.py --model swin_tiny_patch4_window7_224 --model-kwargs img_size=64 \
         --methods none,self_guidance,multi_exit --output benchmarks/results/overhead_cpu_swin_tiny.md
 """
