@@ -38,7 +38,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark this checkout, installed or not
-from timm_selfkd import get_method, list_methods  # noqa: E402
+from timm_selfkd import get_method  # noqa: E402
+from timm_selfkd.tools.matrix import matrix_methods  # noqa: E402
 
 DEFAULT_RECIPE = REPO / 'configs' / 'demo_fashion_mnist.yaml'
 QUICK_FLAGS = ['--train-subset', '128', '--val-subset', '64', '-b', '16']  # with --epochs 1 and seeds 0 1
@@ -63,7 +64,8 @@ class Run:
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, List[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--recipe', type=Path, default=DEFAULT_RECIPE, help='train.py recipe of every run')
-    parser.add_argument('--methods', default='all', help='comma-separated methods, or all (plain training always runs)')
+    parser.add_argument('--methods', default='all', help='comma-separated methods, or all: every registered method and '
+                        'every stack a shipped recipe uses (plain training always runs)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--epochs', type=int, default=None, help='epochs of every method (default: the recipe\'s)')
     parser.add_argument('--train-label-noise', type=float, nargs='+', default=[0.0], metavar='P',
@@ -75,7 +77,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Li
     parser.add_argument('--quick', action='store_true', help=f'smoke run: seeds 0 1, 1 epoch, {" ".join(QUICK_FLAGS)}')
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != '--']
-    names = list_methods() if args.methods == 'all' else [m.strip() for m in args.methods.split(',') if m.strip()]
+    names = matrix_methods() if args.methods == 'all' else [m.strip() for m in args.methods.split(',') if m.strip()]
     for name in names:
         try:
             get_method(name)
