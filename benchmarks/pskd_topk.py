@@ -95,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        header = [f'# PS-KD: top-k memory vs dense', '', f'- command: `python {" ".join(sys.argv)}`',
+        header = ['# PS-KD: top-k memory vs dense', '', f'- command: `python {" ".join(sys.argv)}`',
                   f'- torch {torch.__version__}, python {platform.python_version()}, {platform.platform()}, '
                   f'{os.cpu_count()} logical cores',
                   f'- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}', '', '']

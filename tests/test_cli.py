@@ -1,12 +1,14 @@
 """Command line and recipes: timm's YAML semantics, generated method flags, --list-selfkd."""
 import glob
 import os
+import re
 
 import pytest
 
 from timm_selfkd import list_methods
 from timm_selfkd.args import format_methods, method_hparams, parse_args
 from timm_selfkd.methods.bake import BAKEHparams
+from timm_selfkd.registry import get_method, hparam_fields
 from timm_selfkd.train import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,9 +105,6 @@ def test_recipe_values_of_the_wrong_type(tmp_path, capsys, text, expected):
 def test_readme_documents_every_method_and_flag():
     """The README's method table names every registered method, and its flag table every method flag (a row
     `--mrkd-tc-*` covers the flags a preset shares with its base method)."""
-    import re
-
-    from timm_selfkd.registry import get_method, hparam_fields
     with open(os.path.join(REPO, 'README.md')) as f:
         readme = f.read()
     documented = set(re.findall(r'`(--[a-z0-9-]+)', readme))

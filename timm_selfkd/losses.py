@@ -177,4 +177,3 @@ def teacher_correction(teacher_logits: torch.Tensor, target: torch.Tensor, gamma
         true_class = F.one_hot(target, logits.shape[-1]).bool().expand_as(logits)
         others = logits.masked_fill(true_class, float('-inf')).softmax(dim=-1)
         return torch.where(true_class, torch.full_like(others, gamma), (1 - gamma) * others)
-

@@ -16,7 +16,7 @@ method's batch sampler (or a plain shuffled `BatchSampler`) and adds three thing
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Deque, Iterator, List, NamedTuple
 
 import numpy as np
 import torch
