@@ -33,9 +33,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
-from timm_selfkd.memory import memory_bytes  # noqa: E402
+from timm_selfkd.components.soft_target_memory import memory_bytes  # noqa: E402
 from timm_selfkd.methods.base import RunInfo  # noqa: E402
-from timm_selfkd.stream import BatchInfo  # noqa: E402
+from timm_selfkd.runtime.batch_stream import BatchInfo  # noqa: E402
 
 TABLE_TAG = 'timm_selfkd-memory-'
 

@@ -34,9 +34,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
-from timm_selfkd.guard import RunGuard  # noqa: E402
+from timm_selfkd.runtime.run_guard import RunGuard  # noqa: E402
 from timm_selfkd.methods.base import RunInfo  # noqa: E402
-from timm_selfkd.stream import BatchInfo, seed_everything, seed_host, step_seed  # noqa: E402
+from timm_selfkd.runtime.batch_stream import BatchInfo, seed_everything, seed_host, step_seed  # noqa: E402
 
 # (time ratio, memory ratio) upper bounds from the issues (None: no bound), measured on CPU with resnet18
 # (self_guidance and multi_exit: also with a Swin).

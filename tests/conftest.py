@@ -2,13 +2,16 @@
 references shared by the loss tests; the recorder of the compatibility-matrix cells (`--matrix-json`)."""
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from timm_selfkd.tools.matrix import merge_results
+# the benchmarks' helpers (e.g. the matrix renderer) are scripts, not part of the installed package
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+from compat_matrix import merge_results  # noqa: E402
 
 # One intra-op thread in the tests and in the processes they start (train.py, torchrun ranks): their kernels are
 # tiny, and on a busy 2-core machine two threads mostly spin waiting for each other (the every-method resume test
@@ -91,7 +94,7 @@ def hand_kd(teacher_rows, student_rows, temperature):
 def pytest_addoption(parser):
     parser.addoption('--matrix-json', metavar='FILE', default=None,
                      help='record the compatibility-matrix cells the tests check into FILE (merged into it), for '
-                          '`python -m timm_selfkd.tools.matrix`')
+                          '`python benchmarks/compat_matrix.py`')
 
 
 class MatrixCells:

@@ -14,7 +14,7 @@ import torch
 from torch._dynamo import list_backends, lookup_backend, register_backend
 
 from timm_selfkd import train
-from timm_selfkd.tools.matrix import CELLS
+from compat_matrix import CELLS
 
 FLAGS = {cell.name: cell.flags for cell in CELLS}
 

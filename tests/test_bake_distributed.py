@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import timm_selfkd
-from timm_selfkd.losses import bake_targets
+from timm_selfkd.components.losses import bake_targets
 
 WORLD = 2
 PER_RANK = 4

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from timm_selfkd import list_methods
-from timm_selfkd.args import format_methods, method_hparams, parse_args
+from timm_selfkd.cli import format_methods, method_hparams, parse_args
 from timm_selfkd.methods.bake import BAKEHparams
 from timm_selfkd.registry import get_method, hparam_fields
 from timm_selfkd.train import main
@@ -74,7 +74,7 @@ def test_recipe_baseline_ignores_the_recipes_method_hparams(tmp_path):
 
 
 def test_run_args_yaml_is_a_recipe(tmp_path):
-    from timm_selfkd.args import recipe_values
+    from timm_selfkd.cli import recipe_values
     import yaml
     args = parse_args(['--selfkd', 'bake', '--bake-omega', '0.7', '-b', '32', '--decay-milestones', '5', '9'])
     args.world_size, args.rank, args.local_rank, args.distributed = 1, 0, 0, False  # set by the trainer

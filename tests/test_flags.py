@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 import timm_selfkd
-from timm_selfkd.args import _REFUSED, _build_parser, parse_args
-from timm_selfkd.data import index_sampler, install_batch_stream
+from timm_selfkd.cli import _REFUSED, _build_parser, parse_args
+from timm_selfkd.runtime.data import index_sampler, install_batch_stream
 from timm_selfkd.train import main
 
 UPSTREAM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'upstream-timm')

@@ -1,6 +1,6 @@
 """GPU cells: fp16 AMP with loss scaling for every method (the compatibility matrix's fp16 cell), sync-BN under
 torchrun on two GPUs (its sync-BN cell), and the fp16 path of the non-finite guard. Skipped without CUDA;
-`--matrix-json FILE` records the cells (see timm_selfkd.tools.matrix)."""
+`--matrix-json FILE` records the cells (see benchmarks/compat_matrix.py)."""
 import csv
 import math
 import os
@@ -11,7 +11,7 @@ import torch
 from matrix_support import Probe, ddp_cell
 from test_train import METHOD_ARGS  # per-method flags the 4-class set needs
 from timm_selfkd import train
-from timm_selfkd.tools.matrix import matrix_methods
+from compat_matrix import matrix_methods
 from timm_selfkd.train import main
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from timm_selfkd.guard import RunGuard, Verdict
+from timm_selfkd.runtime.run_guard import RunGuard, Verdict
 
 NAN, OK = float('nan'), 1.0
 

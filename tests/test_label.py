@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import timm_selfkd
 from conftest import hand_ce, log_softmax_row
-from timm_selfkd.losses import class_teacher_kl, corrected_teacher
-from timm_selfkd.methods.label import LabelTeacherTask, LsrKDHparams, LsrKDTCHparams, TfKDRegHparams
+from timm_selfkd.components.losses import class_teacher_kl, corrected_teacher
+from timm_selfkd.methods.lsrkd_tfkd import LabelTeacherTask, LsrKDHparams, LsrKDTCHparams, TfKDRegHparams
 
 LOGITS = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0]]
 TARGET = [3, 0, 1]

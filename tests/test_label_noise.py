@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from test_train import _fails
-from timm_selfkd.args import parse_args
-from timm_selfkd.data import DatasetView, dataset_labels, symmetric_label_noise, with_label_noise
+from timm_selfkd.cli import parse_args
+from timm_selfkd.runtime.data import DatasetView, dataset_labels, symmetric_label_noise, with_label_noise
 from timm_selfkd.train import Setup
 
 K = 10

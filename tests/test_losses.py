@@ -1,4 +1,4 @@
-"""Tests of the float32 KD primitives in `timm_selfkd.losses`.
+"""Tests of the float32 KD primitives in `timm_selfkd.components.losses`.
 
 References are written from the definitions (METHODS.md notation, BAKE paper sec. 3.2, eq. 3-9) with plain
 `math` or float64 torch ops, never by calling the function under test or `torch.kl_div`.
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from timm_selfkd.losses import bake_targets, kd_kl, kd_kl_from_logits
+from timm_selfkd.components.losses import bake_targets, kd_kl, kd_kl_from_logits
 
 
 # ---------------------------------------------------------------------------------------------------------------------

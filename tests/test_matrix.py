@@ -3,7 +3,7 @@ use) x bf16 autocast, model EMA, channels-last, gradient accumulation, label smo
 `--torchcompile` (in-process runs) and DDP (one torchrun launch for every method) either trains with the
 feature's effect present, or is refused before the output folder exists with one line naming the option.
 
-`--matrix-json FILE` records every cell (see `timm_selfkd.tools.matrix`, which renders the README's table);
+`--matrix-json FILE` records every cell (see `benchmarks/compat_matrix.py`, which renders the README's table);
 `--resume` is `test_every_method_resumes_exactly...` in test_preemption.py; fp16 and sync-BN are in test_gpu.py.
 Runs are tiny: `test_resnet`, 32 px, 32 training images, batch 8, one epoch of 4-8 steps.
 """
@@ -20,7 +20,7 @@ import torch
 from matrix_support import Probe, ddp_cell, parameters, refused_cell, summary_rows
 from test_train import METHOD_ARGS  # per-method flags the 4-class set needs
 from timm_selfkd import train
-from timm_selfkd.tools import matrix as tool
+import compat_matrix as tool
 
 METHODS = tool.matrix_methods()
 
@@ -199,7 +199,7 @@ def test_ddp_cell(image_folder, tmp_path, matrix):
 
 
 def test_readme_matrix_is_rendered_from_the_recorded_results(request):
-    """The README's table is `python -m timm_selfkd.tools.matrix`'s rendering of the committed results, and these
+    """The README's table is `python benchmarks/compat_matrix.py`'s rendering of the committed results, and these
     cover every method's CPU cells (after adding a method, record the matrix again: see the tool's --help)."""
     if request.config.getoption('--matrix-json'):
         pytest.skip('recording the matrix: the README is rendered from the results afterwards')

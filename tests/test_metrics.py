@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from timm_selfkd.metrics import CalibrationEvaluator, aurc, confidence_and_correct, expected_calibration_error
+from timm_selfkd.runtime.metrics import CalibrationEvaluator, aurc, confidence_and_correct, expected_calibration_error
 
 # Five images, three classes: softmax probabilities (logits are their logs) and targets.
 PROBS = torch.tensor([

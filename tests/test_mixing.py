@@ -10,7 +10,7 @@ from timm.data import Mixup
 import timm_selfkd
 import timm_selfkd.train as train_module
 from test_train import BATCH, read_summary, train_args
-from timm_selfkd.mixing import NO_BOX, MixParams, ReplayMixup
+from timm_selfkd.components.replayed_mixup import NO_BOX, MixParams, ReplayMixup
 from timm_selfkd.train import main
 
 NUM_CLASSES = 5

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import timm_selfkd
-from timm_selfkd.losses import teacher_correction
+from timm_selfkd.components.losses import teacher_correction
 from timm_selfkd.methods.base import RunInfo
 from timm_selfkd.methods.mrkd import Interval
 

@@ -18,9 +18,9 @@ import timm_selfkd
 import test_trajectory_distributed as ddp
 from test_multi_exit import EXIT_FEATURES, EXIT_LOGITS, FEATURES, LOGITS, TARGET, _hint, _kl, _softmax
 from test_preemption import _tensors
-from timm_selfkd.data import install_batch_stream
+from timm_selfkd.runtime.data import install_batch_stream
 from timm_selfkd.methods.base import RunInfo
-from timm_selfkd.stream import BatchInfo
+from timm_selfkd.runtime.batch_stream import BatchInfo
 from timm_selfkd.train import main
 
 EPOCHS = 4  # alpha_T = 0.8: a_0 = 0.2 (but nothing stored yet), a_1 = 0.4, a_3 = 0.8

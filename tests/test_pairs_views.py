@@ -11,7 +11,7 @@ from torch.utils.data import DistributedSampler
 
 import timm_selfkd
 from conftest import hand_ce, hand_kd
-from timm_selfkd.samplers import ClassGroupBatchSampler, ViewsBatchSampler
+from timm_selfkd.components.samplers import ClassGroupBatchSampler, ViewsBatchSampler
 
 # Six rows of logits over 3 classes
 ROWS = [[1.0, 2.0, 0.5], [0.0, 1.5, -1.0], [2.0, 0.0, 0.0], [0.3, 0.3, 2.5], [1.0, -1.0, 1.0], [0.0, 2.0, 1.0]]

@@ -14,7 +14,7 @@ import torch
 
 from conftest import write_image_folder
 from test_train import METHOD_ARGS
-from timm_selfkd.tools.matrix import matrix_methods
+from compat_matrix import matrix_methods
 from timm_selfkd.train import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +193,7 @@ def test_skip_mode_skips_a_non_finite_step_and_trains_on(folder, tmp_path, monke
 def test_failed_save_keeps_the_previous_checkpoint(folder, tmp_path, capsys, monkeypatch):
     """A disk that fills up while writing epoch 1's checkpoint: one line, exit 1, and last.pth.tar is still
     epoch 0's complete checkpoint (no partial file left behind)."""
-    import timm_selfkd.checkpoint as checkpoint
+    import timm_selfkd.runtime.checkpoint as checkpoint
     save, calls = torch.save, []
 
     def disk_full(obj, f):

@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 
 import timm_selfkd
-from timm_selfkd.memory import SoftTargetMemory, memory_bytes
+from timm_selfkd.components.soft_target_memory import SoftTargetMemory, memory_bytes
 from timm_selfkd.methods.base import RunInfo
-from timm_selfkd.stream import BatchInfo
+from timm_selfkd.runtime.batch_stream import BatchInfo
 
 EPOCHS = 4  # alpha_T = 0.8: a_0 = 0.2, a_1 = 0.4, a_3 = 0.8
 P = [0.5, 0.3, 0.2]  # the model's softmax for every image (its logits are log P)

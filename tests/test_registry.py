@@ -5,7 +5,7 @@ import pytest
 
 import timm_selfkd
 from timm_selfkd import registry
-from timm_selfkd.args import format_methods, method_hparams, parse_args
+from timm_selfkd.cli import format_methods, method_hparams, parse_args
 from timm_selfkd.methods.base import SelfKDTask
 
 

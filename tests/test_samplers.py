@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DistributedSampler, SequentialSampler
 
-from timm_selfkd.samplers import ClassGroupBatchSampler, EpochBatchSampler, LastBatchSampler, ViewsBatchSampler
+from timm_selfkd.components.samplers import ClassGroupBatchSampler, EpochBatchSampler, LastBatchSampler, ViewsBatchSampler
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ from torch.utils.data import SequentialSampler
 
 import timm_selfkd
 from conftest import hand_ce, hand_kd
-from timm_selfkd.args import method_hparams, parse_args
+from timm_selfkd.cli import method_hparams, parse_args
 from timm_selfkd.methods.base import RunInfo
 from timm_selfkd.methods.dlb import DLBTask
-from timm_selfkd.samplers import LastBatchSampler, ViewsBatchSampler
+from timm_selfkd.components.samplers import LastBatchSampler, ViewsBatchSampler
 
 NUM_CLASSES = 3
 

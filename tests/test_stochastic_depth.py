@@ -1,4 +1,4 @@
-"""`timm_selfkd.stochastic_depth`: finding and adding timm's DropPath blocks and switching them per pass."""
+"""`timm_selfkd.components.stochastic_depth`: finding and adding timm's DropPath blocks and switching them per pass."""
 import copy
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from conftest import SMALL_FAMILIES, small_model
-from timm_selfkd.stochastic_depth import (add_stochastic_depth, check_rates, find_depth_units, frozen_norm_stats,
+from timm_selfkd.components.stochastic_depth import (add_stochastic_depth, check_rates, find_depth_units, frozen_norm_stats,
                                           full_network, grad_checkpointing_modules, sampled_subnetwork)
 
 

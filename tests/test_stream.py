@@ -10,8 +10,8 @@ from timm.data import create_loader
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 import timm_selfkd
-from timm_selfkd.data import build_dataset, dataset_labels, install_batch_stream
-from timm_selfkd.stream import BatchStream, KeyedDataset, SampleKey, step_seed
+from timm_selfkd.runtime.data import build_dataset, dataset_labels, install_batch_stream
+from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset, SampleKey, step_seed
 
 
 class RandomDraws(Dataset):
@@ -44,7 +44,7 @@ def test_keys_follow_the_sampler_and_seeds_are_deterministic_and_distinct():
 
 
 def test_nominal_epoch_length_ignores_dlbs_short_first_epoch():
-    from timm_selfkd.samplers import LastBatchSampler
+    from timm_selfkd.components.samplers import LastBatchSampler
     s = BatchStream(LastBatchSampler(DistributedSampler(RandomDraws(), 1, 0, seed=1), 4), seed=1)
     assert (len(s), s.steps_per_epoch, len(s)) == (11, 12, 11)  # 24 images: 12 new halves of 2
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from timm.models import register_model
 
 from test_train import REPO, _fails, read_summary, torchrun, train_args
-from timm_selfkd.args import method_hparams, parse_args
+from timm_selfkd.cli import method_hparams, parse_args
 from timm_selfkd.train import Setup, main
 
 MODEL = 'test_resnet'  # timm's 373k-parameter ResNet: stochastic-depth places, four stages

@@ -10,9 +10,9 @@ import torch.nn as nn
 from torch.utils.data import DistributedSampler, SequentialSampler
 
 import timm_selfkd
-from timm_selfkd.losses import bake_targets
+from timm_selfkd.components.losses import bake_targets
 from timm_selfkd.methods.base import RunInfo
-from timm_selfkd.samplers import ClassGroupBatchSampler, LastBatchSampler
+from timm_selfkd.components.samplers import ClassGroupBatchSampler, LastBatchSampler
 
 NUM_CLASSES = 5
 

@@ -9,7 +9,7 @@ from torch.utils.data import DistributedSampler
 
 import timm_selfkd
 from timm_selfkd.methods.base import RunInfo
-from timm_selfkd.stream import BatchInfo
+from timm_selfkd.runtime.batch_stream import BatchInfo
 
 WORLD = 2
 NUM_SAMPLES, NUM_CLASSES, FEATURES, PER_RANK_BATCH, EPOCHS = 12, 12, 5, 2, 3

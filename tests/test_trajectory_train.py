@@ -14,7 +14,7 @@ import torch
 
 from conftest import NUM_CLASSES, TRAIN_PER_CLASS
 from test_train import REPO, _fails, read_summary, torchrun, train_args
-from timm_selfkd.args import parse_args
+from timm_selfkd.cli import parse_args
 from timm_selfkd.train import Setup, main
 
 TRAIN_IMAGES = NUM_CLASSES * TRAIN_PER_CLASS

@@ -6,7 +6,7 @@ from PIL import Image
 from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from timm_selfkd.transforms import with_pad_crop
+from timm_selfkd.runtime.transforms import with_pad_crop
 
 SIZE, PAD = 8, 2
 
@@ -84,7 +84,7 @@ def hole_of(before, after):
 def test_cutout_one_square_of_the_mean_colour_clipped_at_borders(dtype):
     """uint8 (prefetcher) images get mean x 255, normalised ones 0; the hole is 6x6 inside the image and
     clipped at each of the four borders when its centre is near one."""
-    from timm_selfkd.transforms import CutOut
+    from timm_selfkd.runtime.transforms import CutOut
     cutout = CutOut(6, MEAN)
     image = torch.full((3, 16, 16), 7, dtype=dtype)
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def test_cutout_one_square_of_the_mean_colour_clipped_at_borders(dtype):
 
 
 def test_with_cutout_appends_to_timm_transform():
-    from timm_selfkd.transforms import CutOut, with_cutout
+    from timm_selfkd.runtime.transforms import CutOut, with_cutout
     timm_transform = create_transform(SIZE, is_training=True, use_prefetcher=True)
     transform = with_cutout(timm_transform, 4, MEAN)
     assert isinstance(transform.transforms[-1], CutOut) and transform.transforms[:-1] == timm_transform.transforms

@@ -17,8 +17,8 @@ import yaml
 from conftest import NUM_CLASSES, write_image_folder
 from test_train import METHOD_ARGS
 from timm_selfkd import get_method, list_methods, register_method, registry, upstream
-from timm_selfkd.args import format_methods
-from timm_selfkd.data import dataset_labels
+from timm_selfkd.cli import format_methods
+from timm_selfkd.runtime.data import dataset_labels
 from timm_selfkd.methods import PlainTask
 from timm_selfkd.registry import build_hparams
 

@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from .registry import MethodSpec, build_hparams, get_method, list_methods, register_method
+from timm_selfkd.registry import MethodSpec, build_hparams, get_method, list_methods, register_method
+from timm_selfkd import methods  # noqa: F401  (registers the built-in methods)
 
 __all__ = ['create_task', 'register_method', 'list_methods', 'get_method', 'MethodSpec']
 __version__ = '0.1.0'

@@ -26,7 +26,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 __all__ = ['MethodSpec', 'register_method', 'get_method', 'list_methods', 'method_name', 'method_parts',
            'hparam_fields', 'build_hparams']
@@ -49,6 +49,14 @@ _STACKS: Dict[str, MethodSpec] = {}
 _NAME_OF_HPARAMS: Dict[Type, str] = {}
 STACK_SEPARATOR = '+'
 _plugins_loaded = False
+_stack_builder: Optional[Callable[['MethodSpec', 'MethodSpec'], Tuple[Type, Type]]] = None
+
+
+def register_stack_builder(builder: Callable[['MethodSpec', 'MethodSpec'], Tuple[Type, Type]]) -> None:
+    """Set the function that builds a stack's task class and hyper-parameters from its two parts
+    (`timm_selfkd.methods.stack.build_stack`, which registers itself: the registry imports no method)."""
+    global _stack_builder
+    _stack_builder = builder
 
 
 def register_method(name: str, *, hparams: Type, paper: str = '', summary: Optional[str] = None):
@@ -83,12 +91,11 @@ def register_method(name: str, *, hparams: Type, paper: str = '', summary: Optio
 
 
 def _load_methods() -> None:
-    """Import the built-in methods and any installed plug-ins (once)."""
+    """Import the installed plug-ins (once); the built-in methods register when the package is imported."""
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    from . import methods  # noqa: F401  (registers the built-in methods)
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         entry_point.load()
 
@@ -123,8 +130,7 @@ def _stack(name: str) -> MethodSpec:
             raise ValueError(f'{name!r}: a stack is one batch layout on one method, LAYOUT{STACK_SEPARATOR}METHOD '
                              f'(e.g. ddgsd{STACK_SEPARATOR}dlb)')
         layout, base = (get_method(part) for part in parts)
-        from .methods.stack import build_stack  # the methods package imports this module
-        task_cls, hparams_cls = build_stack(layout, base)
+        task_cls, hparams_cls = _stack_builder(layout, base)
         paper = f'{base.paper}; with the batch layout of {layout.paper}'
         _STACKS[name] = MethodSpec(name, task_cls, hparams_cls, paper, f'{layout.name} batch layout on {base.name}')
         _NAME_OF_HPARAMS[hparams_cls] = name

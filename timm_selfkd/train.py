@@ -7,7 +7,7 @@ raised before the output folder exists, and is reported as one line with exit st
 The loop is preemption-safe: a SIGTERM or SIGINT ends the run after the current step with a recovery
 checkpoint (exit 128 + signal), `--recovery-interval N` writes one every N steps, and `--resume` of any
 checkpoint continues at its next step. Each step re-seeds every generator from (seed, rank, epoch, step) and
-each image's augmentation is seeded from its key (`timm_selfkd.stream`), so a resumed run is the run that
+each image's augmentation is seeded from its key (`timm_selfkd.runtime.batch_stream`), so a resumed run is the run that
 would have happened. A non-finite loss stops the run (or skips the step, `--nonfinite skip`).
 """
 import csv
@@ -39,15 +39,16 @@ from timm.task import evaluation_sample_limit
 from timm.utils import (dispatch_clip_grad, distribute_bn, init_distributed_device, random_seed,
                         setup_default_logging)
 
-from .args import UsageError, format_methods, method_hparams, parse_args, recipe_values
-from .checkpoint import AMP_SCALER_KEY, RunSaver, check_same_run, load_error, read_checkpoint
-from .data import build_dataset, class_count, install_batch_stream, with_label_noise
-from .guard import RunGuard, Verdict
-from .metrics import LOWER_IS_BETTER
-from .methods.base import RunInfo
-from .registry import get_method
-from .stream import seed_everything, step_seed
-from .transforms import with_cutout, with_pad_crop
+from timm_selfkd.errors import UsageError
+from timm_selfkd.cli import format_methods, method_hparams, parse_args, recipe_values
+from timm_selfkd.runtime.checkpoint import AMP_SCALER_KEY, RunSaver, check_same_run, load_error, read_checkpoint
+from timm_selfkd.runtime.data import build_dataset, class_count, install_batch_stream, with_label_noise
+from timm_selfkd.runtime.run_guard import RunGuard, Verdict
+from timm_selfkd.runtime.metrics import LOWER_IS_BETTER
+from timm_selfkd.methods.base import RunInfo
+from timm_selfkd.registry import get_method
+from timm_selfkd.runtime.batch_stream import seed_everything, step_seed
+from timm_selfkd.runtime.transforms import with_cutout, with_pad_crop
 
 _logger = logging.getLogger('train')
 
@@ -379,7 +380,7 @@ class Setup:
             _logger.info(f'Resumed {path} at epoch {self.position.epoch}, step {self.position.step}')
 
     def loop_state(self) -> dict:
-        """What a checkpoint needs beyond timm's entries (see `timm_selfkd.checkpoint`)."""
+        """What a checkpoint needs beyond timm's entries (see `timm_selfkd.runtime.checkpoint`)."""
         return {'position': self.position.state_dict(), 'scheduler': self.scheduler.state_dict()}
 
 

@@ -31,10 +31,11 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import IterableDataset
 
-from .args import UsageError, add_selfkd_arguments, format_methods, resolve_selfkd_args
-from .data import install_batch_stream
-from .methods.base import RunInfo, SelfKDTask
-from .registry import get_method
+from timm_selfkd.errors import UsageError
+from timm_selfkd.cli import add_selfkd_arguments, format_methods, resolve_selfkd_args
+from timm_selfkd.runtime.data import install_batch_stream
+from timm_selfkd.methods.base import RunInfo, SelfKDTask
+from timm_selfkd.registry import get_method
 
 __all__ = ['IncompatibleScript', 'check_script', 'load_script', 'Injection', 'run', 'main']
 

@@ -1,12 +1,13 @@
 """Built-in methods; importing this package registers them."""
-from .base import LogitsAndFeatures, SelfKDTask
-from .plain import PlainTask
-from .dlb import DLBTask
-from .bake import BAKETask
-from .label import LabelTeacherTask
-from .cskd import CSKDTask
-from .ddgsd import DDGSDTask
-from .self_guidance import SelfGuidanceTask
-from .multi_exit import MultiExitTask
-from .mrkd import MrKDTask, MrKDTCTask
-from .pskd import PSKDTask
+from timm_selfkd.methods.base import LogitsAndFeatures, SelfKDTask
+from timm_selfkd.methods.plain import PlainTask
+from timm_selfkd.methods.dlb import DLBTask
+from timm_selfkd.methods.bake import BAKETask
+from timm_selfkd.methods.lsrkd_tfkd import LabelTeacherTask
+from timm_selfkd.methods.cskd import CSKDTask
+from timm_selfkd.methods.ddgsd import DDGSDTask
+from timm_selfkd.methods.self_guidance import SelfGuidanceTask
+from timm_selfkd.methods.multi_exit import MultiExitTask
+from timm_selfkd.methods.mrkd import MrKDTask, MrKDTCTask
+from timm_selfkd.methods.pskd import PSKDTask
+from timm_selfkd.methods import stack  # noqa: F401  (registers the stack builder)

@@ -5,10 +5,10 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-from ..losses import bake_targets, kd_kl
-from ..registry import register_method
-from ..samplers import ClassGroupBatchSampler
-from .base import LogitsAndFeatures, SelfKDTask, check_range, world_size
+from timm_selfkd.components.losses import bake_targets, kd_kl
+from timm_selfkd.registry import register_method
+from timm_selfkd.components.samplers import ClassGroupBatchSampler
+from timm_selfkd.methods.base import LogitsAndFeatures, SelfKDTask, check_range, world_size
 
 
 @dataclass
@@ -41,7 +41,7 @@ class BAKETask(SelfKDTask):
     """Distil soft targets ensembled from the other images of the batch, weighted by feature affinity.
 
     Loss `ce(z, y) + lambda * T^2 * KL(Q || softmax(z / T))` over all images (eq. 2), with Q from eq. 9
-    (`timm_selfkd.losses.bake_targets`). Pooled features come from the same forward pass as the logits.
+    (`timm_selfkd.components.losses.bake_targets`). Pooled features come from the same forward pass as the logits.
     Batches hold whole groups of an anchor and M same-class images (`ClassGroupBatchSampler`).
     """
 

@@ -10,10 +10,10 @@ from torch.utils.data import Sampler
 from timm.models import group_parameters
 from timm.task import TrainingTask, resolve_classification_loss
 
-from ..losses import float32_region
-from ..metrics import CalibrationEvaluator
-from ..registry import method_name
-from ..stream import BatchInfo
+from timm_selfkd.components.losses import float32_region
+from timm_selfkd.runtime.metrics import CalibrationEvaluator
+from timm_selfkd.registry import method_name
+from timm_selfkd.runtime.batch_stream import BatchInfo
 
 __all__ = ['SelfKDTask', 'ModelWrapper', 'LogitsAndFeatures', 'has_pooled_features', 'RunInfo', 'check_range',
            'world_size']
@@ -237,7 +237,7 @@ class SelfKDTask(TrainingTask):
         super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
 
     def create_evaluator(self, **kwargs) -> CalibrationEvaluator:
-        """timm's loss/top-1/top-5 evaluator plus NLL, ECE and AURC (`timm_selfkd.metrics`)."""
+        """timm's loss/top-1/top-5 evaluator plus NLL, ECE and AURC (`timm_selfkd.runtime.metrics`)."""
         return CalibrationEvaluator(device=self.device, **kwargs)
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

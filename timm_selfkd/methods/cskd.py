@@ -5,10 +5,10 @@ from typing import Dict
 
 import torch
 
-from ..losses import kd_kl_from_logits
-from ..registry import register_method
-from ..samplers import ClassGroupBatchSampler
-from .base import SelfKDTask, check_range
+from timm_selfkd.components.losses import kd_kl_from_logits
+from timm_selfkd.registry import register_method
+from timm_selfkd.components.samplers import ClassGroupBatchSampler
+from timm_selfkd.methods.base import SelfKDTask, check_range
 
 
 @dataclass

@@ -4,10 +4,10 @@ from typing import Dict, Optional
 
 import torch
 
-from ..losses import kd_kl_from_logits, linear_mmd
-from ..registry import register_method
-from ..samplers import EpochBatchSampler, ViewsBatchSampler
-from .base import LogitsAndFeatures, SelfKDTask, check_range
+from timm_selfkd.components.losses import kd_kl_from_logits, linear_mmd
+from timm_selfkd.registry import register_method
+from timm_selfkd.components.samplers import EpochBatchSampler, ViewsBatchSampler
+from timm_selfkd.methods.base import LogitsAndFeatures, SelfKDTask, check_range
 
 VIEWS = 2
 

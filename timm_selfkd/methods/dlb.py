@@ -6,11 +6,11 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from ..losses import kd_kl_from_logits
-from ..mixing import ReplayMixup
-from ..registry import register_method
-from ..samplers import LastBatchSampler
-from .base import SelfKDTask, check_range, world_size
+from timm_selfkd.components.losses import kd_kl_from_logits
+from timm_selfkd.components.replayed_mixup import ReplayMixup
+from timm_selfkd.registry import register_method
+from timm_selfkd.components.samplers import LastBatchSampler
+from timm_selfkd.methods.base import SelfKDTask, check_range, world_size
 
 _logger = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import Any, Dict, Optional
 import torch
 from timm.utils.model import unwrap_model
 
-from ..losses import kd_kl, teacher_correction
-from ..registry import method_name, register_method
-from ..snapshots import WeightRing
-from .base import RunInfo, SelfKDTask, check_range
+from timm_selfkd.components.losses import kd_kl, teacher_correction
+from timm_selfkd.registry import method_name, register_method
+from timm_selfkd.components.weight_ring import WeightRing
+from timm_selfkd.methods.base import RunInfo, SelfKDTask, check_range
 
 __all__ = ['MrKDHparams', 'MrKDTCHparams', 'MrKDTask', 'MrKDTCTask', 'Interval']
 

@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.utils import unwrap_model
 
-from ..losses import float32_region, kd_kl_from_logits, soft_target_ce
-from ..progressive import MIXUP_CONFLICT, ProgressiveTargets
-from ..registry import register_method
-from .base import ModelWrapper, RunInfo, SelfKDTask, check_range, has_pooled_features
+from timm_selfkd.components.losses import float32_region, kd_kl_from_logits, soft_target_ce
+from timm_selfkd.components.progressive_targets import MIXUP_CONFLICT, ProgressiveTargets
+from timm_selfkd.registry import register_method
+from timm_selfkd.methods.base import ModelWrapper, RunInfo, SelfKDTask, check_range, has_pooled_features
 
 __all__ = ['MultiExitHparams', 'Exit', 'MultiExitModule', 'MultiExitEvaluator', 'MultiExitTask', 'exit_indices',
            'multi_exit_loss']

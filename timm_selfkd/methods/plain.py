@@ -4,8 +4,8 @@ from typing import Dict
 
 import torch
 
-from ..registry import register_method
-from .base import SelfKDTask
+from timm_selfkd.registry import register_method
+from timm_selfkd.methods.base import SelfKDTask
 
 
 @dataclass

@@ -5,11 +5,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..losses import soft_target_ce
-from ..memory import SoftTargetMemory
-from ..progressive import MIXUP_CONFLICT, ProgressiveTargets
-from ..registry import register_method
-from .base import RunInfo, SelfKDTask, check_range
+from timm_selfkd.components.losses import soft_target_ce
+from timm_selfkd.components.soft_target_memory import SoftTargetMemory
+from timm_selfkd.components.progressive_targets import MIXUP_CONFLICT, ProgressiveTargets
+from timm_selfkd.registry import register_method
+from timm_selfkd.methods.base import RunInfo, SelfKDTask, check_range
 
 __all__ = ['PSKDHparams', 'PSKDTask']
 

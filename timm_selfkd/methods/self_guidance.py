@@ -8,11 +8,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..losses import kd_kl_from_logits
-from ..registry import register_method
-from ..stochastic_depth import (DepthUnit, add_stochastic_depth, check_rates, find_depth_units, frozen_norm_stats,
+from timm_selfkd.components.losses import kd_kl_from_logits
+from timm_selfkd.registry import register_method
+from timm_selfkd.components.stochastic_depth import (DepthUnit, add_stochastic_depth, check_rates, find_depth_units, frozen_norm_stats,
                                 full_network, grad_checkpointing_modules, sampled_subnetwork)
-from .base import ModelWrapper, SelfKDTask, check_range
+from timm_selfkd.methods.base import ModelWrapper, SelfKDTask, check_range
 
 _logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class TeacherStudentPasses(ModelWrapper):
 
     Args:
         model: A timm model.
-        units: Its stochastic-depth blocks (`timm_selfkd.stochastic_depth.find_depth_units`).
+        units: Its stochastic-depth blocks (`timm_selfkd.components.stochastic_depth.find_depth_units`).
         per_sample: timm's per-image dropping instead of one sub-network per batch.
         skip_dropped: Do not compute blocks dropped for the whole batch where that is exact.
         student_bn_stats: Let the student pass update BatchNorm running statistics.

@@ -19,8 +19,8 @@ Each part keeps its own flags and YAML keys (`--ddgsd-weight`, `--dlb-alpha`).
 import dataclasses
 from typing import Tuple, Type
 
-from ..registry import STACK_SEPARATOR, MethodSpec
-from ..samplers import EpochBatchSampler
+from timm_selfkd.registry import STACK_SEPARATOR, MethodSpec, register_stack_builder
+from timm_selfkd.components.samplers import EpochBatchSampler
 
 __all__ = ['is_layout', 'build_stack']
 
@@ -89,3 +89,6 @@ def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
 
     StackedTask.__name__ = StackedTask.__qualname__ = f'{layout_cls.__name__}On{base_cls.__name__}'
     return StackedTask
+
+
+register_stack_builder(build_stack)

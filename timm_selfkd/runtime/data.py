@@ -11,9 +11,9 @@ from timm.data.loader import PrefetchLoader
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
-from .args import UsageError
-from .registry import method_name
-from .stream import BatchStream, KeyedDataset
+from timm_selfkd.errors import UsageError
+from timm_selfkd.registry import method_name
+from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
            'class_count', 'dataset_labels', 'symmetric_label_noise', 'with_label_noise', 'index_sampler',

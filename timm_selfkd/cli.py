@@ -11,16 +11,13 @@ from typing import Any, Dict, List, Optional
 import yaml
 from timm.utils import ParseKwargs
 
-from .methods.stack import is_layout
-from .registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods, method_parts
-from .transforms import TRAIN_CROP_MODES
+from timm_selfkd.errors import UsageError
+from timm_selfkd.methods.stack import is_layout
+from timm_selfkd.registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods, method_parts
+from timm_selfkd.runtime.transforms import TRAIN_CROP_MODES
 
 __all__ = ['UsageError', 'parse_args', 'add_selfkd_arguments', 'resolve_selfkd_args', 'method_hparams', 'recipe_values',
            'format_methods']
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line and a non-zero exit."""
 
 
 class _OneLineParser(argparse.ArgumentParser):

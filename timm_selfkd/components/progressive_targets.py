@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .memory import SoftTargetMemory
-from .stream import BatchInfo
+from timm_selfkd.components.soft_target_memory import SoftTargetMemory
+from timm_selfkd.runtime.batch_stream import BatchInfo
 
 if TYPE_CHECKING:
-    from .methods.base import RunInfo
+    from timm_selfkd.methods.base import RunInfo
 
 __all__ = ['ProgressiveTargets', 'MIXUP_CONFLICT', 'alpha_schedule']
 

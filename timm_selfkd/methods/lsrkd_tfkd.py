@@ -12,7 +12,7 @@ are for K classes:
   `softmax(q / T)` with a high T; the student at T = 1; the KL averaged over classes and scaled by a multiplier.
 
 The teacher's two probabilities depend only on the class count: they are computed once per K, and the KL is
-evaluated from them without building an (N, K) target (`timm_selfkd.losses.class_teacher_kl`).
+evaluated from them without building an (N, K) target (`timm_selfkd.components.losses.class_teacher_kl`).
 """
 import math
 from dataclasses import dataclass, field
@@ -20,9 +20,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..losses import class_teacher_kl, corrected_teacher
-from ..registry import method_name, register_method
-from .base import SelfKDTask, check_range
+from timm_selfkd.components.losses import class_teacher_kl, corrected_teacher
+from timm_selfkd.registry import method_name, register_method
+from timm_selfkd.methods.base import SelfKDTask, check_range
 
 __all__ = ['LsrKDHparams', 'LsrKDTCHparams', 'TfKDRegHparams', 'LabelTeacherTask']
 

@@ -1,0 +1,90 @@
+"""The package's layout: no import cycle, the registry a leaf, the pieces apart from the methods and the run."""
+import ast
+import os
+
+import pytest
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'timm_selfkd')
+
+
+def _module_name(path: str) -> str:
+    relative = os.path.relpath(path, os.path.dirname(PACKAGE))[:-len('.py')].replace(os.sep, '.')
+    return relative[:-len('.__init__')] if relative.endswith('.__init__') else relative
+
+
+def import_graph():
+    """Module -> the package modules it imports (anywhere in its source, type-checking blocks excepted)."""
+    modules = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for file in files:
+            if file.endswith('.py'):
+                path = os.path.join(folder, file)
+                modules[_module_name(path)] = path
+    graph = {}
+    for name, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        type_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                     and getattr(block.test, 'id', '') == 'TYPE_CHECKING' for node in ast.walk(block)}
+        targets = set()
+        for node in ast.walk(tree):
+            if id(node) in type_only or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.Import):
+                found = [alias.name for alias in node.names]
+            else:
+                assert node.level == 0, f'{name}: relative import (the package imports by absolute names)'
+                found = [node.module] + [f'{node.module}.{alias.name}' for alias in node.names]
+            targets.update(m for m in found if m in modules and m != name)
+        graph[name] = targets
+    return graph
+
+
+def _cycle(graph):
+    """One import cycle as a list of modules, or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = 'open'
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 'open':
+                return stack[stack.index(target):] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        state[node] = 'done'
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 20
+    assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': set()}) == ['a', 'b', 'c', 'a']
+
+
+@pytest.mark.parametrize('leaf', ['timm_selfkd.registry', 'timm_selfkd.errors'])
+def test_leaves_import_nothing_of_the_package(leaf):
+    assert import_graph()[leaf] == set()
+
+
+def test_components_and_run_machinery_import_no_method_and_no_entry_point():
+    graph = import_graph()
+    entry_points = {'timm_selfkd.train', 'timm_selfkd.upstream', 'timm_selfkd.cli', 'timm_selfkd.attach'}
+    for module, targets in graph.items():
+        if module.startswith(('timm_selfkd.components', 'timm_selfkd.runtime')):
+            bad = {t for t in targets if t.startswith('timm_selfkd.methods') or t in entry_points}
+            assert not bad, f'{module} imports {bad}'

@@ -1,1 +1,0 @@
-"""Developer tools of timm-selfkd (run from a checkout of the repository)."""
