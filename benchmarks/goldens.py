@@ -1,10 +1,11 @@
 """Fixed-seed goldens of every self-KD method, so a refactor can prove it keeps the numbers (issue 16, item 5).
 
 Each method (every name of `timm_selfkd.list_methods()`, plus the stack `ddgsd+dlb`) trains resnet18 for one epoch
-on the CPU, seed 0, with this checkout's `train.py`, on a tiny seeded image folder (6 classes x 8 train and x 4
-validation images, 32x32) written to a temporary directory. A golden is the run's summary.csv row (as written)
-and a sha256 of its final weights (`last.pth.tar`'s `state_dict`) and of its `task_state`. `check` reruns the
-methods and compares: one line per method, exit status 1 if any differs. Timing columns are not compared.
+(PS-KD two, see PINS) on the CPU, seed 0, with this checkout's `train.py`, on a tiny seeded image folder (6 classes
+x 8 train and x 4 validation images, 32x32) written to a temporary directory. A golden is the run's last
+summary.csv row (as written) and a sha256 of its final weights (`last.pth.tar`'s `state_dict`) and of its
+`task_state`. `check` reruns the methods and compares: one line per method, exit status 1 if any differs.
+Timing columns are not compared.
 
 Record the goldens before a refactor, check them after it (runs take seconds each, two at a time):
     python benchmarks/goldens.py record --out benchmarks/results/goldens_cpu.json [--methods dlb,bake]
@@ -36,13 +37,14 @@ sys.path.insert(0, str(ROOT))
 import timm_selfkd  # noqa: E402
 
 STACKS = ['ddgsd+dlb']
-# Method-specific flags: a true-class probability other than the default, the weight ring of MrKD refreshed
-# inside the epoch (6 steps), PS-KD's alpha_T named.
+# Method-specific flags (appended to COMMON; the last of a repeated flag wins): a true-class probability other than
+# the default, MrKD's weight ring refreshed inside the epoch (6 steps), PS-KD's alpha_T named and a second epoch
+# (epoch 0 trains on the labels alone, as no image has a past prediction yet: one epoch would equal `none`).
 PINS: Dict[str, List[str]] = {
     'lsrkd_tc': ['--lsrkd-tc-gamma', '0.25'],
     'mrkd': ['--mrkd-interval', '2'],
     'mrkd_tc': ['--mrkd-tc-gamma', '0.25', '--mrkd-tc-interval', '2'],
-    'pskd': ['--pskd-alpha-t', '0.8'],
+    'pskd': ['--pskd-alpha-t', '0.8', '--epochs', '2'],
 }
 COMMON = ['--model', 'resnet18', '--img-size', '32', '-b', '8', '--epochs', '1', '--lr', '0.05', '--sched', 'none',
           '--warmup-epochs', '0', '--workers', '0', '--seed', '0', '--device', 'cpu']

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 import timm_selfkd
-from timm_selfkd.cli import _REFUSED, _build_parser, parse_args
+from timm_selfkd.attach import REFUSED_OPTIONS
+from timm_selfkd.cli import _build_parser, parse_args
 from timm_selfkd.runtime.data import index_sampler, install_batch_stream
 from timm_selfkd.train import main
 
@@ -37,9 +38,9 @@ def test_every_upstream_flag_is_supported_or_refused(script):
     assert not missing, f'upstream flags neither supported nor refused: {missing}'
 
 
-@pytest.mark.parametrize('flag', sorted(_REFUSED))
-def test_refused_flags_are_one_line_errors(flag, capsys):
-    nargs = _REFUSED[flag][0]
+@pytest.mark.parametrize('option', REFUSED_OPTIONS, ids=lambda option: option.flag)
+def test_refused_flags_are_one_line_errors(option, capsys):
+    flag, nargs = option.flag, option.nargs
     value = [] if nargs == 0 else ['1']
     with pytest.raises(SystemExit) as exc:
         parse_args([flag, *value])

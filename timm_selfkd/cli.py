@@ -8,9 +8,9 @@ import argparse
 import sys
 from typing import Any, Dict, List, Optional
 
-import yaml
 from timm.utils import ParseKwargs
 
+from timm_selfkd.attach import REFUSED_OPTIONS, read_recipe, read_recipe_path
 from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.stack import is_layout
 from timm_selfkd.registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods, method_parts
@@ -43,7 +43,7 @@ _MINIMUMS = {'epochs': 1, 'batch_size': 1, 'recovery_interval': 0, 'check_interv
              'train_crop_padding': 0, 'cutout': 0, 'mixup': 0., 'cutmix': 0., 'lr': 0., 'weight_decay': 0.,
              'mixup_off_epoch': 0}
 _PROBABILITIES = ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay')
-_RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank'}  # not recipe keys
+_RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank', 'selfkd_hparams'}  # not recipe keys
 
 
 def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,43 +68,6 @@ def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_flag(name, field.name), **kwargs)
 
 
-# timm train.py flags that this trainer refuses, with the reason shown to the user (flag -> (nargs, reason))
-_REFUSED = {
-    '--aug-splits': (1, 'augmentation splits change the batch layout the methods rely on'),
-    '--jsd-loss': (0, 'the JSD loss needs --aug-splits'),
-    '--resplit': (0, 'it needs --aug-splits'),
-    '--split-bn': (0, 'it needs --aug-splits'),
-    '--epoch-repeats': (1, 'an epoch is one pass of the method\'s batches; set --epochs'),
-    '--start-epoch': (1, 'use --resume, which continues at the saved step'),
-    '--worker-seeding': (1, 'every image is seeded from its own key (seed, rank, epoch, step, position)'),
-    '--use-multi-epochs-loader': (0, 'the batch stream is rebuilt each epoch'),
-    '--model-dtype': (1, 'self-KD terms need float32 weights; use --amp --amp-dtype bfloat16'),
-    '--torchscript': (0, 'the methods\' tasks are Python modules; use --torchcompile'),
-    '--fuser': (1, 'it selects a TorchScript fuser; use --torchcompile'),
-    '--device-modules': ('+', 'only CUDA and CPU devices are supported'),
-    '--model-ema-force-cpu': (0, 'deprecated in timm; the EMA stays on the training device'),
-    '--save-images': (0, 'debugging aid of timm\'s train.py'),
-    '--tta': (1, 'validation runs without test-time augmentation'),
-    '--log-wandb': (0, 'not built in; summary.csv has every metric'),
-    '--wandb-project': (1, 'not built in; summary.csv has every metric'),
-    '--wandb-tags': ('+', 'not built in; summary.csv has every metric'),
-    '--wandb-resume-id': (1, 'not built in; summary.csv has every metric'),
-    **{flag: (nargs, 'the NaFlex loader changes sequence lengths per batch') for flag, nargs in (
-        ('--naflex-loader', 0), ('--naflex-train-seq-lens', '+'), ('--naflex-max-seq-len', 1),
-        ('--naflex-patch-sizes', '+'), ('--naflex-patch-size-probs', '+'), ('--naflex-loss-scale', 1),
-        ('--naflex-patchify-channels-first', 0))},
-    **{flag: (nargs, 'variable image/batch sizes change the batch layout the methods rely on') for flag, nargs in (
-        ('--train-img-sizes', '+'), ('--train-batch-sizes', '+'), ('--train-size-probs', '+'),
-        ('--train-size-schedule', 1), ('--train-size-schedule-spread', 1), ('--train-size-random-mix', 1),
-        ('--train-batches-per-epoch', 1), ('--train-steps-per-epoch', 1), ('--variable-batch-loss-scale', 1))},
-    **{flag: (nargs, 'teacher distillation is timm\'s own train.py; here the model is its own teacher (--selfkd)')
-       for flag, nargs in (('--kd-model-name', 1), ('--kd-distill-type', 1), ('--kd-loss-type', 1),
-                           ('--distill-loss-weight', 1), ('--task-loss-weight', 1), ('--kd-temperature', 1),
-                           ('--kd-student-feature-dim', 1), ('--kd-teacher-feature-dim', 1),
-                           ('--kd-token-distill-type', 1))},
-}
-
-
 class _Refuse(argparse.Action):
     """A flag of timm's train.py that this trainer does not take: using it is a one-line error saying why."""
 
@@ -114,11 +77,11 @@ class _Refuse(argparse.Action):
 
 def _add_refused_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Flags of timm\'s train.py not supported here (each is an error)')
-    for flag, (nargs, reason) in _REFUSED.items():
-        group.add_argument(flag, nargs=nargs, action=_Refuse, default=None, help=reason)
+    for option in REFUSED_OPTIONS:
+        group.add_argument(option.flag, nargs=option.nargs, action=_Refuse, default=None, help=option.reason)
 
 
-_REFUSED_KEYS = {flag[2:].replace('-', '_'): reason for flag, (_, reason) in _REFUSED.items()}  # as recipe keys
+_REFUSED_KEYS = {option.dest: option.reason for option in REFUSED_OPTIONS}  # as recipe keys
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -317,16 +280,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_recipe(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    try:
-        with open(path) as f:
-            recipe = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise UsageError(f'cannot read recipe {path!r}: {e.strerror}') from e
-    except yaml.YAMLError as e:
-        raise UsageError(f'recipe {path!r} is not valid YAML: {str(e).splitlines()[0]}') from e
-    if not isinstance(recipe, dict):
-        raise UsageError(f'recipe {path!r} must be a mapping of option names to values')
+def _load_recipe(parser: argparse.ArgumentParser, argv: List[str]) -> Dict[str, Any]:
+    """The recipe of `-c` (`read_recipe`), each key checked against the parser's flags."""
+    recipe = read_recipe(argv)
+    path = read_recipe_path(argv)
     actions = {a.dest: a for a in parser._actions if a.dest != 'help' and a.dest not in _RUN_ONLY}
     for key in recipe:
         if key in _REFUSED_KEYS:
@@ -370,16 +327,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse `argv` with timm's semantics: recipe values become defaults, flags override them."""
     argv = sys.argv[1:] if argv is None else argv
     parser = _build_parser()
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument('-c', '--config', default='')
-    known, _ = config_parser.parse_known_args(argv)
-    recipe = {}
-    if known.config:
-        try:
-            recipe = _load_recipe(parser, known.config)
-        except UsageError as e:
-            parser.error(str(e))
-        parser.set_defaults(**recipe)
+    try:
+        recipe = _load_recipe(parser, argv)
+    except UsageError as e:
+        parser.error(str(e))
+    parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     if args.list_selfkd:
         return args
@@ -388,7 +340,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     except UsageError as e:
         parser.error(str(e))
     try:
-        resolve_selfkd_args(args, recipe, argv)  # a bad value is a usage error; Setup builds the hparams again
+        args.selfkd_hparams = resolve_selfkd_args(args, recipe, argv)  # built once, carried to the task
     except ValueError as e:
         parser.error(str(e))
     return args

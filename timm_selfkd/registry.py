@@ -16,8 +16,8 @@ Example:
 part with its own hyper-parameters; stacks are built on demand and not listed.
 
 One task class may be registered under several names (presets of one implementation), each with its own
-hyper-parameter dataclass (its fields and paper defaults) and summary; a dataclass belongs to one name only, so
-`method_name(hparams)` tells which preset a task runs.
+hyper-parameter dataclass (its fields and paper defaults) and summary; a dataclass belongs to one name only,
+which registration writes into it as the class attribute `method` (`hparams.method`: the preset a task runs).
 
 Third-party packages register methods the same way and expose the module that does it through the entry
 point group `timm_selfkd.methods`; it is imported the first time the registry is read.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
-__all__ = ['MethodSpec', 'register_method', 'get_method', 'list_methods', 'method_name', 'method_parts',
+__all__ = ['MethodSpec', 'register_method', 'register_stack_builder', 'get_method', 'list_methods', 'method_parts',
            'hparam_fields', 'build_hparams']
 
 ENTRY_POINT_GROUP = 'timm_selfkd.methods'
@@ -46,7 +46,6 @@ class MethodSpec:
 
 _METHODS: Dict[str, MethodSpec] = {}
 _STACKS: Dict[str, MethodSpec] = {}
-_NAME_OF_HPARAMS: Dict[Type, str] = {}
 STACK_SEPARATOR = '+'
 _plugins_loaded = False
 _stack_builder: Optional[Callable[['MethodSpec', 'MethodSpec'], Tuple[Type, Type]]] = None
@@ -79,12 +78,12 @@ def register_method(name: str, *, hparams: Type, paper: str = '', summary: Optio
     def decorator(task_cls):
         if name in _METHODS and _METHODS[name].task_cls is not task_cls:
             raise ValueError(f'a method named {name!r} is already registered ({_METHODS[name].task_cls.__name__})')
-        if _NAME_OF_HPARAMS.get(hparams, name) != name:
-            raise ValueError(f'hparams {hparams.__name__} already belong to method {_NAME_OF_HPARAMS[hparams]!r}; '
+        if vars(hparams).get('method', name) != name:
+            raise ValueError(f'hparams {hparams.__name__} already belong to method {hparams.method!r}; '
                              f'give {name!r} a dataclass of its own (a subclass works)')
         doc_line = (task_cls.__doc__ or '').strip().splitlines()[0] if task_cls.__doc__ else ''
         _METHODS[name] = MethodSpec(name, task_cls, hparams, paper, doc_line if summary is None else summary)
-        _NAME_OF_HPARAMS[hparams] = name
+        hparams.method = name
         return task_cls
 
     return decorator
@@ -133,17 +132,8 @@ def _stack(name: str) -> MethodSpec:
         task_cls, hparams_cls = _stack_builder(layout, base)
         paper = f'{base.paper}; with the batch layout of {layout.paper}'
         _STACKS[name] = MethodSpec(name, task_cls, hparams_cls, paper, f'{layout.name} batch layout on {base.name}')
-        _NAME_OF_HPARAMS[hparams_cls] = name
+        hparams_cls.method = name
     return _STACKS[name]
-
-
-def method_name(hparams: Any) -> str:
-    """The name registered with the dataclass of `hparams` (the preset a task runs)."""
-    _load_methods()
-    name = _NAME_OF_HPARAMS.get(type(hparams))
-    if name is None:
-        raise ValueError(f'{type(hparams).__name__} is not the hyper-parameter dataclass of a registered method')
-    return name
 
 
 def hparam_fields(spec: MethodSpec) -> List[dataclasses.Field]:

@@ -40,14 +40,15 @@ from timm.utils import (dispatch_clip_grad, distribute_bn, init_distributed_devi
                         setup_default_logging)
 
 from timm_selfkd.errors import UsageError
-from timm_selfkd.cli import format_methods, method_hparams, parse_args, recipe_values
+from timm_selfkd.attach import attach, check_method, mixup_active
+from timm_selfkd.cli import format_methods, parse_args, recipe_values
 from timm_selfkd.runtime.checkpoint import AMP_SCALER_KEY, RunSaver, check_same_run, load_error, read_checkpoint
-from timm_selfkd.runtime.data import build_dataset, class_count, install_batch_stream, with_label_noise
+from timm_selfkd.runtime.data import build_dataset, class_count, with_label_noise
 from timm_selfkd.runtime.run_guard import RunGuard, Verdict
 from timm_selfkd.runtime.metrics import LOWER_IS_BETTER
-from timm_selfkd.methods.base import RunInfo
 from timm_selfkd.registry import get_method
 from timm_selfkd.runtime.batch_stream import seed_everything, step_seed
+from timm_selfkd.runtime.loss_ledger import LossLedger
 from timm_selfkd.runtime.transforms import with_cutout, with_pad_crop
 
 _logger = logging.getLogger('train')
@@ -68,13 +69,9 @@ def _resolve_lr(args) -> None:
     args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
 
 
-def _mixup_active(args) -> bool:
-    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-
-
 def _mixup(args, num_classes: int, in_task: bool = False):
     """timm's Mixup/CutMix (collate or batch form; the batch form for a task that mixes itself), or None."""
-    if not _mixup_active(args):
+    if not mixup_active(args):
         return None
     mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -92,31 +89,23 @@ class Position:
     step: int = 0
     num_updates: int = 0
     batches: int = 0  # batches trained in the whole run (the guard's step numbers)
-    sums: Dict[str, torch.Tensor] = field(default_factory=dict)
-    counted: int = 0  # steps whose loss terms are in `sums`
-    images: int = 0
+    ledger: LossLedger = field(default_factory=LossLedger)  # the epoch's loss terms, steps counted, images
     seconds: float = 0.0
     finished: bool = False  # all steps of the epoch trained (validation and its checkpoint follow)
     skipped: int = 0  # steps whose update --nonfinite skip left out (their terms are not in `sums`)
     rank_sums: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # every rank's, by `gather`
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.step, self.sums, self.counted, self.images, self.seconds = epoch, 0, {}, 0, 0, 0.0
+        self.epoch, self.step, self.ledger, self.seconds = epoch, 0, LossLedger(), 0.0
         self.finished, self.skipped = False, 0
-
-    def add(self, terms: Dict[str, torch.Tensor], images: int) -> None:
-        for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-        self.counted += 1
-        self.images += images
 
     def gather(self, distributed: bool) -> None:
         """Collect every rank's loss sums for the next checkpoint (a collective: all ranks call it before a save)."""
-        names = list(self.sums)  # the same terms on every rank
+        names = list(self.ledger.sums)  # the same terms on every rank
         if not names:
             self.rank_sums = {}
             return
-        local = torch.stack([self.sums[name] for name in names])
+        local = torch.stack([self.ledger.sums[name] for name in names])
         if distributed:
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, local)
@@ -126,8 +115,8 @@ class Position:
 
     def state_dict(self) -> dict:
         """The position, with each rank's loss sums (from `gather`) as (world_size,) tensors."""
-        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ('sums', 'rank_sums')}
-        state['sums'] = self.rank_sums
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ('ledger', 'rank_sums')}
+        state.update(sums=self.rank_sums, counted=self.ledger.steps, images=self.ledger.images)
         return state
 
     @classmethod
@@ -136,7 +125,9 @@ class Position:
         if not state['finished'] and any(v.shape[0] != world_size for v in sums.values()):
             raise UsageError(f'this recovery checkpoint was written by {next(iter(sums.values())).shape[0]} '
                              f'processes; resume it with as many (or resume an epoch checkpoint)')
-        return cls(**state, sums={name: value[rank].to(device) for name, value in sums.items()})
+        ledger = LossLedger({name: value[rank].to(device) for name, value in sums.items()}, state.pop('counted'),
+                            state.pop('images'))
+        return cls(**state, ledger=ledger)
 
 
 class Stopped(Exception):
@@ -188,9 +179,7 @@ class Setup:
 
     def __init__(self, args):
         self.args = args
-        self.spec = get_method(args.selfkd)
-        self.hparams = method_hparams(args)
-        self.spec.task_cls.check_setup(self.hparams, batch_size=args.batch_size, mixup=_mixup_active(args))
+        self.spec, self.hparams = get_method(args.selfkd), args.selfkd_hparams
         if args.resume and args.initial_checkpoint:
             raise UsageError('--resume and --initial-checkpoint exclude each other (resume restores the weights)')
         checkpoint = read_checkpoint(args.resume) if args.resume else None
@@ -213,9 +202,12 @@ class Setup:
         if args.in_chans is None and args.input_size:
             args.in_chans = args.input_size[0]
         self.train_dataset, self.eval_dataset = self._datasets()
+        check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
+                     aug_repeats=int(args.aug_repeats), dataset=self.train_dataset)
         self.model = self._create_model(class_count(self.train_dataset))
         self.data_config = resolve_data_config(vars(args), model=self.model)
-        self.mixup = _mixup(args, self.model.num_classes, in_task=self.spec.task_cls.mixes_batches)
+        in_task = self.spec.task_cls.requirements(self.hparams).mixup == 'task'
+        self.mixup = _mixup(args, self.model.num_classes, in_task=in_task)
         self.train_loader, self.eval_loader = self._loaders()
         # the loop erases on the batch, under the step's seed (the prefetcher would draw it a step early)
         self.random_erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount,
@@ -224,20 +216,12 @@ class Setup:
 
         self.task = self.spec.task_cls(self.model, self.hparams, device=self.device,
                                        criterion_kwargs=_criterion_kwargs(args, self.mixup is not None))
-        if self.mixup is not None and self.task.mixes_batches:
-            self.task.bind_mixup(self.mixup)
-        self.train_loader, self.stream = install_batch_stream(
-            self.train_loader, self.task, self.hparams, self.train_dataset, batch_size=args.batch_size,
-            seed=args.seed, rank=args.rank, world_size=args.world_size, aug_repeats=int(args.aug_repeats))
-        self.steps_per_epoch = self.stream.steps_per_epoch  # nominal: DLB's first epoch is one step shorter
-        if len(self.train_loader) == 0:
-            raise UsageError(f'the training set ({len(self.train_dataset)} images, split over {args.world_size} '
-                             f'process(es)) does not fill one batch of {args.batch_size}: lower -b')
-        self.task.bind_run(RunInfo(
-            num_epochs=args.epochs, steps_per_epoch=self.steps_per_epoch, num_samples=len(self.train_dataset),
-            num_classes=self.model.num_classes, batch_size=args.batch_size, world_size=args.world_size,
-            rank=args.rank, local_rank=args.local_rank,
-            local_world_size=int(os.environ.get('LOCAL_WORLD_SIZE', args.world_size))))
+        attached = attach(self.task, loader=self.train_loader, dataset=self.train_dataset,
+                          batch_size=args.batch_size, num_epochs=args.epochs, seed=args.seed, rank=args.rank,
+                          world_size=args.world_size, local_rank=args.local_rank,
+                          aug_repeats=int(args.aug_repeats), mixup=self.mixup if in_task else None)
+        self.train_loader, self.stream = attached.loader, attached.stream
+        self.steps_per_epoch = attached.steps_per_epoch  # nominal: DLB's first epoch is one step shorter
         _resolve_lr(args)
         self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), **optimizer_kwargs(cfg=args))
         self.grad_scaler = torch.amp.GradScaler(self.device.type) \
@@ -384,24 +368,10 @@ class Setup:
         return {'position': self.position.state_dict(), 'scheduler': self.scheduler.state_dict()}
 
 
-def _reduce_mean(values: Dict[str, torch.Tensor], distributed: bool) -> Dict[str, float]:
-    """Average each accumulated device tensor over the ranks and read it on the host (one sync)."""
-    names = list(values)
-    if not names:
-        return OrderedDict()
-    stacked = torch.stack([values[n].float() for n in names])
-    if distributed:
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return OrderedDict(zip(names, stacked.tolist()))
-
-
 def epoch_metrics(s: Setup) -> Dict[str, float]:
     """The epoch's mean loss terms (over its counted steps and all ranks), images, steps and time."""
     p = s.position
-    metrics = _reduce_mean({n: v / max(p.counted, 1) for n, v in p.sums.items()}, s.args.distributed)
-    totals = _reduce_mean({'images': torch.tensor(float(p.images), device=s.device)}, s.args.distributed)
-    metrics['images'] = totals['images'] * s.args.world_size
+    metrics = p.ledger.epoch_metrics(s.device, s.args.distributed)
     metrics['steps'] = p.step
     if p.skipped:
         metrics['skipped'] = p.skipped
@@ -437,7 +407,7 @@ class Run:
             seed_everything(step_seed(args.seed, args.rank, p.epoch, p.step))
             if args.no_prefetcher:
                 input, target = input.to(s.device), target.to(s.device)
-                if s.mixup is not None and not task.mixes_batches:
+                if s.mixup is not None and task.needs.mixup == 'loader':
                     input, target = s.mixup(input, target)
             if s.random_erasing is not None:
                 input = s.random_erasing(input)
@@ -455,7 +425,7 @@ class Run:
                 else:
                     loss = out['loss'] / (min(group + accum, steps) - group)
                     (s.grad_scaler.scale(loss) if s.grad_scaler is not None else loss).backward()
-                    p.add(terms, input.shape[0])
+                    p.ledger.add(terms, input.shape[0])
             if update:
                 self._optimizer_step()
                 p.num_updates += 1
@@ -467,8 +437,7 @@ class Run:
             p.batches += 1
             p.seconds = time.time() - start
             if args.rank == 0 and ((p.step - 1) % args.log_interval == 0 or p.step == steps):
-                values = '  '.join(f'{n} {float(v) / max(p.counted, 1):.4f}' for n, v in p.sums.items())
-                _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps}]  {values}  '
+                _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps}]  {p.ledger.text()}  '
                              f'lr {s.optimizer.param_groups[0]["lr"]:.3e}  {p.seconds:.1f}s')
             if not update:  # checks and checkpoints only between optimizer updates
                 continue

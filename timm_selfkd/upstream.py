@@ -24,18 +24,18 @@ import logging
 import os
 import sys
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import yaml
-from torch.utils.data import IterableDataset
 
 from timm_selfkd.errors import UsageError
+from timm_selfkd.attach import attach, check_method, mixup_active, read_recipe, refused_options_set
 from timm_selfkd.cli import add_selfkd_arguments, format_methods, resolve_selfkd_args
-from timm_selfkd.runtime.data import install_batch_stream
-from timm_selfkd.methods.base import RunInfo, SelfKDTask
+from timm_selfkd.methods.base import SelfKDTask
 from timm_selfkd.registry import get_method
+from timm_selfkd.runtime.loss_ledger import LossLedger
 
 __all__ = ['IncompatibleScript', 'check_script', 'load_script', 'Injection', 'run', 'main']
 
@@ -175,44 +175,6 @@ def load_script(path: str, argv: List[str]) -> ModuleType:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Option checks: what the script can be asked for that the methods cannot take.
-
-def _mixup_active(args) -> bool:
-    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-
-
-# (destination, is it set, why not); destinations the script does not have are skipped
-_REFUSED_OPTIONS = (
-    ('naflex_loader', bool, 'NaFlex batches are patch sequences of varying length from their own sampler; '
-                            'self-KD tasks train on image tensors in the batches their method chooses'),
-    ('train_img_sizes', lambda v: v is not None, 'scheduled resolutions change the batch size from batch to '
-                                                 'batch; the methods\' batches have one size'),
-    ('aug_splits', lambda v: v > 0, 'each batch would hold every image once per split, which no method\'s loss '
-                                    'expects'),
-    ('jsd_loss', bool, 'the JSD loss needs augmentation splits, which the methods cannot take'),
-    ('split_bn', bool, 'BatchNorm per augmentation split needs augmentation splits, which the methods cannot take'),
-    ('aug_repeats', lambda v: v > 0, 'the batch stream that feeds the task (seeded, the method\'s batches) replaces '
-                                     'the repeated-augmentation sampler'),
-    ('use_multi_epochs_loader', bool, 'the batch stream that feeds the task replaces the loader\'s sampler, and with '
-                                      'it the multi-epoch loader'),
-    ('torchscript', bool, 'the methods may wrap the model or hook its classifier, which a scripted model does not '
-                          'allow (--torchcompile works)'),
-    ('kd_model_name', lambda v: v is not None, 'a teacher distillation task would replace the self-KD task; the '
-                                               'two cannot combine'),
-)
-
-
-def _flag(dest: str) -> str:
-    return '--' + dest.replace('_', '-')
-
-
-def _refuse_options(args: argparse.Namespace) -> None:
-    for dest, is_set, reason in _REFUSED_OPTIONS:
-        if hasattr(args, dest) and is_set(getattr(args, dest)):
-            raise UsageError(f'{_flag(dest)} cannot be used with --selfkd {args.selfkd}: {reason}')
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Run-time pieces.
 
 class _LoaderSlot:
@@ -239,46 +201,6 @@ class _LoaderSlot:
         setattr(self.loader, name, value)
 
 
-class _LossTerms:
-    """Sums the task's `loss_*` terms over an epoch on the device (read only when logged or summarised), and
-    counts the images and steps."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: Dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self.images = 0
-
-    def hook(self, module, args, kwargs, output) -> None:
-        """Forward hook of the task (`register_forward_hook(..., with_kwargs=True)`)."""
-        input = args[0] if args else kwargs.get('input')
-        self.steps += 1
-        self.images += input.shape[0] if isinstance(input, torch.Tensor) else 0
-        for name, value in output.items():
-            if name.startswith('loss_'):  # the script accounts for `loss` itself
-                self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-
-    def log_text(self) -> str:
-        """This process's means since the epoch began, as `name value` pairs."""
-        return '  '.join(f'{name} {float(total) / self.steps:.4f}' for name, total in self.sums.items())
-
-    def epoch_metrics(self, device: torch.device) -> Dict[str, float]:
-        """The epoch's mean of each term over all processes, the images of all processes and the steps."""
-        distributed = dist.is_available() and dist.is_initialized()
-        names = list(self.sums)
-        values = torch.stack([self.sums[n].to(device) / max(self.steps, 1) for n in names] + [
-            torch.tensor(float(self.images), device=device)])
-        if distributed:
-            dist.all_reduce(values)
-        values = values.tolist()
-        world = dist.get_world_size() if distributed else 1
-        metrics = {name: value / world for name, value in zip(names, values)}
-        metrics.update(images=values[-1], steps=self.steps)
-        return metrics
-
-
 class _TermsInLog(logging.Filter):
     """Appends the loss terms to the records the script logs while an epoch trains."""
 
@@ -287,9 +209,9 @@ class _TermsInLog(logging.Filter):
         self.injection = injection
 
     def filter(self, record: logging.LogRecord) -> bool:
-        terms = self.injection.terms
-        if self.injection.in_epoch and terms.steps and terms.sums and isinstance(record.msg, str):
-            record.msg = f'{record.msg}  {terms.log_text()}'
+        ledger = self.injection.ledger
+        if self.injection.in_epoch and ledger.sums and isinstance(record.msg, str):
+            record.msg = f'{record.msg}  {ledger.text()}'
         return True
 
 
@@ -312,7 +234,7 @@ class Injection:
         self.batch_size = 0
         self.stream = None
         self.in_epoch = False
-        self.terms = _LossTerms()
+        self.ledger = LossLedger()
         self.log_filter = _TermsInLog(self)
 
     def install(self) -> None:
@@ -342,15 +264,11 @@ class Injection:
                 sys.exit(0)
             before = dict(vars(args))
             try:
-                self.hparams = resolve_selfkd_args(args, self._recipe(), sys.argv[1:])
+                self.hparams = resolve_selfkd_args(args, read_recipe(sys.argv[1:]), sys.argv[1:])
                 self.spec = get_method(args.selfkd)
-                _refuse_options(args)
-                self.spec.task_cls.check_setup(self.hparams, batch_size=args.batch_size, mixup=_mixup_active(args))
-                if _mixup_active(args) and self.spec.task_cls.mixes_batches:
-                    raise ValueError(f'--mixup/--cutmix cannot be used with --selfkd {args.selfkd} under a timm '
-                                     'script: the method mixes its batches itself (DLB replays the repeated half\'s '
-                                     'mix of one step earlier), and the script mixes whole batches; use '
-                                     'timm_selfkd\'s train.py')
+                refused_options_set(args)
+                check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
+                             aug_repeats=int(getattr(args, 'aug_repeats', 0) or 0), script=True)
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.args = args
@@ -360,17 +278,6 @@ class Injection:
             return result
 
         return wrapped
-
-    @staticmethod
-    def _recipe() -> Dict[str, Any]:
-        """The `-c` YAML config of the command line, as the script reads it (empty without one)."""
-        config_parser = argparse.ArgumentParser(add_help=False)
-        config_parser.add_argument('-c', '--config', default='')
-        known, _ = config_parser.parse_known_args(sys.argv[1:])
-        if not known.config:
-            return {}
-        with open(known.config) as f:
-            return yaml.safe_load(f) or {}
 
     def _build_task(self, *a, **kw) -> SelfKDTask:
         """Stands in for `ClassificationTask(model=..., criterion=..., device=..., dtype=..., verbose=...)`."""
@@ -384,10 +291,10 @@ class Injection:
                                      'method must choose')
         try:
             task = self.spec.task_cls(model, self.hparams, **bound)
-            self._wire(task, model.num_classes)
+            self._attach(task)
         except ValueError as e:  # a model or data set the method cannot train, e.g. a class with one image for BAKE
             raise UsageError(str(e)) from e
-        task.register_forward_hook(self.terms.hook, with_kwargs=True)
+        task.register_forward_hook(self._count, with_kwargs=True)
         self.task = task
         return task
 
@@ -399,44 +306,47 @@ class Injection:
             call.apply_defaults()
             if not call.arguments.get('is_training'):
                 return create_loader(dataset, *a, **kw)
-            if isinstance(dataset, IterableDataset):
-                raise UsageError(f'--dataset {self.args.dataset}: a streamed (iterable) data set cannot be read in '
-                                 'the batches a method chooses, one seeded sample at a time')
+            check_method(self.spec, self.hparams, batch_size=call.arguments['batch_size'], dataset=dataset)
             self.dataset, self.batch_size = dataset, call.arguments['batch_size']
             self.loader = _LoaderSlot(create_loader(dataset, *a, **kw))
             return self.loader
 
         return wrapped
 
-    def _wire(self, task: SelfKDTask, num_classes: int) -> None:
-        """The method's batches into the training loader and the task (`install_batch_stream`: one call), then
-        the facts of the run into the task (`bind_run`)."""
+    def _attach(self, task: SelfKDTask) -> None:
+        """The method's batches into the training loader and the run's facts into the task (`attach`)."""
         args = self.args
-        loader, self.stream = install_batch_stream(
-            self.loader.loader, task, self.hparams, self.dataset, batch_size=self.batch_size, seed=args.seed,
-            rank=args.rank, world_size=args.world_size)
-        self.loader.swap(loader)
-        task.bind_run(RunInfo(
-            num_epochs=args.epochs, steps_per_epoch=len(loader), num_samples=len(self.dataset),
-            num_classes=num_classes, batch_size=self.batch_size, world_size=args.world_size, rank=args.rank,
-            local_rank=args.local_rank, local_world_size=int(os.environ.get('LOCAL_WORLD_SIZE', args.world_size))))
+        attached = attach(task, loader=self.loader.loader, dataset=self.dataset, batch_size=self.batch_size,
+                          num_epochs=args.epochs, seed=args.seed, rank=args.rank, world_size=args.world_size,
+                          local_rank=args.local_rank, aug_repeats=int(getattr(args, 'aug_repeats', 0) or 0))
+        self.loader.swap(attached.loader)
+        self.stream = attached.stream
         if args.rank == 0:
-            sampler = type(self.stream.batch_sampler).__name__
-            self.module._logger.info(f'timm_selfkd: --selfkd {self.spec.name}: {type(task).__name__} ({self.hparams}) '
-                                     f'in place of ClassificationTask; batches from {sampler}, {len(loader)} per epoch')
+            batches = type(self.stream.batch_sampler).__name__ if self.stream is not None else 'the data set\'s stream'
+            self.module._logger.info(f'timm_selfkd: --selfkd {task.method}: {type(task).__name__} ({self.hparams}) in '
+                                     f'place of ClassificationTask; batches from {batches}, {attached.steps_per_epoch} '
+                                     'per epoch')
+
+    def _count(self, module, args, kwargs, output) -> None:
+        """Forward hook of the task: its loss terms and images into the epoch's ledger."""
+        input = args[0] if args else kwargs.get('input')
+        self.ledger.add(output, input.shape[0] if isinstance(input, torch.Tensor) else 0)
 
     def _wrap_train_one_epoch(self, train_one_epoch: Callable) -> Callable:
         def wrapped(epoch, *a, **kw):
             if self.task is None:
                 raise RuntimeError(f'{PROG}: the script trains without building its ClassificationTask')
-            self.stream.set_epoch(epoch)  # v1.0.28 does not tell a batch sampler the epoch
-            self.terms.reset()
+            if self.stream is not None:
+                self.stream.set_epoch(epoch)  # v1.0.28 does not tell a batch sampler the epoch
+            self.ledger = LossLedger()
             self.in_epoch = True
             try:
                 metrics = train_one_epoch(epoch, *a, **kw)
             finally:
                 self.in_epoch = False
-            metrics.update(self.terms.epoch_metrics(self.task.device))
+            terms = self.ledger.epoch_metrics(self.task.device, dist.is_available() and dist.is_initialized())
+            terms.pop('loss', None)  # the script reports its own loss
+            metrics.update(terms, steps=self.ledger.steps)
             self.task.sync_task_state()  # every rank, before rank 0 saves the epoch's checkpoint
             return metrics
 

@@ -19,9 +19,11 @@ from timm_selfkd.runtime.batch_stream import BatchInfo
 if TYPE_CHECKING:
     from timm_selfkd.methods.base import RunInfo
 
-__all__ = ['ProgressiveTargets', 'MIXUP_CONFLICT', 'alpha_schedule']
+__all__ = ['ProgressiveTargets', 'MIXUP_CONFLICT', 'RUN_FACTS', 'alpha_schedule']
 
 MIXUP_CONFLICT = 'a mixed image is not the sample whose past prediction its target uses'
+RUN_FACTS = {'num_epochs': 'alpha_t grows over the epochs of the run',
+             'num_samples': 'its memory of past predictions has a row per training image'}  # for `Needs.run_facts`
 
 
 def alpha_schedule(alpha_t: float, epoch: int, num_epochs: int) -> float:

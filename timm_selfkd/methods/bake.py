@@ -8,7 +8,7 @@ import torch.distributed as dist
 from timm_selfkd.components.losses import bake_targets, kd_kl
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.samplers import ClassGroupBatchSampler
-from timm_selfkd.methods.base import LogitsAndFeatures, SelfKDTask, check_range, world_size
+from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, check_range, refuse_mixup, world_size
 
 
 @dataclass
@@ -45,22 +45,22 @@ class BAKETask(SelfKDTask):
     Batches hold whole groups of an anchor and M same-class images (`ClassGroupBatchSampler`).
     """
 
-    mixup_conflict = 'mixed images have no single class for the per-class batches'
+    @classmethod
+    def requirements(cls, hparams) -> Needs:
+        return refuse_mixup('mixed images have no single class for the per-class batches', own_batches=True)
 
     def wrap_model(self, model):
         return LogitsAndFeatures(model)
 
     @classmethod
-    def check_setup(cls, hparams, *, batch_size, mixup):
-        super().check_setup(hparams, batch_size=batch_size, mixup=mixup)
+    def check_setup(cls, hparams, *, batch_size):
         ClassGroupBatchSampler.check_batch_size(batch_size, hparams.same_class)
 
-    @classmethod
-    def batch_sampler(cls, hparams, *, labels, batch_size, seed, rank, world_size, **_):
+    def batch_sampler(self, *, labels, batch_size, seed, rank, world_size, **_):
         if labels is None:
             raise ValueError('BAKE needs the class label of every training image for its per-class batches, '
                              'and this dataset does not expose them')
-        return ClassGroupBatchSampler(labels, batch_size, hparams.same_class, seed=seed, rank=rank,
+        return ClassGroupBatchSampler(labels, batch_size, self.hparams.same_class, seed=seed, rank=rank,
                                       world_size=world_size)
 
     def soft_targets(self, output: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """What every self-KD task shares: the trainable module, timm's criterion, DDP/compile/eval-model plumbing."""
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -12,11 +12,52 @@ from timm.task import TrainingTask, resolve_classification_loss
 
 from timm_selfkd.components.losses import float32_region
 from timm_selfkd.runtime.metrics import CalibrationEvaluator
-from timm_selfkd.registry import method_name
 from timm_selfkd.runtime.batch_stream import BatchInfo
 
-__all__ = ['SelfKDTask', 'ModelWrapper', 'LogitsAndFeatures', 'has_pooled_features', 'RunInfo', 'check_range',
-           'world_size']
+__all__ = ['Needs', 'refuse_mixup', 'RunInfo', 'SelfKDTask', 'ModelWrapper', 'LogitsAndFeatures', 'has_pooled_features',
+           'check_range', 'world_size']
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from the run that trains it: its one record, computed from its hyper-parameters by
+    `SelfKDTask.requirements(hparams)`. The training loop, the upstream adapter, `create_task` and stacks read
+    this record and the hooks of `SelfKDTask`, nothing else (`timm_selfkd.attach` wires it).
+
+    | field | default | the method ... | read by |
+    |---|---|---|---|
+    | `run_facts` | {} | needs these `RunInfo` facts in `bind_run` (name -> why); `create_task` asks for each by name | create_task |
+    | `own_batches` | False | chooses which images share a batch (`batch_sampler`) | attach, stacks |
+    | `sample_indices` | False | reads each row's dataset index and epoch (`batch_info()`) in every training forward | attach, create_task |
+    | `mixup` | 'loader' | takes mixup/CutMix as: 'loader' (mixed batches, soft targets), 'task' (unmixed batches with hard labels; it mixes them with `RunInfo.mixup`) or 'refused' | attach |
+    | `mixup_refusal` | '' | cannot train on mixed images, for this one-line reason ('refused') | attach |
+    | `row_aligned_output` | True | returns `output` with one row per input row, in order | stacks |
+    | `rows_per_image` | 0 | is a batch layout that makes each image this many rows (the layout hooks below); 0: a method | stacks, cli |
+
+    Derived: `streamed_data` (a streamed data set, which has neither sampler nor indices, can train the method).
+    """
+    run_facts: Mapping[str, str] = field(default_factory=dict)
+    own_batches: bool = False
+    sample_indices: bool = False
+    mixup: str = 'loader'
+    mixup_refusal: str = ''
+    row_aligned_output: bool = True
+    rows_per_image: int = 0
+
+    def __post_init__(self):
+        if self.mixup not in ('loader', 'task', 'refused'):
+            raise ValueError(f"Needs.mixup must be 'loader', 'task' or 'refused', got {self.mixup!r}")
+        if (self.mixup == 'refused') != bool(self.mixup_refusal):
+            raise ValueError("Needs.mixup_refusal gives the reason of mixup='refused', and only then")
+
+    @property
+    def streamed_data(self) -> bool:
+        return not (self.own_batches or self.sample_indices)
+
+
+def refuse_mixup(reason: str, **kwargs) -> Needs:
+    """The record of a method that cannot train on mixed images, for `reason`."""
+    return Needs(mixup='refused', mixup_refusal=reason, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -24,25 +65,30 @@ class RunInfo:
     """Facts about the training run that a task may need, given to it by `bind_run` before the first step.
 
     Attributes:
-        num_epochs: Epochs of the whole run.
+        num_epochs: Epochs of the whole run (None where a method does not need it, in `create_task`).
         steps_per_epoch: Training steps (batches) per epoch.
         num_samples: Training-set size; None for streamed data sets.
-        num_classes: Classes of the model.
-        batch_size: Images per step and process.
+        num_classes: Classes of the model (None for a model that does not tell).
+        batch_size: Images (rows) per step and process.
         world_size: Number of processes.
         rank: This process's rank.
         local_rank: Its rank within its node.
         local_world_size: Processes on its node.
+        mixup: timm's batch-form `Mixup` for a method whose `Needs.mixup` is 'task' (None: no mixup).
+        batch_info: Where `batch_info()` reads each step's record (the batch stream), for `Needs.sample_indices`;
+            None in a hand-written loop, which passes `indices=` to the task's call.
     """
-    num_epochs: int
-    steps_per_epoch: int
+    num_epochs: Optional[int]
+    steps_per_epoch: Optional[int]
     num_samples: Optional[int]
-    num_classes: int
-    batch_size: int
+    num_classes: Optional[int]
+    batch_size: Optional[int]
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
     local_world_size: int = 1
+    mixup: Optional[Any] = None
+    batch_info: Optional[Callable[[], BatchInfo]] = None
 
 
 def world_size() -> int:
@@ -126,14 +172,22 @@ def has_pooled_features(model: nn.Module) -> bool:
 class SelfKDTask(TrainingTask):
     """Base class of every method: returns `loss`, `output` and named loss terms from `forward`.
 
-    Subclasses implement `forward`, and may override `wrap_model` (to change what the trainable module
-    returns), `check_setup` (to refuse option combinations that cannot work), `batch_sampler` and
-    `bind_batch_sampler` (to choose which images share a batch), `bind_run` (to learn the run's length and
-    data set size) and `get_task_state`/`load_task_state` with `sync_task_state` (for state that must survive
-    `--resume`, per rank under DDP). A task that sets `needs_batch_info` calls `batch_info()` once per training
-    `forward` to learn the epoch, step and dataset indices of its batch. A task that sets `mixes_batches`
-    receives timm's batch-form `Mixup` through `bind_mixup` when mixup/CutMix is on, gets its batches unmixed
-    (hard labels) and mixes them itself (DLB replays the previous step's mix on its repeated half).
+    A method declares what it needs from a run in one record, `requirements(hparams) -> Needs` (see `Needs`),
+    and implements `forward`. The hooks, each optional, and who calls them:
+
+    | hook | what it is for | called by |
+    |---|---|---|
+    | `requirements(hparams)` | the method's `Needs` (class method) | attach, create_task, stacks, cli |
+    | `check_setup(hparams, batch_size=)` | refuse hyper-parameters that cannot train at this batch size (class method) | attach, create_task |
+    | `wrap_model(model)` | the trainable module (default: the model) | `__init__` |
+    | `batch_sampler(index_sampler, labels, batch_size, seed, rank, world_size)` | the batches, for `Needs.own_batches` | attach, `timm_selfkd.batch_sampler` |
+    | `bind_run(run)` | learn the run's facts (`RunInfo`: length, data set size, mixup, batch-information source) | attach, create_task |
+    | `get_task_state`/`load_task_state`/`check_task_state`/`sync_task_state` | state that survives `--resume` (gathered from every rank before a save) | checkpoints |
+    | `eval_forward(ema)` / `create_evaluator()` | what validation calls and measures | the loops |
+    | `rows_per_image > 0` only: `check_stack`, `wrap_batch_sampler`, `layout_terms` | a batch layout under a stack | stacks |
+
+    A task with `Needs.sample_indices` calls `batch_info()` once per training `forward`. The method's name and
+    hyper-parameters travel with the task (`task.method`, `task.hparams`, `task.needs`).
 
     Args:
         model: A timm model, already on `device`.
@@ -142,12 +196,6 @@ class SelfKDTask(TrainingTask):
         criterion_kwargs: e.g. `dict(smoothing=0.1)`.
         device: Device of the task's tensors.
     """
-
-    supports_mixup = False
-    needs_batch_info = False
-    mixes_batches = False  # with mixup/CutMix on, the loop leaves batches unmixed and calls bind_mixup
-    full_batch_output = True  # `output` has a row per input row, in order (a batch layout can stack on it)
-    mixup_conflict = 'its soft targets are not defined for mixed images'
 
     def __init__(
             self,
@@ -164,23 +212,40 @@ class SelfKDTask(TrainingTask):
         self.trainable_module = self.wrap_model(model)
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
         self.run: Optional[RunInfo] = None
-        self._batch_info_source: Optional[Callable[[], BatchInfo]] = None
+        self._epoch = 0  # of a hand-written loop (`set_epoch`), for the indices given to `__call__`
+        self._given: Optional[BatchInfo] = None
+        self._given_steps = 0
+
+    @property
+    def method_hparams(self) -> Any:
+        """The hyper-parameters as registered with the method (a stack's hold both parts)."""
+        return self.hparams
+
+    @property
+    def method(self) -> str:
+        """The registered name the task runs (a preset's or a stack's)."""
+        return self.method_hparams.method
+
+    @property
+    def needs(self) -> Needs:
+        """The method's record for the task's hyper-parameters."""
+        return self.requirements(self.method_hparams)
+
+    @classmethod
+    def requirements(cls, hparams: Any) -> Needs:
+        """What the method needs from a run with these hyper-parameters (default: nothing special)."""
+        return Needs()
+
+    @classmethod
+    def check_setup(cls, hparams: Any, *, batch_size: int) -> None:
+        """Raise a ValueError for hyper-parameters this method cannot train at `batch_size` images per step."""
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module that owns the parameters and runs the forward pass (the model itself by default)."""
         return model
 
-    @classmethod
-    def check_setup(cls, hparams: Any, *, batch_size: int, mixup: bool) -> None:
-        """Raise a ValueError for option combinations this method cannot train correctly."""
-        if mixup and not cls.supports_mixup:
-            raise ValueError(f'--mixup/--cutmix are not supported with --selfkd {method_name(hparams)}: '
-                             f'{cls.mixup_conflict}')
-
-    @classmethod
     def batch_sampler(
-            cls,
-            hparams: Any,
+            self,
             *,
             index_sampler: Sampler[int],
             labels: Optional[Sequence[int]],
@@ -188,28 +253,25 @@ class SelfKDTask(TrainingTask):
             seed: int,
             rank: int,
             world_size: int,
-    ) -> Optional[Sampler]:
-        """The batch sampler that replaces the loader's own, or None to keep timm's batching."""
-        return None
-
-    def takes_streamed_data(self) -> bool:
-        """Whether the task trains on a streamed data set: with timm's own batches and no sample indices
-        (`needs_batch_info` may be set per task, from its hyper-parameters)."""
-        return type(self).batch_sampler.__func__ is SelfKDTask.batch_sampler.__func__ and not self.needs_batch_info
-
-    def bind_batch_sampler(self, batch_sampler: Sampler) -> None:
-        """Receive the sampler `batch_sampler()` returned, for tasks that depend on its batch layout."""
-
-    def bind_mixup(self, mixup) -> None:
-        """Receive timm's batch-form `Mixup` (tasks with `mixes_batches`, which mix each batch in `forward`)."""
+    ) -> Sampler:
+        """The batch sampler of a method with `Needs.own_batches` (over the shuffled, rank-aware `index_sampler`)."""
+        raise NotImplementedError(f'{type(self).__name__} keeps timm\'s batches (Needs.own_batches is False)')
 
     def bind_run(self, run: RunInfo) -> None:
         """Receive the run's facts before the first step (stored as `self.run`)."""
         self.run = run
 
-    def bind_batch_info_source(self, source: Callable[[], BatchInfo]) -> None:
-        """Where `batch_info()` reads from: the training `BatchStream.pop`, or any callable in tests."""
-        self._batch_info_source = source
+    def set_epoch(self, epoch: int) -> None:
+        """A hand-written loop tells the epoch of the next batches (read with the `indices` of `__call__`)."""
+        self._epoch = epoch
+
+    def __call__(self, input: torch.Tensor, target: torch.Tensor, indices: Optional[torch.Tensor] = None):
+        """`task(images, labels)`; a hand-written loop training a method with `Needs.sample_indices` passes each
+        image's dataset index too (`indices=`, a (B,) integer tensor), and calls `set_epoch` every epoch."""
+        if indices is not None:
+            self._given = BatchInfo(self._epoch, self._given_steps, torch.as_tensor(indices).flatten())
+            self._given_steps += 1
+        return super().__call__(input, target)
 
     def batch_info(self, batch_size: Optional[int] = None) -> BatchInfo:
         """Epoch, step and dataset indices (on the task's device) of the batch being trained on.
@@ -217,12 +279,32 @@ class SelfKDTask(TrainingTask):
         Args:
             batch_size: The batch's size, checked against the record so that a channel out of step fails loudly.
         """
-        if self._batch_info_source is None:
-            raise RuntimeError(f'{type(self).__name__} needs the batch information channel (bind_batch_info_source)')
-        info = self._batch_info_source()
+        if self._given is not None:
+            info, self._given = self._given, None
+        elif self.run is not None and self.run.batch_info is not None:
+            info = self.run.batch_info()
+        else:
+            raise ValueError(f'{self.method} reads the dataset index of every image: call the task as '
+                             'task(images, labels, indices=...) (and task.set_epoch(epoch) every epoch)')
         if batch_size is not None and info.indices.numel() != batch_size:
             raise RuntimeError(f'batch information of {info.indices.numel()} images for a batch of {batch_size}')
         return BatchInfo(info.epoch, info.step, info.indices.to(self.device, non_blocking=True))
+
+    # The hooks of a batch layout (`Needs.rows_per_image > 0`), read by `timm_selfkd.methods.stack`.
+
+    @classmethod
+    def check_stack(cls, hparams: Any) -> None:
+        """Raise a ValueError for layout hyper-parameters that cannot stack on a method."""
+
+    @classmethod
+    def wrap_batch_sampler(cls, hparams: Any, sampler: Sampler) -> Sampler:
+        """The layout's batches made from a method's batch sampler (exposed again as `.batch_sampler`)."""
+        raise NotImplementedError(f'{cls.__name__} is not a batch layout')
+
+    @classmethod
+    def layout_terms(cls, hparams: Any, output: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The layout's weighted loss on a method's logits, and its named terms."""
+        raise NotImplementedError(f'{cls.__name__} is not a batch layout')
 
     def sync_task_state(self) -> None:
         """Collective run on every rank before rank 0 saves a checkpoint, for per-rank task state."""

@@ -8,7 +8,7 @@ import torch
 from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.samplers import ClassGroupBatchSampler
-from timm_selfkd.methods.base import SelfKDTask, check_range
+from timm_selfkd.methods.base import Needs, SelfKDTask, check_range, refuse_mixup
 
 
 @dataclass
@@ -34,16 +34,16 @@ class CSKDTask(SelfKDTask):
     and they get no cross-entropy. Partners are never the anchor itself (the official sampler may draw it).
     """
 
-    mixup_conflict = 'a mixed image has no single class to draw a same-class partner from'
-    full_batch_output = False  # logits of the anchors only
+    @classmethod
+    def requirements(cls, hparams) -> Needs:
+        return refuse_mixup('a mixed image has no single class to draw a same-class partner from', own_batches=True,
+                            row_aligned_output=False)  # logits of the anchors only
 
     @classmethod
-    def check_setup(cls, hparams, *, batch_size, mixup):
-        super().check_setup(hparams, batch_size=batch_size, mixup=mixup)
+    def check_setup(cls, hparams, *, batch_size):
         ClassGroupBatchSampler.check_batch_size(batch_size, 1, 'CS-KD')
 
-    @classmethod
-    def batch_sampler(cls, hparams, *, labels, batch_size, seed, rank, world_size, **_):
+    def batch_sampler(self, *, labels, batch_size, seed, rank, world_size, **_):
         if labels is None:
             raise ValueError('CS-KD needs the class label of every training image to draw same-class partners, '
                              'and this dataset does not expose them')

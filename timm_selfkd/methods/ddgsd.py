@@ -7,7 +7,7 @@ import torch
 from timm_selfkd.components.losses import kd_kl_from_logits, linear_mmd
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.samplers import EpochBatchSampler, ViewsBatchSampler
-from timm_selfkd.methods.base import LogitsAndFeatures, SelfKDTask, check_range
+from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, check_range, refuse_mixup
 
 VIEWS = 2
 
@@ -43,15 +43,16 @@ class DDGSDTask(SelfKDTask):
     to that method's loss.
     """
 
-    mixup_conflict = 'the two views would be mixed with different partners and stop being views of one image'
-    rows_per_image = VIEWS
+    @classmethod
+    def requirements(cls, hparams) -> Needs:
+        return refuse_mixup('the two views would be mixed with different partners and stop being views of one '
+                            'image', own_batches=True, rows_per_image=VIEWS)
 
     def wrap_model(self, model):
         return LogitsAndFeatures(model) if self.hparams.mmd_weight > 0 else model
 
     @classmethod
-    def check_setup(cls, hparams, *, batch_size, mixup):
-        super().check_setup(hparams, batch_size=batch_size, mixup=mixup)
+    def check_setup(cls, hparams, *, batch_size):
         ViewsBatchSampler.check_batch_size(batch_size, VIEWS)
 
     @classmethod
@@ -61,9 +62,8 @@ class DDGSDTask(SelfKDTask):
             raise ValueError('ddgsd mmd_weight must be 0 when DDGSD is stacked on another method (that method\'s '
                              'forward gives no pooled features; DLB\'s comparison also drops the MMD)')
 
-    @classmethod
-    def batch_sampler(cls, hparams, *, index_sampler, batch_size, **_):
-        return cls.wrap_batch_sampler(hparams, EpochBatchSampler(index_sampler, batch_size // VIEWS))
+    def batch_sampler(self, *, index_sampler, batch_size, **_):
+        return self.wrap_batch_sampler(self.hparams, EpochBatchSampler(index_sampler, batch_size // VIEWS))
 
     @classmethod
     def wrap_batch_sampler(cls, hparams, batch_sampler) -> ViewsBatchSampler:

@@ -10,7 +10,7 @@ from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.components.replayed_mixup import ReplayMixup
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.samplers import LastBatchSampler
-from timm_selfkd.methods.base import SelfKDTask, check_range, world_size
+from timm_selfkd.methods.base import Needs, SelfKDTask, check_range, world_size
 
 _logger = logging.getLogger(__name__)
 
@@ -40,9 +40,6 @@ class DLBTask(SelfKDTask):
     dropped with a warning: no KD term until the next batch).
     """
 
-    supports_mixup = True
-    mixes_batches = True
-
     def __init__(self, model, hparams: DLBHparams, **kwargs):
         super().__init__(model, hparams, **kwargs)
         self.last_logits: Optional[torch.Tensor] = None
@@ -51,20 +48,21 @@ class DLBTask(SelfKDTask):
         self.gathered: Dict[str, torch.Tensor] = {}  # every rank's state on rank 0, by sync_task_state
 
     @classmethod
-    def check_setup(cls, hparams, *, batch_size, mixup):
-        super().check_setup(hparams, batch_size=batch_size, mixup=mixup)
-        LastBatchSampler.check_batch_size(batch_size)
+    def requirements(cls, hparams) -> Needs:
+        return Needs(own_batches=True, mixup='task',
+                     run_facts={'batch_size': 'the rows of each step, half of which the next step repeats'})
 
     @classmethod
-    def batch_sampler(cls, hparams, *, index_sampler, batch_size, **_):
+    def check_setup(cls, hparams, *, batch_size):
+        LastBatchSampler.check_batch_size(batch_size)
+
+    def batch_sampler(self, *, index_sampler, batch_size, **_):
         return LastBatchSampler(index_sampler, batch_size)
 
     def bind_run(self, run) -> None:
         super().bind_run(run)
         self.new_per_step = run.batch_size // 2  # in rows of the batch, whatever expands images into rows
-
-    def bind_mixup(self, mixup) -> None:
-        self.mixer = ReplayMixup(mixup)
+        self.mixer = ReplayMixup(run.mixup) if run.mixup is not None else None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         repeated = self._repeated_rows(input.shape[0])

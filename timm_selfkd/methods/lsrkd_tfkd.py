@@ -21,8 +21,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from timm_selfkd.components.losses import class_teacher_kl, corrected_teacher
-from timm_selfkd.registry import method_name, register_method
-from timm_selfkd.methods.base import SelfKDTask, check_range
+from timm_selfkd.registry import register_method
+from timm_selfkd.methods.base import Needs, SelfKDTask, check_range, refuse_mixup
 
 __all__ = ['LsrKDHparams', 'LsrKDTCHparams', 'TfKDRegHparams', 'LabelTeacherTask']
 
@@ -46,12 +46,12 @@ class ClassTeacher:
 
     def check_gamma(self) -> None:
         if not 0 < self.gamma < 1:
-            raise ValueError(f'{method_name(self)} gamma must be > 0 and < 1, got {self.gamma}')
+            raise ValueError(f'{self.method} gamma must be > 0 and < 1, got {self.gamma}')
 
     def corrected(self, num_classes: int) -> Tuple[float, float]:
         """Eq. 11 with this preset's gamma; a ValueError unless gamma > 1/K (1/K is the uniform teacher)."""
         if self.gamma <= 1 / num_classes:
-            raise ValueError(f'{method_name(self)} gamma must be > 1/K = {1 / num_classes:.4g} for {num_classes} '
+            raise ValueError(f'{self.method} gamma must be > 1/K = {1 / num_classes:.4g} for {num_classes} '
                              f'classes (1/K is the uniform teacher), got {self.gamma}')
         return corrected_teacher(num_classes, self.gamma)
 
@@ -66,8 +66,8 @@ class LsrKDHparams(ClassTeacher):
     uses_label = False
 
     def __post_init__(self):
-        check_range(method_name(self), 'alpha', self.alpha, 0., 1.)
-        check_range(method_name(self), 'temperature', self.temperature, 1e-6)
+        check_range(self.method, 'alpha', self.alpha, 0., 1.)
+        check_range(self.method, 'temperature', self.temperature, 1e-6)
 
     def teacher(self, num_classes: int) -> Tuple[float, float]:
         return corrected_teacher(num_classes, 1 / num_classes)
@@ -109,7 +109,7 @@ class TfKDRegHparams(ClassTeacher):
                 'per image (100 for ResNet-18 on CIFAR-100, model-dependent; unverified for other settings)'})
 
     def __post_init__(self):
-        name = method_name(self)
+        name = self.method
         check_range(name, 'alpha', self.alpha, 0., 1.)
         check_range(name, 'temperature', self.temperature, 1e-6)
         check_range(name, 'multiplier', self.multiplier, 0.)
@@ -150,8 +150,6 @@ class LabelTeacherTask(SelfKDTask):
     `loss_kd` is `s * KL`; `loss_ce` is timm's criterion (so `--smoothing` adds LSR on top: the recipes use 0).
     """
 
-    mixup_conflict = 'its teacher puts its mass on one true class, and a mixed image has two'
-
     def __init__(self, model, hparams: ClassTeacher, **kwargs):
         super().__init__(model, hparams, **kwargs)
         self.num_classes: Optional[int] = None
@@ -161,12 +159,14 @@ class LabelTeacherTask(SelfKDTask):
             self.set_num_classes(model.num_classes)
 
     @classmethod
-    def check_setup(cls, hparams, *, batch_size, mixup):
-        super().check_setup(hparams, batch_size=batch_size, mixup=mixup and hparams.uses_label)
+    def requirements(cls, hparams) -> Needs:
+        if not hparams.uses_label:
+            return Needs()
+        return refuse_mixup('its teacher puts its mass on one true class, and a mixed image has two')
 
     def bind_run(self, run) -> None:
         super().bind_run(run)
-        if run.num_classes != self.num_classes:
+        if run.num_classes and run.num_classes != self.num_classes:
             self.set_num_classes(run.num_classes)
 
     def set_num_classes(self, num_classes: int) -> None:

@@ -1,6 +1,7 @@
 """MrKD and MrKD-TC: memory-replay knowledge distillation from frozen copies of the model's own past
 (Wang et al., Extending Label Smoothing Regularization with Self-Knowledge Distillation, sec. 3.4, eq. 13-17,
 Alg. 1)."""
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -10,9 +11,9 @@ import torch
 from timm.utils.model import unwrap_model
 
 from timm_selfkd.components.losses import kd_kl, teacher_correction
-from timm_selfkd.registry import method_name, register_method
+from timm_selfkd.registry import register_method
 from timm_selfkd.components.weight_ring import WeightRing
-from timm_selfkd.methods.base import RunInfo, SelfKDTask, check_range
+from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range
 
 __all__ = ['MrKDHparams', 'MrKDTCHparams', 'MrKDTask', 'MrKDTCTask', 'Interval']
 
@@ -43,7 +44,7 @@ class Interval:
             return int(self.value)
         if not steps_per_epoch:
             raise ValueError(f'mrkd interval {self.value:g}e is in epochs, which needs the steps per epoch '
-                             '(the training loop passes them with bind_run); give it in steps instead')
+                             '(RunInfo.steps_per_epoch); give it in steps instead')
         return max(1, round(self.value * steps_per_epoch))
 
 
@@ -64,7 +65,7 @@ class MrKDHparams:
                                                            'slower for convnets on CPU)'})
 
     def __post_init__(self):
-        method = method_name(self)
+        method = self.method
         check_range(method, 'alpha', self.alpha, 0., 1.)
         check_range(method, 'temperature', self.temperature, 1e-6)
         check_range(method, 'copies', self.copies, 1)
@@ -81,7 +82,7 @@ class MrKDTCHparams(MrKDHparams):
 
     def __post_init__(self):
         super().__post_init__()
-        check_range(method_name(self), 'gamma', self.gamma, 0., 1.)
+        check_range(self.method, 'gamma', self.gamma, 0., 1.)
 
 
 @register_method('mrkd', hparams=MrKDHparams, paper=PAPER)
@@ -97,7 +98,10 @@ class MrKDTask(SelfKDTask):
     and are saved in the task state with the step count.
     """
 
-    supports_mixup = True  # the copies see the same mixed images as the student
+    @classmethod
+    def requirements(cls, hparams) -> Needs:  # with mixup, the copies see the same mixed images as the student
+        epochs = Interval.parse(hparams.interval).in_epochs
+        return Needs(run_facts={'steps_per_epoch': f'its interval {hparams.interval} is in epochs'} if epochs else {})
 
     def __init__(self, model, hparams: MrKDHparams, **kwargs):
         super().__init__(model, hparams, **kwargs)
@@ -111,8 +115,10 @@ class MrKDTask(SelfKDTask):
     def bind_run(self, run: RunInfo) -> None:
         super().bind_run(run)
         self.interval_steps = self.interval.steps(run.steps_per_epoch)
+        if run.num_epochs is None or run.steps_per_epoch is None:
+            return
         total = run.num_epochs * run.steps_per_epoch
-        name = method_name(self.hparams)
+        name = self.method
         if self.interval_steps >= total:  # the paper's kappa = 200 epochs point: copies never refreshed
             _logger.warning(f'{name}: interval {self.hparams.interval} ({self.interval_steps} steps) is '
                             f'not shorter than the run ({total} steps): the copies stay the initial weights')
@@ -138,8 +144,8 @@ class MrKDTask(SelfKDTask):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         if self.interval_steps is None:
-            raise RuntimeError(f'{method_name(self.hparams)} interval {self.hparams.interval} is in epochs: call '
-                               'bind_run(RunInfo(...)) first, or give it in steps')
+            raise ValueError(f'{self.method} interval {self.hparams.interval} is in epochs: create the task with '
+                             'steps_per_epoch=..., or give the interval in steps')
         if self.training:
             self._refresh_copies()
         elif not self.ring.filled:
@@ -167,7 +173,7 @@ class MrKDTask(SelfKDTask):
     def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
         if not state or 'copies' not in state:
             return
-        name = method_name(self.hparams)
+        name = self.method
         if state['num_copies'] != self.ring.num_copies:
             raise ValueError(f'the checkpoint has {state["num_copies"]} {name} copies, this run asks '
                              f'for {self.ring.num_copies} (--{name.replace("_", "-")}-copies)')
@@ -191,8 +197,11 @@ class MrKDTCTask(MrKDTask):
     T^2, as in the paper's LsrKD family. Everything else is MrKD's.
     """
 
-    supports_mixup = False
-    mixup_conflict = 'a mixed image has no single true class for the teacher correction (eq. 16)'
+    @classmethod
+    def requirements(cls, hparams) -> Needs:
+        return dataclasses.replace(
+            super().requirements(hparams), mixup='refused',
+            mixup_refusal='a mixed image has no single true class for the teacher correction (eq. 16)')
 
     def teacher_probs(self, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return teacher_correction(teacher_logits, target, self.hparams.gamma, self.hparams.temperature)

@@ -13,9 +13,10 @@ import torch.nn as nn
 from timm.utils import unwrap_model
 
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits, soft_target_ce
-from timm_selfkd.components.progressive_targets import MIXUP_CONFLICT, ProgressiveTargets
+from timm_selfkd.components.progressive_targets import MIXUP_CONFLICT, RUN_FACTS, ProgressiveTargets
 from timm_selfkd.registry import register_method
-from timm_selfkd.methods.base import ModelWrapper, RunInfo, SelfKDTask, check_range, has_pooled_features
+from timm_selfkd.methods.base import (ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features,
+                                      refuse_mixup)
 
 __all__ = ['MultiExitHparams', 'Exit', 'MultiExitModule', 'MultiExitEvaluator', 'MultiExitTask', 'exit_indices',
            'multi_exit_loss']
@@ -309,28 +310,24 @@ class MultiExitTask(SelfKDTask):
     PS-KD (seed 4 sec. 3.1, after Kim et al.): the target of `L_CE` and of eq. 2's exit CE is
     `y_soft = (1 - a_e) y + a_e P^T(x)`, where the teacher `P^T` is the previous epoch's model, i.e. the
     softmax the deepest classifier (the deployed model) gave the image when it was last trained on, kept per
-    sample by `progressive.ProgressiveTargets` (the component `--selfkd pskd` uses). The exits' predictions
+    sample by `components.progressive_targets.ProgressiveTargets` (the component `--selfkd pskd` uses). The exits' predictions
     are not stored: the paper's teacher is "the trained model in the previous epoch". PS-KD alone (no BYOT, no
     DMFL) trains the model exactly as `--selfkd pskd`; its exits are then probes on detached features, for
-    the per-exit accuracies. With PS-KD on, the task reads `batch_info()` (`needs_batch_info` is set per
-    instance) and refuses mixup/CutMix and streamed data sets, as PS-KD does.
+    the per-exit accuracies. With PS-KD on, the task reads `batch_info()` and refuses mixup/CutMix and
+    streamed data sets, as PS-KD does (`requirements`).
     """
-
-    supports_mixup = True
 
     def __init__(self, model: nn.Module, hparams: MultiExitHparams, **kwargs):
         super().__init__(model, hparams, **kwargs)
-        self.needs_batch_info = hparams.pskd
         self.progressive = ProgressiveTargets(
             hparams.pskd_alpha_t, hparams.pskd_topk, float(getattr(self.criterion, 'smoothing', 0.)), self.device,
             name='PS-KD (--multi-exit-pskd)', topk_flag='--multi-exit-pskd-topk') if hparams.pskd else None
 
     @classmethod
-    def check_setup(cls, hparams: MultiExitHparams, *, batch_size: int, mixup: bool) -> None:
-        if mixup and hparams.pskd:
-            raise ValueError(f'--mixup/--cutmix are not supported with --selfkd multi_exit --multi-exit-pskd: '
-                             f'{MIXUP_CONFLICT}')
-        super().check_setup(hparams, batch_size=batch_size, mixup=mixup)
+    def requirements(cls, hparams: MultiExitHparams) -> Needs:
+        if not hparams.pskd:
+            return Needs()
+        return refuse_mixup(f'with --multi-exit-pskd, {MIXUP_CONFLICT}', sample_indices=True, run_facts=RUN_FACTS)
 
     def bind_run(self, run: RunInfo) -> None:
         super().bind_run(run)

@@ -17,8 +17,6 @@ class PlainHparams:
 class PlainTask(SelfKDTask):
     """Plain supervised training with timm's classification criterion."""
 
-    supports_mixup = True
-
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         output = self.trainable_module(input)
         loss_ce = self.cross_entropy(output, target)

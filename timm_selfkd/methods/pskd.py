@@ -7,9 +7,9 @@ import torch
 
 from timm_selfkd.components.losses import soft_target_ce
 from timm_selfkd.components.soft_target_memory import SoftTargetMemory
-from timm_selfkd.components.progressive_targets import MIXUP_CONFLICT, ProgressiveTargets
+from timm_selfkd.components.progressive_targets import MIXUP_CONFLICT, RUN_FACTS, ProgressiveTargets
 from timm_selfkd.registry import register_method
-from timm_selfkd.methods.base import RunInfo, SelfKDTask, check_range
+from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range, refuse_mixup
 
 __all__ = ['PSKDHparams', 'PSKDTask']
 
@@ -35,12 +35,13 @@ class PSKDTask(SelfKDTask):
     in epoch 0) has P[i] = its label, so epoch 0 trains on the labels. The loss is the cross-entropy with these
     soft targets (T = 1, no separate hard-label term); with `--smoothing`, `y` is the smoothed label. The
     targets and P (a per-sample memory built by `bind_run`, saved in the task state) are
-    `progressive.ProgressiveTargets`, shared with multi-exit's PS-KD switch; the dataset index of each image
+    `components.progressive_targets.ProgressiveTargets`, shared with multi-exit's PS-KD switch; the dataset index of each image
     comes from `batch_info()`.
     """
 
-    needs_batch_info = True
-    mixup_conflict = MIXUP_CONFLICT
+    @classmethod
+    def requirements(cls, hparams) -> Needs:
+        return refuse_mixup(MIXUP_CONFLICT, sample_indices=True, run_facts=RUN_FACTS)
 
     def __init__(self, model, hparams: PSKDHparams, **kwargs):
         super().__init__(model, hparams, **kwargs)

@@ -121,8 +121,6 @@ class SelfGuidanceTask(SelfKDTask):
     checkpointing (its recomputation would run outside the pass that chose the sub-network).
     """
 
-    supports_mixup = True
-
     def wrap_model(self, model: nn.Module) -> TeacherStudentPasses:
         hp = self.hparams
         units = find_depth_units(model)

@@ -9,15 +9,18 @@ image as two views, and the agreement of the views). Stacked on a method, e.g. `
   keeps the method's structure: DLB's repeated part still heads the batch, now as both views of each image.
 - loss: the method's `forward` on the expanded batch (its cross-entropy covers every row, so every view), plus
   the layout's weighted terms on the method's logits (`layout_terms`), logged as `loss_<layout>_<term>`.
+- needs: the method's `Needs`, with its own batches, and mixup refused when either part refuses it.
 - everything else (state, resume, mixing, `bind_run` with the batch size in rows) is the method's.
 
-A layout class defines `rows_per_image`, `check_stack(hparams)`, `wrap_batch_sampler(hparams, sampler)` (a
-sampler whose `.batch_sampler` is the wrapped one) and `layout_terms(hparams, output)`. The method must give
-logits for every row of its batch (`full_batch_output`; not CS-KD, whose partners are only a teacher).
-Each part keeps its own flags and YAML keys (`--ddgsd-weight`, `--dlb-alpha`).
+A layout is a method whose `Needs.rows_per_image` is above 0 and which implements the layout hooks of
+`SelfKDTask` (`check_stack`, `wrap_batch_sampler`, `layout_terms`). The method must give logits for every row of
+its batch (`Needs.row_aligned_output`; not CS-KD, whose partners are only a teacher). Each part keeps its own
+flags and YAML keys (`--ddgsd-weight`, `--dlb-alpha`).
 """
 import dataclasses
 from typing import Tuple, Type
+
+from timm_selfkd.methods.base import Needs
 
 from timm_selfkd.registry import STACK_SEPARATOR, MethodSpec, register_stack_builder
 from timm_selfkd.components.samplers import EpochBatchSampler
@@ -26,8 +29,8 @@ __all__ = ['is_layout', 'build_stack']
 
 
 def is_layout(spec: MethodSpec) -> bool:
-    """Whether a method is a batch layout that stacks on other methods."""
-    return all(hasattr(spec.task_cls, name) for name in ('rows_per_image', 'wrap_batch_sampler', 'layout_terms'))
+    """Whether a method is a batch layout that stacks on other methods (at its default hyper-parameters)."""
+    return spec.task_cls.requirements(spec.hparams_cls()).rows_per_image > 0
 
 
 def build_stack(layout: MethodSpec, base: MethodSpec) -> Tuple[Type, Type]:
@@ -39,7 +42,7 @@ def build_stack(layout: MethodSpec, base: MethodSpec) -> Tuple[Type, Type]:
                          f'write LAYOUT{STACK_SEPARATOR}METHOD, e.g. ddgsd{STACK_SEPARATOR}dlb')
     if is_layout(base):
         raise ValueError(f'{name} stacks two batch layouts; stack a layout on a method that is not one')
-    if not base.task_cls.full_batch_output:
+    if not base.task_cls.requirements(base.hparams_cls()).row_aligned_output:
         raise ValueError(f'{base.name} cannot carry a batch layout ({name}): its forward gives logits for only part '
                          'of its batch')
     hparams_cls = dataclasses.make_dataclass(
@@ -49,36 +52,44 @@ def build_stack(layout: MethodSpec, base: MethodSpec) -> Tuple[Type, Type]:
 
 
 def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
-    layout_cls, base_cls, rows = layout.task_cls, base.task_cls, layout.task_cls.rows_per_image
+    layout_cls, base_cls = layout.task_cls, base.task_cls
+    rows = layout_cls.requirements(layout.hparams_cls()).rows_per_image
 
     class StackedTask(base_cls):
         __doc__ = f'{layout.name} batch layout stacked on {base.name} (see timm_selfkd.methods.stack).'
 
         def __init__(self, model, hparams, **kwargs):
             super().__init__(model, getattr(hparams, base.name), **kwargs)
-            self.layout_hparams = getattr(hparams, layout.name)
+            self.stack_hparams, self.layout_hparams = hparams, getattr(hparams, layout.name)
+
+        @property
+        def method_hparams(self):
+            return self.stack_hparams
 
         @classmethod
-        def check_setup(cls, hparams, *, batch_size, mixup):
+        def requirements(cls, hparams) -> Needs:
+            layout_needs = layout_cls.requirements(getattr(hparams, layout.name))
+            base_needs = base_cls.requirements(getattr(hparams, base.name))
+            refusing = next((needs for needs in (layout_needs, base_needs) if needs.mixup == 'refused'), base_needs)
+            return dataclasses.replace(base_needs, own_batches=True, mixup=refusing.mixup,
+                                       mixup_refusal=refusing.mixup_refusal)
+
+        @classmethod
+        def check_setup(cls, hparams, *, batch_size):
             layout_hparams, base_hparams = getattr(hparams, layout.name), getattr(hparams, base.name)
-            layout_cls.check_setup(layout_hparams, batch_size=batch_size, mixup=mixup)
+            layout_cls.check_setup(layout_hparams, batch_size=batch_size)
             layout_cls.check_stack(layout_hparams)
             try:
-                base_cls.check_setup(base_hparams, batch_size=batch_size // rows, mixup=mixup)
+                base_cls.check_setup(base_hparams, batch_size=batch_size // rows)
             except ValueError as e:
                 raise ValueError(f'{layout.name}{STACK_SEPARATOR}{base.name} with -b {batch_size} gives {base.name} '
                                  f'batches of {batch_size // rows} images ({rows} rows each): {e}') from e
 
-        @classmethod
-        def batch_sampler(cls, hparams, *, index_sampler, batch_size, **kwargs):
+        def batch_sampler(self, *, index_sampler, batch_size, **kwargs):
             images = batch_size // rows
-            inner = base_cls.batch_sampler(getattr(hparams, base.name), index_sampler=index_sampler,
-                                           batch_size=images, **kwargs)
-            inner = inner if inner is not None else EpochBatchSampler(index_sampler, images)
-            return layout_cls.wrap_batch_sampler(getattr(hparams, layout.name), inner)
-
-        def bind_batch_sampler(self, batch_sampler) -> None:
-            super().bind_batch_sampler(batch_sampler.batch_sampler)
+            inner = super().batch_sampler(index_sampler=index_sampler, batch_size=images, **kwargs) \
+                if base_cls.requirements(self.hparams).own_batches else EpochBatchSampler(index_sampler, images)
+            return layout_cls.wrap_batch_sampler(self.layout_hparams, inner)
 
         def forward(self, input, target):
             out = super().forward(input, target)

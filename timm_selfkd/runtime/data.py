@@ -2,7 +2,7 @@
 injection of a method's batches (through a `BatchStream`) into timm's loader."""
 import gzip
 import os
-from typing import Any, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -12,12 +12,11 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from timm_selfkd.errors import UsageError
-from timm_selfkd.registry import method_name
 from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
            'class_count', 'dataset_labels', 'symmetric_label_noise', 'with_label_noise', 'index_sampler',
-           'install_batch_stream']
+           'read_through']
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
 
@@ -212,41 +211,13 @@ def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int, aug_r
     return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
 
 
-def install_batch_stream(loader, task, hparams, dataset: Dataset, *, batch_size: int, seed: int, rank: int,
-                         world_size: int, aug_repeats: int = 0) -> Tuple[Any, Optional[BatchStream]]:
-    """Make a timm training loader read the batches of `task`'s method through a `BatchStream`.
-
-    The method's batch sampler (or plain shuffled batches) is wrapped in a stream that seeds every sample and
-    can resume mid-epoch, and the `DataLoader` inside the timm loader is rebuilt around it and a `KeyedDataset`;
-    transforms, collate (fast collate, mixup), workers and the prefetcher stay timm's. The task is bound to the
-    method's sampler and, if it reads batch information, to the stream. Used by our loop and by the adapter.
-
-    A streamed (iterable) data set takes no sampler and has no indices: its loader stays timm's, for methods
-    that need neither (others are refused), and the stream is None.
+def read_through(loader, stream: BatchStream):
+    """The timm training `loader` rebuilt to read its batches from `stream` (each item a `SampleKey`, read by a
+    `KeyedDataset`); transforms, collate (fast collate, mixup), workers and the prefetcher stay timm's.
 
     Returns:
-        The loader to use (the same PrefetchLoader, or the rebuilt DataLoader) and the stream, whose
-        `set_epoch`/`start_at` choose the batches of the next pass.
+        The same `PrefetchLoader` with its inner `DataLoader` replaced, or the rebuilt `DataLoader`.
     """
-    if isinstance(dataset, IterableDataset):
-        if not task.takes_streamed_data():
-            raise UsageError(f'--selfkd {method_name(hparams)} chooses its batches or reads sample indices, which a '
-                             'streamed data set (wds/, hfids/, tfds/) cannot give; use a map-style data set')
-        return loader, None
-    indices = index_sampler(dataset, seed, rank, world_size, aug_repeats)
-    method_sampler = task.batch_sampler(hparams, index_sampler=indices, labels=dataset_labels(dataset),
-                                        batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
-    if method_sampler is not None and aug_repeats:
-        raise UsageError(f'--aug-repeats cannot combine with --selfkd {method_name(hparams)}, which chooses its own '
-                         'batches')
-    if method_sampler is None:
-        stream = BatchStream.shuffled(indices, batch_size, seed, rank)
-    else:
-        stream = BatchStream(method_sampler, seed, rank)
-        task.bind_batch_sampler(method_sampler)
-    if task.needs_batch_info:
-        stream.record = True
-        task.bind_batch_info_source(stream.pop)
     inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
     kwargs = dict(
         batch_sampler=stream,
@@ -261,5 +232,5 @@ def install_batch_stream(loader, task, hparams, dataset: Dataset, *, batch_size:
     rebuilt = DataLoader(KeyedDataset(inner.dataset), **kwargs)
     if isinstance(loader, PrefetchLoader):
         loader.loader = rebuilt
-        return loader, stream
-    return rebuilt, stream
+        return loader
+    return rebuilt
