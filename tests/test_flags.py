@@ -11,9 +11,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 import timm_selfkd
-from timm_selfkd.attach import REFUSED_OPTIONS
+from timm_selfkd.attach import REFUSED_OPTIONS, attach, check_method
 from timm_selfkd.cli import _build_parser, parse_args
-from timm_selfkd.runtime.data import index_sampler, install_batch_stream
+from timm_selfkd.errors import UsageError
+from timm_selfkd.runtime.data import index_sampler
 from timm_selfkd.train import main
 
 UPSTREAM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'upstream-timm')
@@ -116,13 +117,17 @@ class Streamed(IterableDataset):
 
 @pytest.mark.parametrize('method', timm_selfkd.list_methods())
 def test_streamed_data_sets_only_for_methods_that_need_no_sampler_or_indices(method):
-    task = timm_selfkd.create_task(method, timm.create_model('test_resnet', num_classes=10))  # TC's gamma > 1/K
-    loader = object()
-    if task.takes_streamed_data():
-        assert install_batch_stream(loader, task, task.hparams, Streamed(), batch_size=8, seed=0, rank=0,
-                                    world_size=1) == (loader, None)
+    task = timm_selfkd.create_task(method, timm.create_model('test_resnet', num_classes=10),  # TC's gamma > 1/K
+                                   num_epochs=1, steps_per_epoch=4, num_samples=32, batch_size=8)
+    spec = timm_selfkd.get_method(method)
+    loader = [object()]  # timm's loader of the streamed set: one batch
+    if task.needs.streamed_data:
+        check_method(spec, task.hparams, batch_size=8, dataset=Streamed())
+        attached = attach(task, loader=loader, dataset=Streamed(), batch_size=8, num_epochs=1, seed=0)
+        assert attached.loader is loader and attached.stream is None and attached.steps_per_epoch == 1
+        assert task.run.num_samples is None and task.run.batch_info is None
     else:
-        with pytest.raises(ValueError, match=f'--selfkd {method} chooses its batches or reads sample indices'):
-            install_batch_stream(loader, task, task.hparams, Streamed(), batch_size=8, seed=0, rank=0, world_size=1)
+        with pytest.raises(UsageError, match=f'--selfkd {method} chooses its batches or reads sample indices'):
+            check_method(spec, task.hparams, batch_size=8, dataset=Streamed())
     if method in ('none', 'dlb', 'bake'):
-        assert task.takes_streamed_data() == (method == 'none')
+        assert task.needs.streamed_data == (method == 'none')

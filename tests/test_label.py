@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 import timm_selfkd
 from conftest import hand_ce, log_softmax_row
+from timm_selfkd.attach import check_method
 from timm_selfkd.components.losses import class_teacher_kl, corrected_teacher
+from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.lsrkd_tfkd import LabelTeacherTask, LsrKDHparams, LsrKDTCHparams, TfKDRegHparams
 
 LOGITS = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0]]
@@ -185,11 +187,16 @@ def test_out_of_range_hparams(name, hparams):
 def test_mixup_only_with_the_label_free_teacher():
     """LsrKD's uniform teacher ignores the label: mixed images are fine. TC and Tf-KD_reg need one class."""
     spec = timm_selfkd.get_method('lsrkd')
-    spec.task_cls.check_setup(spec.hparams_cls(), batch_size=8, mixup=True)
+    check_method(spec, spec.hparams_cls(), batch_size=8, mixup=True)
+    assert spec.task_cls.requirements(spec.hparams_cls()).mixup != 'refused'
+    reason = 'its teacher puts its mass on one true class, and a mixed image has two'
     for name in ('lsrkd_tc', 'tfkd_reg'):
         spec = timm_selfkd.get_method(name)
-        with pytest.raises(ValueError, match=f'not supported with --selfkd {name}: its teacher'):
-            spec.task_cls.check_setup(spec.hparams_cls(), batch_size=8, mixup=True)
+        needs = spec.task_cls.requirements(spec.hparams_cls())
+        assert needs.mixup == 'refused' and needs.mixup_refusal == reason
+        with pytest.raises(UsageError) as exc:
+            check_method(spec, spec.hparams_cls(), batch_size=8, mixup=True)
+        assert str(exc.value) == f'--mixup/--cutmix are not supported with --selfkd {name}: {reason}'
 
 
 def test_lsrkd_with_soft_mixup_targets():

@@ -112,8 +112,8 @@ def test_dlb_kept_logits_describe_the_same_mixed_images(mixup_kwargs):
     """DLB with a bound Mixup: with no update between the steps, the repeated rows are the very images the kept
     logits came from, so the last-batch KL is exactly 0 while the loss uses mixed soft targets."""
     model = Recorder()
-    task = timm_selfkd.create_task('dlb', model, criterion_kwargs=dict(soft_targets=True))
-    task.bind_mixup(Mixup(num_classes=NUM_CLASSES, **mixup_kwargs))
+    task = timm_selfkd.create_task('dlb', model, batch_size=8, mixup=Mixup(num_classes=NUM_CLASSES, **mixup_kwargs),
+                                   criterion_kwargs=dict(soft_targets=True))
     x1, y1 = images(8, 3), labels(8, 3)
     x2, y2 = torch.cat([x1[4:], images(4, 4)]), torch.cat([y1[4:], labels(4, 4)])
     task(x1.clone(), y1)
@@ -123,8 +123,8 @@ def test_dlb_kept_logits_describe_the_same_mixed_images(mixup_kwargs):
     assert out['loss_kd'].item() == 0.0 and math.isfinite(out['loss_ce'].item())
     state = task.get_task_state()
     assert state['last_mix'].shape == (1, 6)
-    restored = timm_selfkd.create_task('dlb', Recorder())
-    restored.bind_mixup(Mixup(num_classes=NUM_CLASSES, **mixup_kwargs))
+    restored = timm_selfkd.create_task('dlb', Recorder(), batch_size=8,
+                                       mixup=Mixup(num_classes=NUM_CLASSES, **mixup_kwargs))
     restored.load_task_state(state)
     assert restored.mixer.kept == task.mixer.kept
 

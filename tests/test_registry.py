@@ -14,7 +14,10 @@ def clean_registry(monkeypatch):
     """Registrations made by a test are dropped afterwards."""
     registry._load_methods()
     monkeypatch.setattr(registry, '_METHODS', dict(registry._METHODS))
-    monkeypatch.setattr(registry, '_NAME_OF_HPARAMS', dict(registry._NAME_OF_HPARAMS))
+    yield
+    for hparams_cls in (SoftHparams, HardHparams):  # registration names a dataclass (`hparams.method`)
+        if 'method' in vars(hparams_cls):
+            delattr(hparams_cls, 'method')
 
 
 @dataclass
@@ -37,7 +40,7 @@ def test_one_class_several_presets(clean_registry):
     assert soft.task_cls is hard.task_cls is Twice
     assert (soft.hparams_cls().weight, hard.hparams_cls().weight) == (1.0, 3.0)
     assert (soft.summary, hard.summary, soft.paper) == ('Doc line.', 'the hard one', 'P1')
-    assert registry.method_name(HardHparams()) == 't_hard' and registry.method_name(SoftHparams()) == 't_soft'
+    assert HardHparams().method == 't_hard' and SoftHparams().method == 't_soft'
     assert {'t_soft', 't_hard'} <= set(timm_selfkd.list_methods())
 
 
@@ -50,8 +53,8 @@ def test_a_dataclass_belongs_to_one_name(clean_registry):
 
 
 def test_unregistered_hparams_have_no_name():
-    with pytest.raises(ValueError, match='not the hyper-parameter dataclass'):
-        registry.method_name(SoftHparams())
+    with pytest.raises(AttributeError, match="'SoftHparams' object has no attribute 'method'"):
+        SoftHparams().method
 
 
 def test_label_presets_share_one_task_class():

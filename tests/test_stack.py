@@ -11,7 +11,9 @@ from torch.utils.data import SequentialSampler
 
 import timm_selfkd
 from conftest import hand_ce, hand_kd
+from timm_selfkd.attach import check_method
 from timm_selfkd.cli import method_hparams, parse_args
+from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.base import RunInfo
 from timm_selfkd.methods.dlb import DLBTask
 from timm_selfkd.components.samplers import LastBatchSampler, ViewsBatchSampler
@@ -36,7 +38,7 @@ def test_spec_and_hparams_from_each_parts_flags():
     args = parse_args(['--selfkd', 'ddgsd+dlb', '--dlb-alpha', '0.5', '--ddgsd-weight', '2'])
     hparams = method_hparams(args)
     assert (hparams.dlb.alpha, hparams.dlb.temperature, hparams.ddgsd.weight) == (0.5, 3.0, 2.0)
-    assert timm_selfkd.registry.method_name(hparams) == 'ddgsd+dlb'
+    assert hparams.method == 'ddgsd+dlb'
     with pytest.raises(SystemExit):
         parse_args(['--selfkd', 'ddgsd+dlb', '--bake-omega', '0.9'])
 
@@ -55,28 +57,36 @@ def test_stacks_that_cannot_work(name, expected):
 
 def test_check_setup_of_both_parts():
     spec = timm_selfkd.get_method('ddgsd+dlb')
-    spec.task_cls.check_setup(spec.hparams_cls(), batch_size=8, mixup=False)
+    spec.task_cls.check_setup(spec.hparams_cls(), batch_size=8)
+    check_method(spec, spec.hparams_cls(), batch_size=8, mixup=False)
     with pytest.raises(ValueError, match='-b 6 gives dlb batches of 3 images .* even batch size'):
-        spec.task_cls.check_setup(spec.hparams_cls(), batch_size=6, mixup=False)
+        spec.task_cls.check_setup(spec.hparams_cls(), batch_size=6)
     with pytest.raises(ValueError, match='multiple of 2'):
-        spec.task_cls.check_setup(spec.hparams_cls(), batch_size=7, mixup=False)
-    with pytest.raises(ValueError, match='not supported with --selfkd ddgsd'):
-        spec.task_cls.check_setup(spec.hparams_cls(), batch_size=8, mixup=True)
+        spec.task_cls.check_setup(spec.hparams_cls(), batch_size=7)
+    # the layout refuses mixup for the whole stack (DLB alone would mix its batches itself)
+    needs = spec.task_cls.requirements(spec.hparams_cls())
+    assert needs.mixup == 'refused' and needs.own_batches
+    reason = timm_selfkd.get_method('ddgsd').task_cls.requirements(timm_selfkd.get_method('ddgsd').hparams_cls())
+    assert needs.mixup_refusal == reason.mixup_refusal
+    with pytest.raises(UsageError) as refused:
+        check_method(spec, spec.hparams_cls(), batch_size=8, mixup=True)
+    assert str(refused.value) == ('--mixup/--cutmix are not supported with --selfkd ddgsd+dlb: the two views would '
+                                  'be mixed with different partners and stop being views of one image')
     with_mmd = timm_selfkd.registry.build_hparams(spec, {'ddgsd': {'mmd_weight': 0.1}})
     with pytest.raises(ValueError, match='mmd_weight must be 0 when DDGSD is stacked'):
-        spec.task_cls.check_setup(with_mmd, batch_size=8, mixup=False)
+        spec.task_cls.check_setup(with_mmd, batch_size=8)
 
 
 def test_views_of_dlb_batches():
     """-b 8: DLB batches of 4 images (2 repeated + 2 new), each image as two consecutive rows."""
-    spec = timm_selfkd.get_method('ddgsd+dlb')
-    sampler = spec.task_cls.batch_sampler(spec.hparams_cls(), index_sampler=SequentialSampler(range(8)), labels=None,
-                                          batch_size=8, seed=0, rank=0, world_size=1)
+    task = timm_selfkd.create_task('ddgsd+dlb', Identity(), batch_size=8)
+    sampler = task.batch_sampler(index_sampler=SequentialSampler(range(8)), labels=None, batch_size=8, seed=0, rank=0,
+                                 world_size=1)
     assert isinstance(sampler, ViewsBatchSampler) and isinstance(sampler.batch_sampler, LastBatchSampler)
     assert list(sampler) == [[0, 0, 1, 1, 2, 2, 3, 3], [2, 2, 3, 3, 4, 4, 5, 5], [4, 4, 5, 5, 6, 6, 7, 7]]
-    none_stack = timm_selfkd.get_method('ddgsd+none')
-    plain = none_stack.task_cls.batch_sampler(none_stack.hparams_cls(), index_sampler=SequentialSampler(range(8)),
-                                              labels=None, batch_size=8, seed=0, rank=0, world_size=1)
+    none_stack = timm_selfkd.create_task('ddgsd+none', Identity())
+    plain = none_stack.batch_sampler(index_sampler=SequentialSampler(range(8)), labels=None, batch_size=8, seed=0,
+                                     rank=0, world_size=1)
     assert list(plain) == [[0, 0, 1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 6, 7, 7]]
 
 
@@ -93,8 +103,8 @@ def test_ddgsd_on_dlb_loss_golden():
     """Step 2 loss = ce over all 8 rows + alpha T^2 KL(sm(z1[4:]/T) || sm(z2[:4]/T)) row by row (both views of
     the repeated images) + w T'^2 [KL(b || a) + KL(a || b)] over the view pairs."""
     alpha, weight = 0.5, 2.0
-    task = timm_selfkd.create_task('ddgsd+dlb', Identity(), dlb={'alpha': alpha}, ddgsd={'weight': weight})
-    task.bind_run(RunInfo(num_epochs=1, steps_per_epoch=3, num_samples=8, num_classes=NUM_CLASSES, batch_size=8))
+    task = timm_selfkd.create_task('ddgsd+dlb', Identity(), num_epochs=1, steps_per_epoch=3, num_samples=8,
+                                   batch_size=8, dlb={'alpha': alpha}, ddgsd={'weight': weight})
     first = task(torch.tensor(STEP1), torch.tensor(LABELS1))
     assert first['loss_kd'].item() == 0.0  # no last batch yet
     out = task(torch.tensor(STEP2), torch.tensor(LABELS2))
@@ -109,7 +119,8 @@ def test_ddgsd_on_dlb_loss_golden():
 
 def test_ddgsd_on_dlb_new_part_from_bind_run():
     """A new half is batch_size // 2 rows (both views of B/4 images), whatever the wrapped sampler counts."""
-    task = timm_selfkd.create_task('ddgsd+dlb', Identity())
+    task = timm_selfkd.create_task('ddgsd+dlb', Identity(), batch_size=16)
+    assert task.new_per_step == 8
     task.bind_run(RunInfo(num_epochs=1, steps_per_epoch=3, num_samples=8, num_classes=NUM_CLASSES, batch_size=8))
     assert task.new_per_step == 4
 
@@ -117,7 +128,7 @@ def test_ddgsd_on_dlb_new_part_from_bind_run():
 def test_bf16_autocast_is_finite():
     import timm
     torch.manual_seed(0)
-    task = timm_selfkd.create_task('ddgsd+dlb', timm.create_model('resnet18', num_classes=5))
+    task = timm_selfkd.create_task('ddgsd+dlb', timm.create_model('resnet18', num_classes=5), batch_size=8)
     x, y = torch.randn(8, 3, 32, 32) * 30, torch.tensor([1, 1, 3, 3, 0, 0, 2, 2])
     with torch.autocast('cpu', dtype=torch.bfloat16):
         task(x, y)

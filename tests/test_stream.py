@@ -1,5 +1,6 @@
 """The training batch stream: replayable positions, per-sample seeds independent of workers, and the
 batch-information channel that tells a task the dataset index of every image it trains on."""
+import dataclasses
 import random
 
 import numpy as np
@@ -10,7 +11,8 @@ from timm.data import create_loader
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 import timm_selfkd
-from timm_selfkd.runtime.data import build_dataset, dataset_labels, install_batch_stream
+from timm_selfkd.attach import attach
+from timm_selfkd.runtime.data import build_dataset, dataset_labels
 from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset, SampleKey, step_seed
 
 
@@ -95,17 +97,20 @@ def test_pop_returns_batches_in_order_and_fails_when_empty():
 
 
 @pytest.mark.parametrize('method, workers, prefetcher', [('none', 0, True), ('dlb', 2, True), ('bake', 0, False)])
-def test_batch_info_indices_match_the_labels_that_arrive(image_folder, method, workers, prefetcher):
+def test_batch_info_indices_match_the_labels_that_arrive(image_folder, method, workers, prefetcher, monkeypatch):
     """Through timm's real loader (workers, prefetcher, the method's batch sampler), the indices the task
     receives for each batch are those of the images in it: their labels equal the targets that arrive."""
     dataset = build_dataset(name='', root=image_folder, split='train', is_training=True, in_chans=3)
     labels = torch.as_tensor(dataset_labels(dataset))
     loader = create_loader(dataset, input_size=(3, 32, 32), batch_size=8, is_training=True, num_workers=workers,
                            use_prefetcher=prefetcher, device=torch.device('cpu'))
-    task = timm_selfkd.create_task(method, timm.create_model('resnet18', num_classes=4))
-    task.needs_batch_info = True
-    loader, s = install_batch_stream(loader, task, task.hparams, dataset, batch_size=8, seed=0, rank=0,
-                                     world_size=1)
+    task = timm_selfkd.create_task(method, timm.create_model('resnet18', num_classes=4), batch_size=8)
+    needs = dataclasses.replace(task.needs, sample_indices=True)  # any method's task can read the channel
+    monkeypatch.setattr(type(task), 'requirements', classmethod(lambda cls, hparams: needs))
+    attached = attach(task, loader=loader, dataset=dataset, batch_size=8, num_epochs=2, seed=0, rank=0,
+                      world_size=1)
+    loader, s = attached.loader, attached.stream
+    assert s.record and task.run.batch_info == s.pop
     for epoch in range(2):
         s.set_epoch(epoch)
         steps, seen = len(loader), 0

@@ -10,9 +10,10 @@ import torch.nn as nn
 from torch.utils.data import DistributedSampler, SequentialSampler
 
 import timm_selfkd
+from timm_selfkd.attach import check_method
 from timm_selfkd.components.losses import bake_targets
-from timm_selfkd.methods.base import RunInfo
-from timm_selfkd.components.samplers import ClassGroupBatchSampler, LastBatchSampler
+from timm_selfkd.errors import UsageError
+from timm_selfkd.components.samplers import ClassGroupBatchSampler, EpochBatchSampler, LastBatchSampler
 
 NUM_CLASSES = 5
 
@@ -78,7 +79,7 @@ def dlb_batches(seed=1):
 def test_dlb_loss_matches_hand_computed_reference():
     """Call 1: loss_kd = 0. Call 2: ce(z, y) + alpha T^2 KL(sm(z_prev[B/2:]/T) || sm(z[:B/2]/T)), alpha=0.5, T=2."""
     alpha, temperature = 0.5, 2.0
-    task = timm_selfkd.create_task('dlb', tiny_model(), alpha=alpha, temperature=temperature)
+    task = timm_selfkd.create_task('dlb', tiny_model(), batch_size=8, alpha=alpha, temperature=temperature)
     (x1, y1), (x2, y2), _ = dlb_batches()
 
     out1 = task(x1, y1)
@@ -99,7 +100,7 @@ def test_dlb_loss_matches_hand_computed_reference():
 def test_dlb_single_forward_and_gradients():
     """One pass of the whole batch: output equals model(x); the KD term sends gradient only into the first half."""
     model = tiny_model()
-    task = timm_selfkd.create_task('dlb', model)
+    task = timm_selfkd.create_task('dlb', model, batch_size=8)
     (x1, y1), (x2, y2), _ = dlb_batches()
     task(x1, y1)
     x2 = x2.clone().requires_grad_(True)
@@ -113,7 +114,7 @@ def test_dlb_single_forward_and_gradients():
 def test_dlb_short_carried_half():
     """At an epoch end the new part can be shorter than B/2; the next batch distils exactly those rows."""
     temperature = 3.0
-    task = timm_selfkd.create_task('dlb', tiny_model(), temperature=temperature)
+    task = timm_selfkd.create_task('dlb', tiny_model(), batch_size=8, temperature=temperature)
     torch.manual_seed(5)
     x1 = torch.randn(8, 6)
     x2 = torch.cat([x1[4:], torch.randn(2, 6)])  # 4 repeated + 2 new (short last half)
@@ -132,7 +133,7 @@ def test_dlb_short_carried_half():
 def test_dlb_task_state_round_trip():
     """get_task_state/load_task_state: a fresh task with the saved state gives the same next-step loss_kd."""
     model = tiny_model()
-    task = timm_selfkd.create_task('dlb', model, alpha=0.5, temperature=2.0)
+    task = timm_selfkd.create_task('dlb', model, batch_size=8, alpha=0.5, temperature=2.0)
     (x1, y1), (x2, y2), _ = dlb_batches()
     task(x1, y1)
     state = task.get_task_state()
@@ -141,7 +142,7 @@ def test_dlb_task_state_round_trip():
     assert state['last_logits'].dtype == torch.float32 and state['last_logits'].shape == (1, 4, NUM_CLASSES)
     state = copy.deepcopy(state)
 
-    restored = timm_selfkd.create_task('dlb', copy.deepcopy(model), alpha=0.5, temperature=2.0)
+    restored = timm_selfkd.create_task('dlb', copy.deepcopy(model), batch_size=8, alpha=0.5, temperature=2.0)
     restored.load_task_state(state)
     expected = task(x2, y2)
     got = restored(x2, y2)
@@ -152,7 +153,7 @@ def test_dlb_task_state_round_trip():
 
 def test_dlb_task_state_empty_cases():
     """No state before the first step and for EMA; loading empty state means no KD term on the next step."""
-    task = timm_selfkd.create_task('dlb', tiny_model())
+    task = timm_selfkd.create_task('dlb', tiny_model(), batch_size=8)
     assert task.get_task_state() == {}
     (x1, y1), (x2, y2), _ = dlb_batches()
     task(x1, y1)
@@ -165,7 +166,7 @@ def test_dlb_task_state_empty_cases():
 def test_dlb_state_of_another_layout_is_dropped(change, caplog):
     """Logits saved by another number of processes or another batch size cannot belong to the next batch."""
     model = tiny_model()
-    task = timm_selfkd.create_task('dlb', model)
+    task = timm_selfkd.create_task('dlb', model, batch_size=8)
     (x1, y1), (x2, y2), _ = dlb_batches()
     task(x1, y1)
     state = task.get_task_state()
@@ -173,7 +174,7 @@ def test_dlb_state_of_another_layout_is_dropped(change, caplog):
         state['last_logits'] = state['last_logits'].repeat(2, 1, 1)
     else:
         state['new_per_step'] = 8
-    restored = timm_selfkd.create_task('dlb', copy.deepcopy(model))
+    restored = timm_selfkd.create_task('dlb', copy.deepcopy(model), batch_size=8)
     restored.load_task_state(state)
     assert restored.last_logits is None and 'do not fit' in caplog.text
     assert restored(x2, y2)['loss_kd'].item() == 0.0
@@ -181,7 +182,7 @@ def test_dlb_state_of_another_layout_is_dropped(change, caplog):
 
 def test_dlb_ignores_kept_logits_that_cannot_head_the_batch():
     """Kept rows for another class count, or as many rows as the batch, are not a teacher."""
-    task = timm_selfkd.create_task('dlb', tiny_model())
+    task = timm_selfkd.create_task('dlb', tiny_model(), batch_size=8)
     (x1, y1), (x2, y2), _ = dlb_batches()
     task.last_logits = torch.zeros(4, NUM_CLASSES + 1)
     assert task(x2, y2)['loss_kd'].item() == 0.0
@@ -198,9 +199,9 @@ def test_dlb_resume_without_state_keeps_the_new_part():
     assert len(first) == 6
     torch.manual_seed(0)
     data = torch.randn(n, 6)
-    task = timm_selfkd.create_task('dlb', tiny_model())
-    task.bind_run(RunInfo(num_epochs=2, steps_per_epoch=len(sampler), num_samples=n, num_classes=NUM_CLASSES,
-                          batch_size=batch_size))  # a new half is batch_size // 2 rows
+    task = timm_selfkd.create_task('dlb', tiny_model(), num_epochs=2, steps_per_epoch=len(sampler), num_samples=n,
+                                   batch_size=batch_size)  # a new half is batch_size // 2 rows
+    assert task.new_per_step == batch_size // 2
     task(data[first], torch.zeros(len(first), dtype=torch.long))
     new_part = first[2:]
     assert second[:len(new_part)] == new_part
@@ -209,7 +210,7 @@ def test_dlb_resume_without_state_keeps_the_new_part():
 
 def test_dlb_under_bf16_autocast_is_finite():
     """bf16 autocast on CPU: float32 finite losses, also after the teacher exists."""
-    task = timm_selfkd.create_task('dlb', tiny_model())
+    task = timm_selfkd.create_task('dlb', tiny_model(), batch_size=8)
     (x1, y1), (x2, y2), _ = dlb_batches()
     with torch.autocast('cpu', dtype=torch.bfloat16):
         task(x1, y1)
@@ -298,16 +299,30 @@ def test_bake_under_bf16_autocast_is_finite():
 
 
 def test_method_batch_samplers():
-    """DLB uses LastBatchSampler, BAKE ClassGroupBatchSampler with M=same_class; BAKE without labels fails."""
-    dlb, bake, plain = (timm_selfkd.get_method(name) for name in ('dlb', 'bake', 'none'))
+    """DLB uses LastBatchSampler, BAKE ClassGroupBatchSampler with M=same_class; BAKE without labels fails;
+    plain training keeps timm's batches (no sampler of its own; `timm_selfkd.batch_sampler` gives plain ones)."""
+    dlb = timm_selfkd.create_task('dlb', tiny_model(), batch_size=8)
+    bake = timm_selfkd.create_task('bake', tiny_model(), same_class=3)
+    plain = timm_selfkd.create_task('none', tiny_model())
+    assert dlb.needs.own_batches and bake.needs.own_batches and not plain.needs.own_batches
     common = dict(index_sampler=SequentialSampler(range(16)), labels=[0, 1] * 8, batch_size=8,
                   seed=0, rank=0, world_size=1)
-    assert isinstance(dlb.task_cls.batch_sampler(dlb.hparams_cls(), **common), LastBatchSampler)
-    sampler = bake.task_cls.batch_sampler(bake.hparams_cls(same_class=3), **common)
+    assert isinstance(dlb.batch_sampler(**common), LastBatchSampler)
+    sampler = bake.batch_sampler(**common)
     assert isinstance(sampler, ClassGroupBatchSampler) and sampler.num_same_class == 3
-    assert plain.task_cls.batch_sampler(plain.hparams_cls(), **common) is None
-    with pytest.raises(ValueError):
-        bake.task_cls.batch_sampler(bake.hparams_cls(), **{**common, 'labels': None})
+    with pytest.raises(NotImplementedError, match=r"PlainTask keeps timm's batches \(Needs.own_batches is False\)"):
+        plain.batch_sampler(**common)
+    assert isinstance(timm_selfkd.batch_sampler(plain, [0, 1] * 8, batch_size=8), EpochBatchSampler)
+    with pytest.raises(ValueError, match='BAKE needs the class label of every training image'):
+        bake.batch_sampler(**{**common, 'labels': None})
+
+
+def test_dlb_needs_its_batch_size():
+    """create_task names the run fact DLB cannot work without (the size of the half the next step repeats)."""
+    with pytest.raises(ValueError) as missing:
+        timm_selfkd.create_task('dlb', tiny_model())
+    assert str(missing.value) == ("create_task('dlb') needs batch_size=... (the rows of each step, half of which the "
+                                  'next step repeats)')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,9 +378,15 @@ def test_check_setup_mixup(name, refused):
     for DLB, which replays the mix of its repeated half (tests/test_mixing.py)."""
     spec = timm_selfkd.get_method(name)
     hparams = spec.hparams_cls()
-    spec.task_cls.check_setup(hparams, batch_size=8, mixup=False)
+    spec.task_cls.check_setup(hparams, batch_size=8)
+    check_method(spec, hparams, batch_size=8, mixup=False)
+    needs = spec.task_cls.requirements(hparams)
+    assert needs.mixup == {'dlb': 'task', 'bake': 'refused', 'none': 'loader'}[name]
     if refused:
-        with pytest.raises(ValueError, match='mixup'):
-            spec.task_cls.check_setup(hparams, batch_size=8, mixup=True)
+        with pytest.raises(UsageError) as refusal:
+            check_method(spec, hparams, batch_size=8, mixup=True)
+        assert str(refusal.value) == ('--mixup/--cutmix are not supported with --selfkd bake: mixed images have no '
+                                      'single class for the per-class batches')
+        assert needs.mixup_refusal == 'mixed images have no single class for the per-class batches'
     else:
-        spec.task_cls.check_setup(hparams, batch_size=8, mixup=True)
+        check_method(spec, hparams, batch_size=8, mixup=True)

@@ -179,7 +179,8 @@ class Setup:
 
     def __init__(self, args):
         self.args = args
-        self.spec, self.hparams = get_method(args.selfkd), args.selfkd_hparams
+        # built once by parse_args; taken off `args`, which checkpoints pickle (a plain timm checkpoint's entries)
+        self.spec, self.hparams = get_method(args.selfkd), vars(args).pop('selfkd_hparams')
         if args.resume and args.initial_checkpoint:
             raise UsageError('--resume and --initial-checkpoint exclude each other (resume restores the weights)')
         checkpoint = read_checkpoint(args.resume) if args.resume else None
