@@ -1,0 +1,87 @@
+"""The README's "Your own training loop" script trains every registered method and a stack, and `create_task`
+names what a method needs and was not given."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import timm_selfkd
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_script() -> str:
+    with open(os.path.join(REPO, 'README.md')) as f:
+        block = re.search(r'<!-- custom-loop -->\n```python\n(.*?)```\n<!-- /custom-loop -->', f.read(), re.S)
+    assert block, 'README.md has no custom-loop block'
+    return block.group(1)
+
+
+def test_the_script_uses_neither_our_loop_nor_the_adapter():
+    script = readme_script()
+    assert 'timm_selfkd.train' not in script and 'upstream' not in script and 'attach' not in script
+    assert 'DataLoader(' in script and 'optimizer.step()' in script
+
+
+@pytest.mark.parametrize('method', timm_selfkd.list_methods() + ['ddgsd+dlb'])
+def test_readme_loop_trains_every_method(method, tmp_path):
+    path = tmp_path / 'loop.py'
+    path.write_text(readme_script())
+    result = subprocess.run([sys.executable, str(path), method], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(':')[0] for line in lines] == [f'{method} epoch 0', f'{method} epoch 1']
+    losses = [float(re.search(r'\bloss (\S+)', line).group(1)) for line in lines]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def _model():
+    return timm.create_model('resnet18', num_classes=4)
+
+
+@pytest.mark.parametrize('method, missing', [('pskd', 'num_epochs'), ('mrkd', 'steps_per_epoch'),
+                                             ('dlb', 'batch_size'), ('multi_exit', 'num_samples')])
+def test_a_missing_fact_is_a_value_error_naming_the_argument(method, missing):
+    facts = dict(num_epochs=2, steps_per_epoch=4, num_samples=32, batch_size=8)
+    facts.pop(missing)
+    hparams = {'pskd': True} if method == 'multi_exit' else {}
+    with pytest.raises(ValueError, match=rf"^create_task\('{method}'\) needs {missing}=\.\.\. \("):
+        timm_selfkd.create_task(method, _model(), **facts, **hparams)
+
+
+def test_sample_indices_not_given_is_a_value_error_saying_how():
+    task = timm_selfkd.create_task('pskd', _model(), num_epochs=2, num_samples=8)
+    with pytest.raises(ValueError, match=r'task\(images, labels, indices=\.\.\.\)'):
+        task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+
+
+def test_given_indices_and_epoch_reach_the_method(monkeypatch):
+    task = timm_selfkd.create_task('pskd', _model(), num_epochs=4, num_samples=8)
+    epochs = []
+    soft_targets = task.progressive.soft_targets
+    monkeypatch.setattr(task.progressive, 'soft_targets', lambda *a: epochs.append(a[-1]) or soft_targets(*a))
+    task.set_epoch(3)
+    task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), indices=torch.tensor([5, 6]))
+    task.progressive.sync()
+    assert epochs == [3]
+    assert task.progressive.memory.lookup(torch.tensor([5, 6, 0]))[1].tolist() == [True, True, False]
+
+
+def test_mixup_refused_by_the_method_is_a_value_error_with_its_reason():
+    from timm.data import Mixup
+    with pytest.raises(ValueError, match='^bake cannot train on mixed images: mixed images have no single class'):
+        timm_selfkd.create_task('bake', _model(), mixup=Mixup(mixup_alpha=1.0, num_classes=4))
+
+
+def test_the_batch_sampler_is_the_method_s():
+    dlb = timm_selfkd.create_task('dlb', _model(), batch_size=8)
+    batches = list(timm_selfkd.batch_sampler(dlb, [0, 1, 2, 3] * 8, 8))
+    assert all(len(b) == 8 for b in batches) and batches[1][:4] == batches[0][4:]  # the repeated half
+    plain = timm_selfkd.create_task('none', _model())
+    batches = list(timm_selfkd.batch_sampler(plain, [0, 1, 2, 3] * 8, 8))
+    assert len(batches) == 4 and sorted(i for b in batches for i in b) == list(range(32))
