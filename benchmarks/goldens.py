@@ -1,6 +1,6 @@
 """Fixed-seed goldens of every self-KD method, so a refactor can prove it keeps the numbers (issue 16, item 5).
 
-Each method (every name of `timm_selfkd.list_methods()`, plus the stack `ddgsd+dlb`) trains resnet18 for one epoch
+Each method (every name of `timm_selfkd.list_methods()`, the stack `ddgsd+dlb` and the VARIANTS) trains resnet18 for one epoch
 (PS-KD two, see PINS) on the CPU, seed 0, with this checkout's `train.py`, on a tiny seeded image folder (6 classes
 x 8 train and x 4 validation images, 32x32) written to a temporary directory. A golden is the run's last
 summary.csv row (as written) and a sha256 of its final weights (`last.pth.tar`'s `state_dict`) and of its
@@ -26,7 +26,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,6 +45,12 @@ PINS: Dict[str, List[str]] = {
     'mrkd': ['--mrkd-interval', '2'],
     'mrkd_tc': ['--mrkd-tc-gamma', '0.25', '--mrkd-tc-interval', '2'],
     'pskd': ['--pskd-alpha-t', '0.8', '--epochs', '2'],
+}
+# Further entries: a name -> (the method, its flags). multi_exit's default changed on purpose in the redesign (the
+# BYOT hint summed over the batch, as BYOT's code); its DMFL-only run has no hint and must not change.
+VARIANTS: Dict[str, Tuple[str, List[str]]] = {
+    'multi_exit/dmfl_only': ('multi_exit', ['--no-multi-exit-byot']),
+    'multi_exit/pskd_dmfl': ('multi_exit', ['--multi-exit-pskd', '--no-multi-exit-byot', '--epochs', '2']),
 }
 COMMON = ['--model', 'resnet18', '--img-size', '32', '-b', '8', '--epochs', '1', '--lr', '0.05', '--sched', 'none',
           '--warmup-epochs', '0', '--workers', '0', '--seed', '0', '--device', 'cpu']
@@ -91,19 +97,21 @@ def sha256(value: Any) -> Optional[str]:
     return h.hexdigest()
 
 
-def run_method(method: str, data: Path, out: Path, extra: List[str]) -> Dict[str, Any]:
-    """Train `method` for one epoch; its summary row and the hashes of its last checkpoint."""
-    cmd = [sys.executable, 'train.py', '--data-dir', str(data), *COMMON, '--output', str(out), '--experiment', method,
-           '--selfkd', method, *PINS.get(method, []), *extra]
+def run_method(entry: str, data: Path, out: Path, extra: List[str]) -> Dict[str, Any]:
+    """Train a method (or a variant of one) for one epoch; its summary row and the hashes of its last checkpoint."""
+    method, flags = VARIANTS.get(entry, (entry, []))
+    experiment = entry.replace('/', '-')
+    cmd = [sys.executable, 'train.py', '--data-dir', str(data), *COMMON, '--output', str(out), '--experiment',
+           experiment, '--selfkd', method, *PINS.get(method, []), *flags, *extra]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
         return {'error': f'exit {proc.returncode}: ' + ' | '.join(tail)}
-    with open(out / method / 'summary.csv', newline='') as f:
+    with open(out / experiment / 'summary.csv', newline='') as f:
         summary = list(csv.DictReader(f))[-1]
-    checkpoint = torch.load(out / method / 'last.pth.tar', map_location='cpu', weights_only=False)
+    checkpoint = torch.load(out / experiment / 'last.pth.tar', map_location='cpu', weights_only=False)
     return {'summary': summary, 'weights_sha256': sha256(checkpoint['state_dict']),
             'task_state_sha256': sha256(checkpoint.get('task_state'))}
 
@@ -154,7 +162,7 @@ def main() -> int:
     start = time.time()
     print(f'timm_selfkd from {Path(timm_selfkd.__file__).parent}, train.py of {ROOT}', file=sys.stderr)
     if args.command == 'record':
-        results = run_all(chosen or timm_selfkd.list_methods() + STACKS, {})
+        results = run_all(chosen or timm_selfkd.list_methods() + STACKS + list(VARIANTS), {})
         goldens = json.loads(args.out.read_text()) if args.out.exists() else {}
         goldens.update({m: r for m, r in results.items() if 'error' not in r})
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,10 @@ def _kl(teacher_rows, student_rows, temperature=1.0):
 
 
 def _hint(exit_rows, deep_rows):
-    return sum(sum((a - b) ** 2 for a, b in zip(e, d)) for e, d in zip(exit_rows, deep_rows)) / len(exit_rows)
+    """BYOT's official `feature_loss_function` re-written: `(fea - target_fea)**2 * ((fea > 0) | (target_fea >
+    0)).float()`, `.abs().sum()`: summed over the batch and the features, entries where both are <= 0 left out."""
+    fea, target_fea = torch.tensor(exit_rows), torch.tensor(deep_rows)
+    return torch.abs((fea - target_fea) ** 2 * ((fea > 0) | (target_fea > 0)).float()).sum().item()
 
 
 def _tensors(requires_grad=False):
@@ -62,7 +65,7 @@ def test_golden_loss(byot, dmfl):
     if byot:
         assert out['loss_exit_kl'].item() == pytest.approx(kl, rel=1e-6)
         assert out['loss_hint'].item() == pytest.approx(hint, rel=1e-6)
-        assert hint == pytest.approx(8.125)  # by hand: (4 + 4.5) / 2 + (6 + 1.75) / 2
+        assert hint == pytest.approx(12.25)  # by hand: (3 + 3.5) + (4 + 1.75), entries both <= 0 left out
     else:
         assert 'loss_exit_kl' not in out and 'loss_hint' not in out
     if dmfl:

@@ -146,9 +146,9 @@ def empty_drop_path_slots(model: nn.Module) -> List[Tuple[str, nn.Module, List[s
 def add_stochastic_depth(model: nn.Module, rate: float) -> List[DepthUnit]:
     """Insert DropPath layers into the empty slots of a model built without stochastic depth.
 
-    Block l of L (in forward order) gets the drop rate `rate * l / (L - 1)`: the linear rule of the
-    stochastic-depth paper (survival 1 for the first block, `1 - rate` for the last) that timm's
-    `drop_path_rate` also follows. Blocks with rate 0 are left as they are. Returns the new units (empty when
+    Block l = 0..L-1 (in forward order) gets the drop rate `rate * l / (L - 1)`, timm's `drop_path_rate`
+    schedule (a linspace from 0: the first block is never dropped, the last with `rate`); the stochastic-depth
+    paper's rule, `rate * l / L` for l = 1..L, would drop the first block too. Blocks with rate 0 are left as they are. Returns the new units (empty when
     the model has no slots).
 
     Args:

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from timm_selfkd.components.losses import class_teacher_kl, corrected_teacher
+from timm_selfkd.components.losses import class_teacher_kl, corrected_teacher, default_tc_gamma
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import Needs, SelfKDTask, check_range, refuse_mixup
 
@@ -45,15 +45,17 @@ class ClassTeacher:
         raise NotImplementedError
 
     def check_gamma(self) -> None:
-        if not 0 < self.gamma < 1:
+        if self.gamma is not None and not 0 < self.gamma < 1:
             raise ValueError(f'{self.method} gamma must be > 0 and < 1, got {self.gamma}')
 
     def corrected(self, num_classes: int) -> Tuple[float, float]:
-        """Eq. 11 with this preset's gamma; a ValueError unless gamma > 1/K (1/K is the uniform teacher)."""
-        if self.gamma <= 1 / num_classes:
+        """Eq. 11 with this preset's gamma (`default_tc_gamma(K)` when None); a ValueError unless gamma > 1/K
+        (1/K is the uniform teacher)."""
+        gamma = self.gamma if self.gamma is not None else default_tc_gamma(num_classes)
+        if gamma <= 1 / num_classes:
             raise ValueError(f'{self.method} gamma must be > 1/K = {1 / num_classes:.4g} for {num_classes} '
-                             f'classes (1/K is the uniform teacher), got {self.gamma}')
-        return corrected_teacher(num_classes, self.gamma)
+                             f'classes (1/K is the uniform teacher), got {gamma}')
+        return corrected_teacher(num_classes, gamma)
 
 
 @dataclass
@@ -81,9 +83,9 @@ class LsrKDHparams(ClassTeacher):
 
 @dataclass
 class LsrKDTCHparams(LsrKDHparams):
-    gamma: float = field(default=0.25, metadata={
-        'help': 'teacher probability of the true class (eq. 11), in (1/K, 1). Unverified default: sec. 4.3 gives '
-                '[0.11, 0.25] for 100 classes (its grid holds 0.011-0.025) and 0.25 for 10 classes'})
+    gamma: float = field(default=None, metadata={
+        'help': 'teacher probability of the true class (eq. 11), in (1/K, 1); default 2.5 / K, the paper\'s rule '
+                '(0.025 for 100 classes, 0.25 for 10; 0.75 for 2)'})
 
     uses_label = True
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 import torch
 from timm.utils.model import unwrap_model
 
-from timm_selfkd.components.losses import kd_kl, teacher_correction
+from timm_selfkd.components.losses import default_tc_gamma, kd_kl, teacher_correction
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.weight_ring import WeightRing
 from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range
@@ -76,13 +76,15 @@ class MrKDHparams:
 
 @dataclass
 class MrKDTCHparams(MrKDHparams):
-    gamma: float = field(default=0.25, metadata={'help': 'probability given to the true class in each copy\'s '
-                                                         'corrected distribution (eq. 16; the paper sweeps it, '
-                                                         'no default given)'})
+    gamma: float = field(default=None, metadata={
+        'help': 'probability given to the true class in each copy\'s corrected distribution (eq. 16); default '
+                '2.5 / K as LsrKD-TC (the paper compares the two at the same gamma, fig. 4; it gives no MrKD-TC '
+                'default): 0.025 for 100 classes, 0.25 for 10, 0.75 for 2'})
 
     def __post_init__(self):
         super().__post_init__()
-        check_range(self.method, 'gamma', self.gamma, 0., 1.)
+        if self.gamma is not None:
+            check_range(self.method, 'gamma', self.gamma, 0., 1.)
 
 
 @register_method('mrkd', hparams=MrKDHparams, paper=PAPER)
@@ -204,7 +206,8 @@ class MrKDTCTask(MrKDTask):
             mixup_refusal='a mixed image has no single true class for the teacher correction (eq. 16)')
 
     def teacher_probs(self, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return teacher_correction(teacher_logits, target, self.hparams.gamma, self.hparams.temperature)
+        gamma = self.hparams.gamma if self.hparams.gamma is not None else default_tc_gamma(teacher_logits.shape[-1])
+        return teacher_correction(teacher_logits, target, gamma, self.hparams.temperature)
 
     def kd_term(self, output: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
         return super().kd_term(output, teacher_probs) / self.hparams.temperature

@@ -181,10 +181,16 @@ class MultiExitModule(ModelWrapper):
         return self.model.forward_head(final), [exit_head(x)[0] for exit_head, x in zip(self.exits, intermediates)]
 
 
-def _feature_hint(exit_feature: torch.Tensor, deepest_feature: torch.Tensor) -> torch.Tensor:
-    """`||F_i - F_N||^2` per image, averaged over the batch; `F_N` detached (the teacher side)."""
+def feature_hint(exit_feature: torch.Tensor, deepest_feature: torch.Tensor) -> torch.Tensor:
+    """BYOT's L2 hint `||F_i - F_N||^2` (eq. 2), `F_N` detached (the teacher side), summed over the batch and
+    the feature dimensions as in the code whose lambda = 1e-6 the seed adopts (BYOT's `feature_loss_function`),
+    so lambda means what it means there whatever the batch size. That code leaves out the entries where both
+    features are <= 0 (its feature maps are post-ReLU); so does this hint: on post-ReLU pooled features (CNNs)
+    such entries are both 0 and the mask changes nothing, on features that can be negative (ViT-like models,
+    the exits' projections) it drops the entries where both are."""
     with float32_region(exit_feature):
-        return (exit_feature.float() - deepest_feature.detach().float()).pow(2).sum(dim=1).mean()
+        student, teacher = exit_feature.float(), deepest_feature.detach().float()
+        return ((student - teacher).pow(2) * ((student > 0) | (teacher > 0))).sum()
 
 
 def multi_exit_loss(
@@ -202,9 +208,11 @@ def multi_exit_loss(
     classifier", i.e. both cross-entropies below); float targets take a soft-target cross-entropy in
     `cross_entropy`.
 
-    - `L_CE = CE(P_N, y)`: the model's own classifier against the (soft) target.
+    - `L_CE = CE(P_N, y)`: the model's own classifier against the (soft) target, with weight 1 as in the seed's
+      `L = L_CE + L_Self-KD + L_DMFL` (BYOT's code weighs it 1 - alpha, as the exits' CE).
     - `L_Self-KD = sum_i (1 - alpha) CE(P_i, y) + alpha T^2 KL(P_N || P_i) + lambda ||F_i - F_N||^2` (eq. 2),
-      with `P_N` and `F_N` detached (the teacher side), when `byot`.
+      with `P_N` and `F_N` detached (the teacher side), when `byot`; the hint is `feature_hint` (summed over
+      the batch, as BYOT's code).
     - `L_DMFL = 1 / (N - 1) sum_i KL(F_i || F_N) + KL(F_N || F_i)` (eq. 3) between the softmax over feature
       dimensions of `F_i` and `F_N`, when `dmfl`. Mutual learning as in DML: in each direction the target
       side is detached, so the first term trains `F_N`, the second `F_i`.
@@ -219,7 +227,7 @@ def multi_exit_loss(
     out = {'loss_ce': loss_ce, 'loss_exit_ce': exit_ce}
     if hparams.byot:
         exit_kl = torch.stack([kd_kl_from_logits(z, logits, hparams.temperature) for z in exit_logits]).sum()
-        hint = torch.stack([_feature_hint(f, features) for f in exit_features]).sum()
+        hint = torch.stack([feature_hint(f, features) for f in exit_features]).sum()
         loss = loss_ce + (1 - hparams.alpha) * exit_ce + hparams.alpha * exit_kl + hparams.feature_weight * hint
         out.update(loss_exit_kl=exit_kl, loss_hint=hint)
     else:
