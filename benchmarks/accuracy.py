@@ -38,8 +38,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark this checkout, installed or not
+sys.path.insert(0, str(REPO / 'benchmarks'))
+from compat_matrix import matrix_methods  # noqa: E402
 from timm_selfkd import get_method  # noqa: E402
-from timm_selfkd.tools.matrix import matrix_methods  # noqa: E402
 
 DEFAULT_RECIPE = REPO / 'configs' / 'demo_fashion_mnist.yaml'
 QUICK_FLAGS = ['--train-subset', '128', '--val-subset', '64', '-b', '16']  # with --epochs 1 and seeds 0 1

@@ -1,7 +1,8 @@
 """Memory of PS-KD's per-sample table at ImageNet-1k size, per node and per process, built as training builds it.
 
-`--procs` processes (one node, gloo) each build `SoftTargetMemory(N, K)` through `PSKDTask.bind_run`, as
-train.py does: the node's local rank 0 reserves one file in /dev/shm, every process maps it, and it is unlinked.
+`--procs` processes (one node, gloo) each build `SoftTargetMemory(N, K)` through `create_task` (which binds the
+run, `PSKDTask.bind_run`), as training does: the node's local rank 0 reserves one file in /dev/shm, every
+process maps it, and it is unlinked.
 Each process then trains `--steps` steps of the write/read protocol (all-gather of every rank's rows, flush of
 its own share, lookups), writes its share of every row (what one epoch's flushes write) and reads every row (what
 one epoch's lookups touch), so that every page of the table is mapped in every process. Reported:
@@ -34,8 +35,6 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
 from timm_selfkd.components.soft_target_memory import memory_bytes  # noqa: E402
-from timm_selfkd.methods.base import RunInfo  # noqa: E402
-from timm_selfkd.runtime.batch_stream import BatchInfo  # noqa: E402
 
 TABLE_TAG = 'timm_selfkd-memory-'
 
@@ -83,11 +82,17 @@ def _worker(rank: int, args: argparse.Namespace, topk: int, init_file: str, out_
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=args.procs)
     shm_before = _shm_used()
     dist.barrier()
-    task = timm_selfkd.create_task('pskd', nn.Linear(args.classes, args.classes), topk=topk)
-    task.bind_run(RunInfo(num_epochs=90, steps_per_epoch=args.samples // (args.batch_size * args.procs),
-                          num_samples=args.samples, num_classes=args.classes, batch_size=args.batch_size,
-                          world_size=args.procs, rank=rank, local_rank=rank, local_world_size=args.procs))
+    # one node: create_task reads the local rank and node size as torchrun sets them
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(args.procs))
+    model = nn.Linear(args.classes, args.classes)
+    model.num_classes = args.classes  # what a timm model tells the run
+    task = timm_selfkd.create_task('pskd', model, num_epochs=90,
+                                   steps_per_epoch=args.samples // (args.batch_size * args.procs),
+                                   num_samples=args.samples, batch_size=args.batch_size, topk=topk)
+    assert (task.run.world_size, task.run.rank, task.run.local_rank, task.run.local_world_size) == \
+        (args.procs, rank, rank, args.procs)
     memory = task.memory
+    task.set_epoch(1)
     dist.barrier()
     shm_after = _shm_used()
     generator = torch.Generator().manual_seed(rank)
@@ -96,8 +101,7 @@ def _worker(rank: int, args: argparse.Namespace, topk: int, init_file: str, out_
         if step == 2:  # after the first steps have set up the gloo buffers and the caching allocator
             private_start = _private_bytes()
         indices = torch.randint(args.samples, (args.batch_size,), generator=generator)
-        task.bind_batch_info_source(lambda: BatchInfo(1, step, indices))
-        task(torch.randn(args.batch_size, args.classes, generator=generator), indices % args.classes)
+        task(torch.randn(args.batch_size, args.classes, generator=generator), indices % args.classes, indices=indices)
     staging = _private_bytes() - private_start
     # what one epoch's flushes and lookups do to the pages: this process writes its share, reads every row
     rows = torch.arange(rank, args.samples, args.procs)

@@ -35,8 +35,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
 from timm_selfkd.runtime.run_guard import RunGuard  # noqa: E402
-from timm_selfkd.methods.base import RunInfo  # noqa: E402
-from timm_selfkd.runtime.batch_stream import BatchInfo, seed_everything, seed_host, step_seed  # noqa: E402
+from timm_selfkd.runtime.batch_stream import seed_everything, seed_host, step_seed  # noqa: E402
 
 # (time ratio, memory ratio) upper bounds from the issues (None: no bound), measured on CPU with resnet18
 # (self_guidance and multi_exit: also with a Swin).
@@ -45,7 +44,7 @@ from timm_selfkd.runtime.batch_stream import BatchInfo, seed_everything, seed_ho
 TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'none+checks': (1.01, 1.01), 'self_guidance': (2.05, None),
            'multi_exit': (1.15, None), **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], (1.01, 1.01)),
            'mrkd': (1 + 0.4 * 3, None), 'mrkd_tc': (1 + 0.4 * 3, None), 'pskd': (1.02, 1.02)}
-RUN_EPOCHS, RUN_SAMPLES = 100, 50_000  # the run every task is told about (bind_run): a CIFAR-size data set
+RUN_EPOCHS, RUN_SAMPLES = 100, 50_000  # the run every task is told about (create_task): a CIFAR-size data set
 POOL_BATCHES = 4  # distinct synthetic batches cycled through by every method
 CHECKED = 'none+checks'  # plain training with the loop's per-step seeding and guard (timm_selfkd.train)
 MEMORY_WARMUP = 2  # steps before the memory-measured one: DLB then holds last-batch logits, SGD its momentum
@@ -134,15 +133,16 @@ class Trainer:
     def __init__(self, method: str, args: argparse.Namespace):
         torch.manual_seed(args.seed)  # same architecture and initial weights for every method
         model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+        self.steps_per_epoch = RUN_SAMPLES // args.batch_size
         self.task = timm_selfkd.create_task(base_method(method), model.to(args.device).train(),
+                                            num_epochs=RUN_EPOCHS, steps_per_epoch=self.steps_per_epoch,
+                                            num_samples=RUN_SAMPLES, batch_size=args.batch_size,
                                             **method_hparams(method))
-        steps_per_epoch = RUN_SAMPLES // args.batch_size
-        self.task.bind_run(RunInfo(num_epochs=RUN_EPOCHS, steps_per_epoch=steps_per_epoch, num_samples=RUN_SAMPLES,
-                                   num_classes=args.num_classes, batch_size=args.batch_size))
-        self.batches = 0  # batch info: pool batch b holds dataset indices b * batch_size ... (b + 1) * batch_size - 1
-        self.task.bind_batch_info_source(lambda: BatchInfo(
-            self.batches // steps_per_epoch, self.batches % steps_per_epoch,
-            torch.arange(args.batch_size) + self.batches % POOL_BATCHES * args.batch_size))
+        # a method that reads sample indices (PS-KD) gets them as a hand-written loop passes them: pool batch b
+        # holds dataset indices b * batch_size ... (b + 1) * batch_size - 1
+        self.indices = [torch.arange(args.batch_size) + b * args.batch_size for b in range(POOL_BATCHES)] \
+            if self.task.needs.sample_indices else None
+        self.batches = 0
         self.optimizer = torch.optim.SGD(self.task.trainable_module.parameters(), lr=0.01, momentum=0.9,
                                          weight_decay=5e-4, nesterov=True)
         self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp)
@@ -150,7 +150,11 @@ class Trainer:
 
     def step(self, batch: Batch) -> None:
         with self.autocast:
-            out = self.task(*batch)
+            if self.indices is None:
+                out = self.task(*batch)
+            else:
+                self.task.set_epoch(self.batches // self.steps_per_epoch)
+                out = self.task(*batch, indices=self.indices[self.batches % POOL_BATCHES])
         out['loss'].backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ from torch.utils.data import DistributedSampler
 
 import timm_selfkd
 from timm_selfkd.methods.base import RunInfo
-from timm_selfkd.runtime.batch_stream import BatchInfo
+from timm_selfkd.registry import build_hparams
 
 WORLD = 2
 NUM_SAMPLES, NUM_CLASSES, FEATURES, PER_RANK_BATCH, EPOCHS = 12, 12, 5, 2, 3
@@ -37,7 +37,8 @@ def _pskd(rank, local_world_size):
     features = torch.randn(NUM_SAMPLES, FEATURES, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(NUM_SAMPLES) % NUM_CLASSES
     torch.manual_seed(0)
-    task = timm_selfkd.create_task('pskd', nn.Linear(FEATURES, NUM_CLASSES))
+    spec = timm_selfkd.get_method('pskd')  # built by hand: the test binds the run's node layout itself
+    task = spec.task_cls(nn.Linear(FEATURES, NUM_CLASSES), build_hparams(spec, {}))
     task.bind_run(RunInfo(num_epochs=EPOCHS, steps_per_epoch=STEPS, num_samples=NUM_SAMPLES,
                           num_classes=NUM_CLASSES, batch_size=PER_RANK_BATCH, world_size=WORLD, rank=rank,
                           local_rank=rank % local_world_size, local_world_size=local_world_size))
@@ -58,8 +59,8 @@ def train_recording(task, memory, inputs, labels, rank, lr):
             indices = torch.tensor(order[step * PER_RANK_BATCH:(step + 1) * PER_RANK_BATCH])
             memory.flush()
             reads.append((epoch, indices, *memory.lookup(indices)))
-            task.bind_batch_info_source(lambda: BatchInfo(epoch, step, indices))
-            out = task(inputs[indices], labels[indices])
+            task.set_epoch(epoch)
+            out = task(inputs[indices], labels[indices], indices=indices)  # a hand-written loop's batch information
             predictions.append((epoch, indices, out['output'].detach().softmax(-1)))
             optimizer.zero_grad()
             out['loss'].backward()

@@ -1,6 +1,7 @@
 """The upstream adapter: users' own timm train.py files (../shared/upstream-timm, read in place, never copied
 into the repository) driven with every registered method; the compatibility gate and the options it refuses."""
 import csv
+import json
 import logging
 import math
 import os
@@ -9,17 +10,22 @@ import sys
 
 from dataclasses import dataclass
 
+import PIL.Image
 import pytest
 import timm
 import timm.data
 import yaml
+from timm.data import IterableImageDataset
 
 from conftest import NUM_CLASSES, write_image_folder
 from test_train import METHOD_ARGS
 from timm_selfkd import get_method, list_methods, register_method, registry, upstream
+from timm_selfkd.attach import check_method
 from timm_selfkd.cli import format_methods
+from timm_selfkd.errors import UsageError
 from timm_selfkd.runtime.data import dataset_labels
 from timm_selfkd.methods import PlainTask
+from timm_selfkd.methods.base import Needs
 from timm_selfkd.registry import build_hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,8 +117,11 @@ class _NoHparams:
 class _IndexRecordingTask(PlainTask):
     """Plain training that reads the batch-information channel and keeps what it got next to the labels."""
 
-    needs_batch_info = True
     seen = []
+
+    @classmethod
+    def requirements(cls, hparams):
+        return Needs(sample_indices=True)
 
     def forward(self, input, target):
         info = self.batch_info(batch_size=input.shape[0])
@@ -174,9 +183,10 @@ def test_list_selfkd(capsys):
     assert capsys.readouterr().out.strip() == format_methods()
 
 
-def _refused(capsys, tmp_path, argv, expected, logged_before=False):
-    """Exit status 2, one error line naming the problem, and no output folder. Refusals that depend on the data
-    or the loader come after the script's first log lines (on stderr), the others before any."""
+def _refused(capsys, tmp_path, argv, expected, logged_before=False, exact=False):
+    """Exit status 2, one error line naming the problem (`exact`: the whole message), and no output folder.
+    Refusals that depend on the data or the loader come after the script's first log lines (on stderr), the
+    others before any."""
     output = tmp_path / 'out'
     with pytest.raises(SystemExit) as exc:
         upstream.main(argv + ['--output', str(output)])
@@ -184,6 +194,8 @@ def _refused(capsys, tmp_path, argv, expected, logged_before=False):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) > 1 if logged_before else len(err) == 1, err
     assert err[-1].startswith('timm_selfkd.upstream: error: ') and expected in err[-1], err
+    if exact:
+        assert err[-1] == f'timm_selfkd.upstream: error: {expected}', err
     assert not any('error' in line.lower() or 'Traceback' in line for line in err[:-1]), err
     assert not output.exists()
 
@@ -242,11 +254,16 @@ def test_not_a_train_script_is_refused(tmp_path, capsys):
     (['--naflex-loader'], '--naflex-loader cannot be used with --selfkd none: NaFlex batches'),
     (['--selfkd', 'dlb', '--aug-splits', '2'], '--aug-splits cannot be used with --selfkd dlb'),
     (['--jsd-loss'], '--jsd-loss cannot be used'),
-    (['--split-bn', '--resplit'], '--split-bn cannot be used'),
+    (['--split-bn'], '--split-bn cannot be used with --selfkd none: it needs --aug-splits'),
+    (['--resplit'], '--resplit cannot be used with --selfkd none: it needs --aug-splits'),
     (['--selfkd', 'bake', '--kd-model-name', 'resnet18'], '--kd-model-name cannot be used with --selfkd bake: a '
-                                                          'teacher distillation task'),
+                                                          'teacher-distillation task would replace the self-KD task '
+                                                          '(here the model is its own teacher)'),
     (['--selfkd', 'bake', '--torchscript'], '--torchscript cannot be used'),
-    (['--selfkd', 'dlb', '--aug-repeats', '3'], '--aug-repeats cannot be used with --selfkd dlb'),
+    (['--selfkd', 'dlb', '--aug-repeats', '3'], '--aug-repeats cannot combine with --selfkd dlb, which chooses its '
+                                                'own batches'),
+    (['--selfkd', 'bake', '--aug-repeats', '2'], '--aug-repeats cannot combine with --selfkd bake, which chooses its '
+                                                 'own batches'),
     (['--use-multi-epochs-loader'], '--use-multi-epochs-loader cannot be used'),
     (['--selfkd', 'bake', '-b', '7'], 'use a multiple of 2'),
     (['--selfkd', 'dlb', '--dlb-alpha', '-1'], 'dlb alpha must be >= 0.0'),
@@ -261,7 +278,8 @@ def test_options_the_methods_cannot_take(image_folder, tmp_path, capsys, extra, 
 def test_scheduled_image_sizes_of_the_snapshot(image_folder, tmp_path, capsys):
     _refused(capsys, tmp_path, [script(SNAPSHOT), *script_args(image_folder, tmp_path, '--selfkd', 'dlb',
                                                                '--train-img-sizes', '32', '48')],
-             '--train-img-sizes cannot be used with --selfkd dlb: scheduled resolutions')
+             '--train-img-sizes cannot be used with --selfkd dlb: variable image or batch sizes change the batch '
+             'layout the methods rely on')
 
 
 def test_data_the_method_cannot_batch(tmp_path, capsys):
@@ -274,25 +292,170 @@ def test_data_the_method_cannot_batch(tmp_path, capsys):
 
 @pytest.mark.parametrize('method', list_methods())
 def test_mixup_refused_exactly_where_the_method_refuses_it(image_folder, tmp_path, capsys, method):
-    """The adapter asks each method's own `check_setup`: a method that refuses mixup is refused with its
-    message, one that takes it trains with the script's mixup collate and soft-target loss. A method that mixes
+    """The adapter asks each method's record (`Needs.mixup`): a method that refuses mixup is refused with its
+    reason, one that takes it trains with the script's mixup collate and soft-target loss. A method that mixes
     its batches itself (DLB, replaying its repeated half's mix) cannot take the script's whole-batch mixing."""
     spec = get_method(method)
-    if spec.task_cls.mixes_batches:
+    hparams = build_hparams(spec, {})
+    needs = spec.task_cls.requirements(hparams)
+    if needs.mixup == 'task':
+        expected = (f'--mixup/--cutmix are not supported with --selfkd {method} under a timm script: the method '
+                    'mixes its batches itself, and the script mixes whole batches; use timm_selfkd\'s train.py')
+        with pytest.raises(UsageError) as refusal:
+            check_method(spec, hparams, batch_size=BATCH, mixup=True, script=True)
+        assert str(refusal.value) == expected
+        check_method(spec, hparams, batch_size=BATCH, mixup=True)  # our train.py gives it the unmixed batches
         _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method,
-                                                                  '--cutmix', '1.0')],
-                 f'--mixup/--cutmix cannot be used with --selfkd {method} under a timm script')
-        return
-    try:
-        spec.task_cls.check_setup(build_hparams(spec, {}), batch_size=BATCH, mixup=True)
-    except ValueError as e:
+                                                                  '--cutmix', '1.0')], expected, exact=True)
+    elif needs.mixup == 'refused':
+        expected = f'--mixup/--cutmix are not supported with --selfkd {method}: {needs.mixup_refusal}'
+        with pytest.raises(UsageError) as refusal:
+            check_method(spec, hparams, batch_size=BATCH, mixup=True)
+        assert str(refusal.value) == expected
         _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method,
-                                                                  '--mixup', '0.2')], str(e))
+                                                                  '--mixup', '0.2')], expected, exact=True)
     else:
+        assert needs.mixup == 'loader'
+        check_method(spec, hparams, batch_size=BATCH, mixup=True, script=True)
         upstream.main([script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method, '--mixup', '0.2',
                                                      '--cutmix', '1.0')])
         (row,) = read_summary(tmp_path)
         assert math.isfinite(float(row['train_loss']))
+
+
+AUG_REPEATS_REFUSAL = '--aug-repeats cannot combine with --selfkd {}, which chooses its own batches'
+
+
+@pytest.mark.parametrize('method', list_methods())
+def test_aug_repeats_refused_exactly_for_methods_that_choose_their_batches(image_folder, tmp_path, capsys, method):
+    """--aug-repeats is refused, before anything runs, for a method that chooses its batches (the same message as
+    train.py's) and passes the adapter's checks for the others (which then train: `test_aug_repeats_...gloo`)."""
+    spec = get_method(method)
+    hparams = build_hparams(spec, {})
+    if spec.task_cls.requirements(hparams).own_batches:
+        with pytest.raises(UsageError) as refusal:
+            check_method(spec, hparams, batch_size=BATCH, aug_repeats=3)
+        assert str(refusal.value) == AUG_REPEATS_REFUSAL.format(method)
+        _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method,
+                                                                  '--aug-repeats', '3')],
+                 AUG_REPEATS_REFUSAL.format(method), exact=True)
+    else:
+        check_method(spec, hparams, batch_size=BATCH, aug_repeats=3, script=True)
+
+
+# a method that keeps timm's batches and writes, per rank, the dataset indices and labels of every batch it trains on
+RECORDING_RUN = '''
+import json, os, sys
+from dataclasses import dataclass
+import torch.distributed as dist
+from timm_selfkd import register_method, upstream
+from timm_selfkd.methods import PlainTask
+from timm_selfkd.methods.base import Needs
+
+
+@dataclass
+class RecordHparams:
+    pass
+
+
+@register_method('recordidx', hparams=RecordHparams)
+class Recording(PlainTask):
+    @classmethod
+    def requirements(cls, hparams):
+        return Needs(sample_indices=True)
+
+    def forward(self, input, target):
+        info = self.batch_info(batch_size=input.shape[0])
+        with open(os.path.join(os.path.dirname(__file__), f'seen{dist.get_rank()}.jsonl'), 'a') as f:
+            f.write(json.dumps([info.epoch, info.indices.tolist(), target.tolist()]) + '\\n')
+        return super().forward(input, target)
+
+
+upstream.main(sys.argv[1:])
+'''
+
+
+def _torchrun(tmp_path, *argv):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', *argv]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_aug_repeats_with_a_method_that_keeps_timms_batches_gloo(image_folder, tmp_path):
+    """--aug-repeats 2 (distributed only, as in timm) with a method that keeps timm's batches: the run trains, and
+    the batches are timm's repeated-augmentation sampler's: each epoch both ranks train on the same 16 of the
+    32 images (each image's two copies on different ranks), where plain batches would split the set in two."""
+    runner = tmp_path / 'record_run.py'
+    runner.write_text(RECORDING_RUN)
+    _torchrun(tmp_path, str(runner), script(V1_0_28),
+              *script_args(image_folder, tmp_path / 'out', '--selfkd', 'recordidx', '--aug-repeats', '2',
+                           '--epochs', '2'))
+    labels = dataset_labels(timm.data.create_dataset('', root=image_folder, split='train', is_training=True))
+    seen = [[json.loads(line) for line in (tmp_path / f'seen{rank}.jsonl').read_text().splitlines()]
+            for rank in range(2)]
+    for rank_seen in seen:
+        assert [epoch for epoch, _, _ in rank_seen] == [0, 0, 1, 1]
+        assert all(labels[indices].tolist() == targets for _, indices, targets in rank_seen)
+    per_epoch = [[sorted(i for e, indices, _ in rank_seen if e == epoch for i in indices) for rank_seen in seen]
+                 for epoch in range(2)]
+    for rank0, rank1 in per_epoch:
+        assert rank0 == rank1 and len(set(rank0)) == len(rank0) == 16
+    assert per_epoch[0][0] != per_epoch[1][0]  # reshuffled every epoch
+    rows = read_summary(tmp_path / 'out')
+    assert [float(row['train_images']) for row in rows] == [32.0, 32.0]
+    assert all(math.isfinite(float(row['train_loss'])) for row in rows)
+
+
+class _StreamReader:
+    """A streamed reader of an image folder's samples (what wds/, hfids/, tfds/ readers give: images in their
+    order, no index)."""
+
+    def __init__(self, samples):
+        self.samples = list(samples)
+
+    def __iter__(self):
+        for path, target in self.samples:
+            with open(path, 'rb') as f:
+                yield PIL.Image.open(f).convert('RGB'), target
+
+    def __len__(self):
+        return len(self.samples)
+
+
+@pytest.fixture
+def streamed_training_set(monkeypatch):
+    """The script's training set as a streamed data set (timm's `IterableImageDataset`), its validation set as is."""
+    create_dataset = timm.data.create_dataset
+
+    def streamed(*a, is_training=False, **kw):
+        dataset = create_dataset(*a, is_training=is_training, **kw)
+        return IterableImageDataset('', reader=_StreamReader(dataset.reader.samples)) if is_training else dataset
+
+    monkeypatch.setattr(timm.data, 'create_dataset', streamed)  # the script imports it when it is loaded
+
+
+@pytest.mark.parametrize('method', ['none', 'lsrkd', 'multi_exit', 'dlb', 'bake', 'pskd'])
+def test_streamed_data_sets_where_the_method_allows(tmp_path, image_folder, capsys, caplog, streamed_training_set,
+                                                    method):
+    """A streamed training set trains a method that neither chooses its batches nor reads sample indices, in the
+    data set's own batches (timm's loader, no batch stream); the others are refused once the data set exists."""
+    spec = get_method(method)
+    needs = spec.task_cls.requirements(build_hparams(spec, {}))
+    assert needs.streamed_data == (method in ('none', 'lsrkd', 'multi_exit'))
+    argv = [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method, '--epochs', '2')]
+    if not needs.streamed_data:
+        _refused(capsys, tmp_path, argv,
+                 f'--selfkd {method} chooses its batches or reads sample indices, which a streamed data set (wds/, '
+                 'hfids/, tfds/) cannot give; use a map-style data set', logged_before=True, exact=True)
+        return
+    caplog.set_level('INFO', logger='train')
+    upstream.main(argv)
+    assert any(f'--selfkd {method}:' in r.getMessage() and "batches from the data set's stream, 4 per epoch"
+               in r.getMessage() for r in caplog.records)
+    rows = read_summary(tmp_path)
+    assert [(float(row['train_images']), float(row['train_steps'])) for row in rows] == [(32.0, 4.0)] * 2
+    assert all(math.isfinite(float(row['train_loss'])) for row in rows)
 
 
 def test_torchrun_two_process_gloo(image_folder, tmp_path):

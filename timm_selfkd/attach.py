@@ -91,10 +91,14 @@ REFUSED_OPTIONS = (
 )
 
 
-def refused_options_set(args: argparse.Namespace) -> None:
-    """Refuse the options of a timm script's parsed `args` that no self-KD run can take (those it has)."""
+def refused_options_set(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] = None) -> None:
+    """Refuse the options of a timm script's parsed `args` that no self-KD run can take (those it has), set to
+    another value than `defaults` (the script parser's own defaults by destination, e.g. timm's
+    `--naflex-train-seq-lens 128 256 ...` or `--kd-temperature 4`, which do nothing on their own)."""
+    defaults = defaults or {}
     for option in REFUSED_OPTIONS:
-        if option.scope == 'selfkd' and getattr(args, option.dest, None):
+        value = getattr(args, option.dest, None)
+        if option.scope == 'selfkd' and value and value != defaults.get(option.dest):
             raise UsageError(f'{option.flag} cannot be used with --selfkd {args.selfkd}: {option.reason}')
 
 
@@ -231,8 +235,8 @@ def create_task(
     distributed = dist.is_available() and dist.is_initialized()
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     task.bind_run(RunInfo(**facts, num_classes=_num_classes(task), world_size=world_size, rank=rank,
-                          local_rank=int(os.environ.get('LOCAL_RANK', 0)),
-                          local_world_size=_local_world_size(world_size),
+                          local_rank=int(os.environ.get('LOCAL_RANK', rank)),  # one node without torchrun's
+                          local_world_size=_local_world_size(world_size),      # variables (e.g. mp.spawn)
                           mixup=mixup if needs.mixup == 'task' else None))
     return task
 

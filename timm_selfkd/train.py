@@ -209,6 +209,7 @@ class Setup:
         self.data_config = resolve_data_config(vars(args), model=self.model)
         in_task = self.spec.task_cls.requirements(self.hparams).mixup == 'task'
         self.mixup = _mixup(args, self.model.num_classes, in_task=in_task)
+        self.loop_mixes = self.mixup is not None and not in_task and args.no_prefetcher  # else the collate mixes
         self.train_loader, self.eval_loader = self._loaders()
         # the loop erases on the batch, under the step's seed (the prefetcher would draw it a step early)
         self.random_erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount,
@@ -408,7 +409,7 @@ class Run:
             seed_everything(step_seed(args.seed, args.rank, p.epoch, p.step))
             if args.no_prefetcher:
                 input, target = input.to(s.device), target.to(s.device)
-                if s.mixup is not None and task.needs.mixup == 'loader':
+                if s.loop_mixes:
                     input, target = s.mixup(input, target)
             if s.random_erasing is not None:
                 input = s.random_erasing(input)

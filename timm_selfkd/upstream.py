@@ -31,7 +31,7 @@ import torch.distributed as dist
 import yaml
 
 from timm_selfkd.errors import UsageError
-from timm_selfkd.attach import attach, check_method, mixup_active, read_recipe, refused_options_set
+from timm_selfkd.attach import REFUSED_OPTIONS, attach, check_method, mixup_active, read_recipe, refused_options_set
 from timm_selfkd.cli import add_selfkd_arguments, format_methods, resolve_selfkd_args
 from timm_selfkd.methods.base import SelfKDTask
 from timm_selfkd.registry import get_method
@@ -239,6 +239,8 @@ class Injection:
 
     def install(self) -> None:
         module = self.module
+        # the script's own defaults of the options we refuse (before its -c config turns into defaults)
+        self.refused_defaults = {option.dest: module.parser.get_default(option.dest) for option in REFUSED_OPTIONS}
         add_selfkd_arguments(module.parser)
         module.parser.error = self._parser_error
         module._parse_args = self._wrap_parse_args(module._parse_args)
@@ -266,7 +268,7 @@ class Injection:
             try:
                 self.hparams = resolve_selfkd_args(args, read_recipe(sys.argv[1:]), sys.argv[1:])
                 self.spec = get_method(args.selfkd)
-                refused_options_set(args)
+                refused_options_set(args, self.refused_defaults)
                 check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
                              aug_repeats=int(getattr(args, 'aug_repeats', 0) or 0), script=True)
             except ValueError as e:
