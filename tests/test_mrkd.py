@@ -177,9 +177,16 @@ def test_bad_interval(text):
 
 
 def test_interval_in_epochs_needs_the_run():
-    task = timm_selfkd.create_task('mrkd', BiasModel([0., 0.]), interval='2e')
-    with pytest.raises(RuntimeError, match='bind_run'):
+    with pytest.raises(ValueError) as exc:
+        timm_selfkd.create_task('mrkd', BiasModel([0., 0.]), interval='2e')
+    assert str(exc.value) == "create_task('mrkd') needs steps_per_epoch=... (its interval 2e is in epochs)"
+    assert timm_selfkd.create_task('mrkd', BiasModel([0., 0.]), interval='2e', steps_per_epoch=7).interval_steps == 14
+    spec = timm_selfkd.get_method('mrkd')
+    task = spec.task_cls(BiasModel([0., 0.]), spec.hparams_cls(interval='2e'))  # built by hand, no run bound
+    with pytest.raises(ValueError) as exc:
         task(torch.ones(1, 1), torch.tensor([0]))
+    assert str(exc.value) == ('mrkd interval 2e is in epochs: create the task with steps_per_epoch=..., or give the '
+                              'interval in steps')
     task.bind_run(RunInfo(num_epochs=10, steps_per_epoch=7, num_samples=70, num_classes=2, batch_size=10))
     assert task.interval_steps == 14
 
@@ -190,8 +197,8 @@ def test_interval_in_epochs_needs_the_run():
     ('23', 3, None)])
 def test_interval_longer_than_the_run_is_a_warning(caplog, interval, copies, warning):
     """As the paper's kappa = 200 epochs point (never refreshed), a run may keep its initial copies."""
-    task = timm_selfkd.create_task('mrkd', BiasModel([0., 0.]), interval=interval, copies=copies)
-    task.bind_run(RunInfo(num_epochs=10, steps_per_epoch=7, num_samples=70, num_classes=2, batch_size=10))
+    timm_selfkd.create_task('mrkd', BiasModel([0., 0.]), interval=interval, copies=copies, num_epochs=10,
+                            steps_per_epoch=7, num_samples=70, batch_size=10)
     messages = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
     assert len(messages) == (1 if warning else 0) and all(warning in m for m in messages), messages
 

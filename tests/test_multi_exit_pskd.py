@@ -18,9 +18,10 @@ import timm_selfkd
 import test_trajectory_distributed as ddp
 from test_multi_exit import EXIT_FEATURES, EXIT_LOGITS, FEATURES, LOGITS, TARGET, _hint, _kl, _softmax
 from test_preemption import _tensors
-from timm_selfkd.runtime.data import install_batch_stream
+from timm_selfkd.attach import attach, check_method
+from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.base import RunInfo
-from timm_selfkd.runtime.batch_stream import BatchInfo
+from timm_selfkd.registry import build_hparams
 from timm_selfkd.train import main
 
 EPOCHS = 4  # alpha_T = 0.8: a_0 = 0.2 (but nothing stored yet), a_1 = 0.4, a_3 = 0.8
@@ -45,16 +46,16 @@ class FixedOutputs(nn.Module):
 def _fixed_task(byot, dmfl, num_samples=4, **hparams):
     task = timm_selfkd.create_task('multi_exit', timm.create_model('test_resnet', num_classes=3), byot=byot,
                                    dmfl=dmfl, pskd=True, alpha=ALPHA, feature_weight=WEIGHT,
-                                   temperature=TEMPERATURE, **hparams)
+                                   temperature=TEMPERATURE, num_epochs=EPOCHS, steps_per_epoch=1,
+                                   num_samples=num_samples, batch_size=2, **hparams)
     task.trainable_module = FixedOutputs()
-    task.bind_run(RunInfo(num_epochs=EPOCHS, steps_per_epoch=1, num_samples=num_samples, num_classes=3,
-                          batch_size=2))
+    assert task.run.num_classes == 3
     return task.train()
 
 
 def _step(task, epoch, indices, target=TARGET):
-    task.bind_batch_info_source(lambda: BatchInfo(epoch, 0, torch.tensor(indices)))
-    return task(torch.zeros(len(indices), 1), torch.tensor(target))
+    task.set_epoch(epoch)
+    return task(torch.zeros(len(indices), 1), torch.tensor(target), indices=torch.tensor(indices))
 
 
 def _soft_ce(rows, targets):
@@ -112,25 +113,28 @@ def test_pskd_alone_trains_the_model_as_selfkd_pskd():
     torch.manual_seed(0)
     model = timm.create_model('test_resnet', num_classes=4)
     twin = copy.deepcopy(model)
-    pskd = timm_selfkd.create_task('pskd', model)
-    alone = timm_selfkd.create_task('multi_exit', twin, byot=False, dmfl=False, pskd=True)
-    assert alone.needs_batch_info and not type(alone).needs_batch_info and not alone.takes_streamed_data()
-    run = RunInfo(num_epochs=3, steps_per_epoch=2, num_samples=8, num_classes=4, batch_size=4)
+    run = dict(num_epochs=3, steps_per_epoch=2, num_samples=8, batch_size=4)
+    pskd = timm_selfkd.create_task('pskd', model, **run)
+    alone = timm_selfkd.create_task('multi_exit', twin, byot=False, dmfl=False, pskd=True, **run)
+    spec = timm_selfkd.get_method('multi_exit')
+    assert alone.needs.sample_indices and not spec.task_cls.requirements(spec.hparams_cls()).sample_indices
+    assert not alone.needs.streamed_data
+    assert pskd.run.num_classes == alone.run.num_classes == 4
     optimizers = []
     for task in (pskd, alone):
-        task.bind_run(run)
         task.train()
         optimizers.append(torch.optim.SGD(task.trainable_module.parameters(), lr=0.2))
     generator = torch.Generator().manual_seed(1)
     images, labels = torch.randn(8, 3, 32, 32, generator=generator), torch.arange(8) % 4
-    for epoch in range(run.num_epochs):
+    for epoch in range(run['num_epochs']):
         order = torch.randperm(8, generator=generator)
+        for task in (pskd, alone):
+            task.set_epoch(epoch)
         for step in range(2):
             indices = order[step * 4:(step + 1) * 4]
             losses = []
             for task, optimizer in zip((pskd, alone), optimizers):
-                task.bind_batch_info_source(lambda: BatchInfo(epoch, step, indices))
-                out = task(images[indices], labels[indices])
+                out = task(images[indices], labels[indices], indices=indices)
                 losses.append(out['loss_ce'])
                 optimizer.zero_grad()
                 out['loss'].backward()
@@ -147,16 +151,14 @@ def test_pskd_alone_trains_the_model_as_selfkd_pskd():
 def _real_task(num_samples=4, **hparams):
     torch.manual_seed(0)
     task = timm_selfkd.create_task('multi_exit', timm.create_model('test_resnet', num_classes=3), pskd=True,
+                                   num_epochs=EPOCHS, steps_per_epoch=1, num_samples=num_samples, batch_size=2,
                                    **hparams)
-    task.bind_run(RunInfo(num_epochs=EPOCHS, steps_per_epoch=1, num_samples=num_samples, num_classes=3,
-                          batch_size=2))
     return task.train()
 
 
 def test_task_state_holds_exits_and_memory_and_round_trips():
     task = _real_task()
-    task.bind_batch_info_source(lambda: BatchInfo(0, 0, torch.tensor([2, 3])))
-    task(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
+    task(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]), indices=torch.tensor([2, 3]))
     task.sync_task_state()
     state = task.get_task_state()
     assert set(state) == {'exits', 'exit_indices', 'memory'}
@@ -175,7 +177,7 @@ def test_task_state_holds_exits_and_memory_and_round_trips():
     with pytest.raises(ValueError, match='is dense, this run asks for top-2'):
         _real_task(pskd_topk=2).check_task_state(state)
     without = timm_selfkd.create_task('multi_exit', timm.create_model('test_resnet', num_classes=3))
-    assert not without.needs_batch_info and 'memory' not in without.get_task_state()
+    assert not without.needs.sample_indices and 'memory' not in without.get_task_state()
 
 
 class Streamed(IterableDataset):
@@ -185,13 +187,15 @@ class Streamed(IterableDataset):
 
 def test_streamed_data_sets_are_refused_with_pskd_only():
     model = timm.create_model('test_resnet', num_classes=4)
-    loader = object()
+    spec = timm_selfkd.get_method('multi_exit')
+    loader = [object()]  # timm's loader of the streamed set: one batch
     plain = timm_selfkd.create_task('multi_exit', model)
-    assert install_batch_stream(loader, plain, plain.hparams, Streamed(), batch_size=8, seed=0, rank=0,
-                                world_size=1) == (loader, None)
-    task = timm_selfkd.create_task('multi_exit', model, pskd=True)
-    with pytest.raises(ValueError, match='--selfkd multi_exit chooses its batches or reads sample indices'):
-        install_batch_stream(loader, task, task.hparams, Streamed(), batch_size=8, seed=0, rank=0, world_size=1)
+    check_method(spec, plain.hparams, batch_size=8, dataset=Streamed())
+    attached = attach(plain, loader=loader, dataset=Streamed(), batch_size=8, num_epochs=2, seed=0)
+    assert attached.loader is loader and attached.stream is None and attached.steps_per_epoch == 1
+    task = timm_selfkd.create_task('multi_exit', model, pskd=True, num_epochs=2, num_samples=8)
+    with pytest.raises(UsageError, match='--selfkd multi_exit chooses its batches or reads sample indices'):
+        check_method(spec, task.hparams, batch_size=8, dataset=Streamed())
     with pytest.raises(ValueError, match=r'PS-KD \(--multi-exit-pskd\) needs the dataset index'):
         task.bind_run(RunInfo(num_epochs=2, steps_per_epoch=1, num_samples=None, num_classes=4, batch_size=8))
 
@@ -247,8 +251,9 @@ def _triple(rank, local_world_size):
     images = torch.randn(ddp.NUM_SAMPLES, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(ddp.NUM_SAMPLES) % ddp.NUM_CLASSES
     torch.manual_seed(0)
-    task = timm_selfkd.create_task('multi_exit', timm.create_model('test_resnet', num_classes=ddp.NUM_CLASSES),
-                                   byot=True, dmfl=True, pskd=True)
+    spec = timm_selfkd.get_method('multi_exit')  # built by hand: the test binds the run's node layout itself
+    task = spec.task_cls(timm.create_model('test_resnet', num_classes=ddp.NUM_CLASSES),
+                         build_hparams(spec, dict(byot=True, dmfl=True, pskd=True)))
     task.bind_run(RunInfo(num_epochs=ddp.EPOCHS, steps_per_epoch=ddp.STEPS, num_samples=ddp.NUM_SAMPLES,
                           num_classes=ddp.NUM_CLASSES, batch_size=ddp.PER_RANK_BATCH, world_size=ddp.WORLD,
                           rank=rank, local_rank=rank % local_world_size, local_world_size=local_world_size))
@@ -272,8 +277,8 @@ def test_triple_memory_rows_under_ddp(tmp_path):
 
 @pytest.mark.parametrize('extra, expected', [
     (['--multi-exit-pskd', '--mixup', '0.2'],
-     '--mixup/--cutmix are not supported with --selfkd multi_exit --multi-exit-pskd: a mixed image is not the '
-     'sample whose past prediction its target uses'),
+     '--mixup/--cutmix are not supported with --selfkd multi_exit: with --multi-exit-pskd, a mixed image is not '
+     'the sample whose past prediction its target uses'),
     (['--multi-exit-pskd', '--multi-exit-pskd-topk', '5'], '--multi-exit-pskd-topk 5 is larger than the class '
                                                            'count (4)'),
     (['--multi-exit-pskd', '--multi-exit-pskd-alpha-t', '1.5'], 'multi_exit pskd_alpha_t must be >= 0.0 and <= 1.0'),

@@ -11,7 +11,9 @@ from torch.utils.data import DistributedSampler
 
 import timm_selfkd
 from conftest import hand_ce, hand_kd
+from timm_selfkd.attach import check_method
 from timm_selfkd.components.samplers import ClassGroupBatchSampler, ViewsBatchSampler
+from timm_selfkd.errors import UsageError
 
 # Six rows of logits over 3 classes
 ROWS = [[1.0, 2.0, 0.5], [0.0, 1.5, -1.0], [2.0, 0.0, 0.0], [0.3, 0.3, 2.5], [1.0, -1.0, 1.0], [0.0, 2.0, 1.0]]
@@ -69,22 +71,30 @@ def test_cskd_defaults_and_sampler():
     spec = timm_selfkd.get_method('cskd')
     hparams = spec.hparams_cls()
     assert (hparams.weight, hparams.temperature) == (1.0, 4.0)
-    sampler = spec.task_cls.batch_sampler(hparams, index_sampler=None, labels=[0, 1] * 4, batch_size=4, seed=0,
-                                          rank=0, world_size=1)
+    task = timm_selfkd.create_task('cskd', Identity())
+    assert task.needs.own_batches
+    sampler = task.batch_sampler(index_sampler=None, labels=[0, 1] * 4, batch_size=4, seed=0, rank=0, world_size=1)
     assert isinstance(sampler, ClassGroupBatchSampler) and sampler.layout == 'anchors_first'
     with pytest.raises(ValueError, match='CS-KD needs the class label'):
-        spec.task_cls.batch_sampler(hparams, index_sampler=None, labels=None, batch_size=4, seed=0, rank=0,
-                                    world_size=1)
+        task.batch_sampler(index_sampler=None, labels=None, batch_size=4, seed=0, rank=0, world_size=1)
 
 
-@pytest.mark.parametrize('name, batch_size', [('cskd', 7), ('ddgsd', 9)])
-def test_batch_must_hold_whole_pairs(name, batch_size):
+@pytest.mark.parametrize('name, batch_size, reason', [
+    ('cskd', 7, 'a mixed image has no single class to draw a same-class partner from'),
+    ('ddgsd', 9, 'the two views would be mixed with different partners and stop being views of one image')])
+def test_batch_must_hold_whole_pairs(name, batch_size, reason):
     spec = timm_selfkd.get_method(name)
-    spec.task_cls.check_setup(spec.hparams_cls(), batch_size=batch_size + 1, mixup=False)
+    spec.task_cls.check_setup(spec.hparams_cls(), batch_size=batch_size + 1)
+    check_method(spec, spec.hparams_cls(), batch_size=batch_size + 1, mixup=False)
     with pytest.raises(ValueError, match='multiple of 2'):
-        spec.task_cls.check_setup(spec.hparams_cls(), batch_size=batch_size, mixup=False)
-    with pytest.raises(ValueError, match='--mixup/--cutmix are not supported'):
-        spec.task_cls.check_setup(spec.hparams_cls(), batch_size=batch_size + 1, mixup=True)
+        spec.task_cls.check_setup(spec.hparams_cls(), batch_size=batch_size)
+    with pytest.raises(ValueError, match='multiple of 2'):
+        check_method(spec, spec.hparams_cls(), batch_size=batch_size, mixup=False)
+    needs = spec.task_cls.requirements(spec.hparams_cls())
+    assert needs.mixup == 'refused' and needs.mixup_refusal == reason
+    with pytest.raises(UsageError) as exc:
+        check_method(spec, spec.hparams_cls(), batch_size=batch_size + 1, mixup=True)
+    assert str(exc.value) == f'--mixup/--cutmix are not supported with --selfkd {name}: {reason}'
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,10 +151,11 @@ def test_ddgsd_negative_mmd_weight():
 
 
 def test_ddgsd_sampler_views_of_rank_sampler():
-    spec = timm_selfkd.get_method('ddgsd')
+    task = timm_selfkd.create_task('ddgsd', Identity())
+    assert task.needs.own_batches
     index_sampler = DistributedSampler(range(12), num_replicas=1, rank=0, shuffle=True, seed=0)
-    sampler = spec.task_cls.batch_sampler(spec.hparams_cls(), index_sampler=index_sampler, labels=None,
-                                          batch_size=8, seed=0, rank=0, world_size=1)
+    sampler = task.batch_sampler(index_sampler=index_sampler, labels=None, batch_size=8, seed=0, rank=0,
+                                 world_size=1)
     assert isinstance(sampler, ViewsBatchSampler) and len(sampler) == 3
     assert all(len(batch) == 8 and batch[0::2] == batch[1::2] for batch in sampler)
 

@@ -6,34 +6,34 @@ import torch.nn as nn
 import timm_selfkd
 from timm_selfkd.components.soft_target_memory import SoftTargetMemory, memory_bytes
 from timm_selfkd.methods.base import RunInfo
-from timm_selfkd.runtime.batch_stream import BatchInfo
 
 EPOCHS = 4  # alpha_T = 0.8: a_0 = 0.2, a_1 = 0.4, a_3 = 0.8
 P = [0.5, 0.3, 0.2]  # the model's softmax for every image (its logits are log P)
 
 
 class FixedModel(nn.Module):
-    """Logits log P for every input (a parameter, so that the task has something to train)."""
+    """Logits log P for every input (a parameter, so that the task has something to train); tells its classes."""
 
     def __init__(self, probs):
         super().__init__()
         self.logits = nn.Parameter(torch.tensor(probs).log())
+        self.num_classes = len(probs)
 
     def forward(self, x):
         return self.logits.expand(x.shape[0], -1)
 
 
 def _task(num_samples=4, **hparams):
-    task = timm_selfkd.create_task('pskd', FixedModel(P), **hparams)
-    task.bind_run(RunInfo(num_epochs=EPOCHS, steps_per_epoch=1, num_samples=num_samples, num_classes=3,
-                          batch_size=2))
+    task = timm_selfkd.create_task('pskd', FixedModel(P), num_epochs=EPOCHS, steps_per_epoch=1,
+                                   num_samples=num_samples, batch_size=2, **hparams)
+    assert task.run.num_classes == 3
     task.train()
     return task
 
 
 def _step(task, epoch, indices, target):
-    task.bind_batch_info_source(lambda: BatchInfo(epoch, 0, torch.tensor(indices)))
-    return task(torch.zeros(len(indices), 1), torch.tensor(target))
+    task.set_epoch(epoch)
+    return task(torch.zeros(len(indices), 1), torch.tensor(target), indices=torch.tensor(indices))
 
 
 def _soft_ce(target, probs=P):
@@ -60,8 +60,8 @@ def test_targets_by_hand_at_epochs_0_1_and_last():
 
 
 def test_soft_targets_by_hand_with_label_smoothing():
-    task = timm_selfkd.create_task('pskd', FixedModel(P), criterion_kwargs=dict(smoothing=0.3))
-    task.bind_run(RunInfo(num_epochs=EPOCHS, steps_per_epoch=1, num_samples=2, num_classes=3, batch_size=2))
+    task = timm_selfkd.create_task('pskd', FixedModel(P), criterion_kwargs=dict(smoothing=0.3), num_epochs=EPOCHS,
+                                   steps_per_epoch=1, num_samples=2, batch_size=2)
     past = torch.tensor([P, [0., 0., 0.]])
     targets = task.progressive.soft_targets(torch.tensor([1, 0]), past, torch.tensor([True, False]), epoch=1)
     # smoothed labels: (0.1, 0.8, 0.1) and (0.8, 0.1, 0.1); the second image has no past prediction
@@ -141,10 +141,21 @@ def test_state_round_trip_and_what_differs():
 
 
 def test_bad_setups_are_refused():
-    task = timm_selfkd.create_task('pskd', FixedModel(P), topk=4)
     with pytest.raises(ValueError, match='--pskd-topk 4 is larger than the class count \\(3\\)'):
-        task.bind_run(RunInfo(num_epochs=2, steps_per_epoch=1, num_samples=4, num_classes=3, batch_size=2))
-    task = timm_selfkd.create_task('pskd', FixedModel(P))
+        timm_selfkd.create_task('pskd', FixedModel(P), topk=4, num_epochs=2, num_samples=4)
+    for facts, missing, why in [({}, 'num_epochs', 'alpha_t grows over the epochs of the run'),
+                                ({'num_epochs': 2}, 'num_samples',
+                                 'its memory of past predictions has a row per training image')]:
+        with pytest.raises(ValueError) as exc:
+            timm_selfkd.create_task('pskd', FixedModel(P), **facts)
+        assert str(exc.value) == f"create_task('pskd') needs {missing}=... ({why})"
+    untold = FixedModel(P)
+    del untold.num_classes
+    with pytest.raises(ValueError) as exc:
+        timm_selfkd.create_task('pskd', untold, num_epochs=2, num_samples=4)
+    assert str(exc.value) == ('PS-KD needs the class count of the model for its memory of past predictions, and '
+                              'this model does not tell it (no num_classes attribute)')
+    task = timm_selfkd.create_task('pskd', FixedModel(P), num_epochs=2, num_samples=4)
     with pytest.raises(ValueError, match='streamed data set'):
         task.bind_run(RunInfo(num_epochs=2, steps_per_epoch=1, num_samples=None, num_classes=3, batch_size=2))
     with pytest.raises(ValueError, match='alpha_t'):

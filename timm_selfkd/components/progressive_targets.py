@@ -64,11 +64,15 @@ class ProgressiveTargets:
         """Build the memory for the run's training set (collective under DDP: the table is shared per node).
 
         Raises:
-            ValueError: A streamed data set (no sample indices), or `topk` larger than the class count.
+            ValueError: A streamed data set (no sample indices), a model that does not tell its class count, or
+                `topk` larger than the class count.
         """
         if run.num_samples is None:
             raise ValueError(f'{self.name} needs the dataset index of every training image, and a streamed data set '
                              '(wds/, hfids/, tfds/) has no known sample order; use a map-style data set')
+        if not run.num_classes:
+            raise ValueError(f'{self.name} needs the class count of the model for its memory of past predictions, '
+                             'and this model does not tell it (no num_classes attribute)')
         if self.topk > run.num_classes:
             raise ValueError(f'{self.topk_flag} {self.topk} is larger than the class count ({run.num_classes})')
         self.num_epochs = run.num_epochs
