@@ -172,7 +172,7 @@ def _fails(capsys, tmp_path, argv, expected):
     (['--selfkd', 'dlb', '--bake-omega', '0.9'], 'hyper-parameter of bake'),
     (['--selfkd', 'bake', '--bake-omega', '1.5'], 'omega must be'),
     (['--model', 'no_such_model'], 'Unknown model'),
-    (['--selfkd', 'lsrkd_tc'], 'lsrkd_tc gamma must be > 1/K = 0.25 for 4 classes'),
+    (['--selfkd', 'lsrkd_tc', '--lsrkd-tc-gamma', '0.2'], 'lsrkd_tc gamma must be > 1/K = 0.25 for 4 classes'),
     (['--selfkd', 'tfkd_reg', '--tfkd-reg-gamma', '0.2'], 'tfkd_reg gamma must be > 1/K = 0.25 for 4 classes'),
     (['--selfkd', 'lsrkd_tc', '--lsrkd-tc-gamma', '1.0'], 'lsrkd_tc gamma must be > 0 and < 1'),
     (['--selfkd', 'lsrkd_tc', '--mixup', '0.2', '--lsrkd-tc-gamma', '0.5'], 'its teacher puts its mass'),

@@ -53,6 +53,21 @@ def memory_bytes(num_samples: int, num_classes: int, topk: int = 0) -> int:
     return num_samples * topk * (2 + torch.empty(0, dtype=_class_dtype(num_classes)).element_size())
 
 
+def _create_private(path: str, nbytes: int) -> None:
+    """Create `path` (it must not exist; a link is not followed) readable and writable by its owner only,
+    whatever the umask, and reserve `nbytes` in it. /dev/shm is writable by everyone: the table holds what
+    the model predicted for every training image, so no other user may read it, and none may plant the file."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask can only have taken bits away; this also restores the owner's
+        os.posix_fallocate(fd, 0, max(nbytes, 1))
+    except OSError:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
 def shared_zeros(shape: Tuple[int, ...], dtype: torch.dtype, local_rank: int, local_world_size: int,
                  tag: str = 'memory') -> torch.Tensor:
     """A zero-filled CPU tensor shared by the `local_world_size` processes of this node (collective).
@@ -73,8 +88,7 @@ def shared_zeros(shape: Tuple[int, ...], dtype: torch.dtype, local_rank: int, lo
     error = None
     if local_rank == 0:
         try:
-            with open(path, 'wb') as f:
-                os.posix_fallocate(f.fileno(), 0, max(nbytes, 1))
+            _create_private(path, nbytes)
         except OSError as e:
             error = (f'cannot reserve {nbytes / 2 ** 30:.2f} GiB of shared memory for the {tag} in {folder} '
                      f'({e.strerror}); enlarge it (docker run --shm-size) or store less')
@@ -82,7 +96,7 @@ def shared_zeros(shape: Tuple[int, ...], dtype: torch.dtype, local_rank: int, lo
     dist.all_gather_object(errors, error)  # also a barrier: every node's file exists after it
     failure = next((e for e in errors if e), None)
     if failure:
-        if error:
+        if local_rank == 0 and not error:
             os.unlink(path)
         raise ValueError(failure)
     table = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
