@@ -43,7 +43,8 @@ _MINIMUMS = {'epochs': 1, 'batch_size': 1, 'recovery_interval': 0, 'check_interv
              'train_crop_padding': 0, 'cutout': 0, 'mixup': 0., 'cutmix': 0., 'lr': 0., 'weight_decay': 0.,
              'mixup_off_epoch': 0}
 _PROBABILITIES = ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay')
-_RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank', 'selfkd_hparams'}  # not recipe keys
+# not recipe keys
+_RUN_ONLY = {'config', 'list_selfkd', 'distributed', 'world_size', 'rank', 'local_rank', 'selfkd_hparams'}
 
 
 def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +60,7 @@ def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
         spec = get_method(name)
         for field in hparam_fields(spec):
             kwargs: Dict[str, Any] = dict(dest=_dest(name, field.name), default=None,
-                                          help=f'{name}: {field.metadata.get("help", "")} (default: {field.default})')
+                                          help=f'{name}: {field.metadata.get("help", "")} (default: {_default(field)})')
             field_type = _TYPES.get(field.type, field.type)
             if field_type is bool:
                 kwargs['action'] = argparse.BooleanOptionalAction
@@ -419,6 +420,12 @@ def method_hparams(args: argparse.Namespace):
     return build_hparams(spec, values if len(values) > 1 else values[spec.name])
 
 
+def _default(field) -> str:
+    """A hyper-parameter's default as shown to users: its `default_text` (e.g. `2.5/K`, resolved by the run) or
+    the value."""
+    return str(field.metadata.get('default_text', field.default))
+
+
 def format_methods() -> str:
     """The text of `--list-selfkd`: every method, its paper, and each hyper-parameter with its default."""
     lines = []
@@ -428,7 +435,7 @@ def format_methods() -> str:
         lines.append(f'    paper: {spec.paper}')
         for field in hparam_fields(spec):
             lines.append(f'    {_flag(name, field.name):<26} {_dest(name, field.name):<22} '
-                         f'default {field.default!s:<6} {field.metadata.get("help", "")}')
+                         f'default {_default(field):<6} {field.metadata.get("help", "")}')
     layouts = [name for name in list_methods() if is_layout(get_method(name))]
     lines.append(f'LAYOUT+METHOD: a batch layout ({", ".join(layouts)}) stacked on another method, e.g. ddgsd+dlb '
                  '(DLB paper, table 3); each part keeps its own flags')

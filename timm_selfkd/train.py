@@ -42,7 +42,8 @@ from timm.utils import (dispatch_clip_grad, distribute_bn, init_distributed_devi
 from timm_selfkd.errors import UsageError
 from timm_selfkd.attach import attach, check_method, mixup_active
 from timm_selfkd.cli import format_methods, parse_args, recipe_values
-from timm_selfkd.runtime.checkpoint import AMP_SCALER_KEY, RunSaver, check_same_run, load_error, read_checkpoint
+from timm_selfkd.runtime.checkpoint import (AMP_SCALER_KEY, CheckpointWriteError, RunSaver, check_same_run,
+                                             load_error, read_checkpoint)
 from timm_selfkd.runtime.data import build_dataset, class_count, with_label_noise
 from timm_selfkd.runtime.run_guard import RunGuard, Verdict
 from timm_selfkd.runtime.metrics import LOWER_IS_BETTER
@@ -115,7 +116,8 @@ class Position:
 
     def state_dict(self) -> dict:
         """The position, with each rank's loss sums (from `gather`) as (world_size,) tensors."""
-        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ('ledger', 'rank_sums')}
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name not in ('ledger', 'rank_sums')}
         state.update(sums=self.rank_sums, counted=self.ledger.steps, images=self.ledger.images)
         return state
 
@@ -493,12 +495,15 @@ class Run:
             self.last_checkpoint = self.saver.curr_recovery_file
 
     def save(self, write: Callable[[], Any]) -> Any:
-        """Run a checkpoint write; a failed one (full disk, lost mount) ends the run with one line."""
+        """Run a write into the run's folder; a failed one (full disk, no permission, a vanished folder, a lost mount)
+        ends the run with one line."""
         try:
             return write()
-        except OSError as e:
-            raise Stopped(1, f'error: cannot write a checkpoint in {self.output_dir}: {e.strerror or e}; the '
-                             f'previous checkpoint is intact: {self.last_checkpoint or "none"}') from e
+        except OSError as e:  # CheckpointWriteError: the file, the bytes it needs, the free space
+            what = str(e) if isinstance(e, CheckpointWriteError) else \
+                f'cannot write {e.filename or "in " + self.output_dir}: {e.strerror or e}'
+            intact = self.last_checkpoint if self.last_checkpoint and os.path.isfile(self.last_checkpoint) else 'none'
+            raise Stopped(1, f'error: {what}; the previous checkpoint is intact: {intact}') from e
 
     def stop(self, signum: int) -> None:
         """End the run after a stop request, naming the checkpoint just written and the command to resume it."""
@@ -569,7 +574,7 @@ class Run:
                 if eval_metrics:
                     _logger.info(f'Eval {s.position.epoch}: ' +
                                  '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
-                self.write_summary(train_metrics, eval_metrics, 'ok', lr=sum(lrs) / len(lrs))
+                self.save(lambda: self.write_summary(train_metrics, eval_metrics, 'ok', lr=sum(lrs) / len(lrs)))
                 best = self.save(lambda: self.saver.save_checkpoint(s.position.epoch, metric=metric))
                 self.last_checkpoint = os.path.join(self.output_dir, 'last.pth.tar')
             verdict = s.guard.poll()  # a stop request during the epoch's last step or validation

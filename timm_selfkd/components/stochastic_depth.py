@@ -148,8 +148,8 @@ def add_stochastic_depth(model: nn.Module, rate: float) -> List[DepthUnit]:
 
     Block l = 0..L-1 (in forward order) gets the drop rate `rate * l / (L - 1)`, timm's `drop_path_rate`
     schedule (a linspace from 0: the first block is never dropped, the last with `rate`); the stochastic-depth
-    paper's rule, `rate * l / L` for l = 1..L, would drop the first block too. Blocks with rate 0 are left as they are. Returns the new units (empty when
-    the model has no slots).
+    paper's rule, `rate * l / L` for l = 1..L, would drop the first block too. Blocks with rate 0 are left as
+    they are. Returns the new units (empty when the model has no slots).
 
     Args:
         model: A timm model built with `drop_path_rate=0` (or without the argument).

@@ -24,15 +24,21 @@ class Needs:
     `SelfKDTask.requirements(hparams)`. The training loop, the upstream adapter, `create_task` and stacks read
     this record and the hooks of `SelfKDTask`, nothing else (`timm_selfkd.attach` wires it).
 
-    | field | default | the method ... | read by |
-    |---|---|---|---|
-    | `run_facts` | {} | needs these `RunInfo` facts in `bind_run` (name -> why); `create_task` asks for each by name | create_task |
-    | `own_batches` | False | chooses which images share a batch (`batch_sampler`) | attach, stacks |
-    | `sample_indices` | False | reads each row's dataset index and epoch (`batch_info()`) in every training forward | attach, create_task |
-    | `mixup` | 'loader' | takes mixup/CutMix as: 'loader' (mixed batches, soft targets), 'task' (unmixed batches with hard labels; it mixes them with `RunInfo.mixup`) or 'refused' | attach |
-    | `mixup_refusal` | '' | cannot train on mixed images, for this one-line reason ('refused') | attach |
-    | `row_aligned_output` | True | returns `output` with one row per input row, in order | stacks |
-    | `rows_per_image` | 0 | is a batch layout that makes each image this many rows (the layout hooks below); 0: a method | stacks, cli |
+    ======================  =========  ==========================================================  ===========
+    field                   default    the method ...                                              read by
+    ======================  =========  ==========================================================  ===========
+    `run_facts`             {}         needs these `RunInfo` facts in `bind_run` (name -> why)     create_task
+    `own_batches`           False      chooses which images share a batch (`batch_sampler`)        attach, stack
+    `sample_indices`        False      reads each row's dataset index and epoch (`batch_info()`)   attach
+                                       in every training forward
+    `mixup`                 'loader'   takes mixup/CutMix as 'loader' (mixed batches, soft         attach
+                                       targets), 'task' (unmixed batches, hard labels; it mixes
+                                       them with `RunInfo.mixup`) or 'refused'
+    `mixup_refusal`         ''         cannot train on mixed images, for this one-line reason      attach
+    `row_aligned_output`    True       returns `output` with one row per input row, in order       stack
+    `rows_per_image`        0          is a batch layout making each image this many rows (the     stack, cli
+                                       layout hooks of `SelfKDTask`); 0: a method
+    ======================  =========  ==========================================================  ===========
 
     Derived: `streamed_data` (a streamed data set, which has neither sampler nor indices, can train the method).
     """
@@ -175,16 +181,21 @@ class SelfKDTask(TrainingTask):
     A method declares what it needs from a run in one record, `requirements(hparams) -> Needs` (see `Needs`),
     and implements `forward`. The hooks, each optional, and who calls them:
 
-    | hook | what it is for | called by |
-    |---|---|---|
-    | `requirements(hparams)` | the method's `Needs` (class method) | attach, create_task, stacks, cli |
-    | `check_setup(hparams, batch_size=)` | refuse hyper-parameters that cannot train at this batch size (class method) | attach, create_task |
-    | `wrap_model(model)` | the trainable module (default: the model) | `__init__` |
-    | `batch_sampler(index_sampler, labels, batch_size, seed, rank, world_size)` | the batches, for `Needs.own_batches` | attach, `timm_selfkd.batch_sampler` |
-    | `bind_run(run)` | learn the run's facts (`RunInfo`: length, data set size, mixup, batch-information source) | attach, create_task |
-    | `get_task_state`/`load_task_state`/`check_task_state`/`sync_task_state` | state that survives `--resume` (gathered from every rank before a save) | checkpoints |
-    | `eval_forward(ema)` / `create_evaluator()` | what validation calls and measures | the loops |
-    | `rows_per_image > 0` only: `check_stack`, `wrap_batch_sampler`, `layout_terms` | a batch layout under a stack | stacks |
+    ==============================================  ============================================  ==============
+    hook                                            what it is for                                called by
+    ==============================================  ============================================  ==============
+    `requirements(hparams)` (class method)          the method's `Needs`                          attach, stack
+    `check_setup(hparams, batch_size=)` (class)     refuse what cannot train at this batch size   attach
+    `wrap_model(model)`                             the trainable module (default: the model)     `__init__`
+    `batch_sampler(index_sampler, labels, ...)`     the batches, for `Needs.own_batches`          attach
+    `bind_run(run)`                                 the run's facts (`RunInfo`: length, data-set  attach
+                                                    size, mixup, batch-information source)
+    `get/load/check/sync_task_state`                state that survives `--resume` (gathered      checkpoints
+                                                    from every rank before a save)
+    `eval_forward(ema)`, `create_evaluator()`       what validation calls and measures            the loops
+    `check_stack`, `wrap_batch_sampler`,            a batch layout (`Needs.rows_per_image > 0`)   stack
+    `layout_terms` (class methods)                  under a stack
+    ==============================================  ============================================  ==============
 
     A task with `Needs.sample_indices` calls `batch_info()` once per training `forward`. The method's name and
     hyper-parameters travel with the task (`task.method`, `task.hparams`, `task.needs`).

@@ -83,7 +83,7 @@ class LsrKDHparams(ClassTeacher):
 
 @dataclass
 class LsrKDTCHparams(LsrKDHparams):
-    gamma: float = field(default=None, metadata={
+    gamma: float = field(default=None, metadata={'default_text': '2.5/K',
         'help': 'teacher probability of the true class (eq. 11), in (1/K, 1); default 2.5 / K, the paper\'s rule '
                 '(0.025 for 100 classes, 0.25 for 10; 0.75 for 2)'})
 

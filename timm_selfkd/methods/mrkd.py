@@ -76,7 +76,7 @@ class MrKDHparams:
 
 @dataclass
 class MrKDTCHparams(MrKDHparams):
-    gamma: float = field(default=None, metadata={
+    gamma: float = field(default=None, metadata={'default_text': '2.5/K',
         'help': 'probability given to the true class in each copy\'s corrected distribution (eq. 16); default '
                 '2.5 / K as LsrKD-TC (the paper compares the two at the same gamma, fig. 4; it gives no MrKD-TC '
                 'default): 0.025 for 100 classes, 0.25 for 10, 0.75 for 2'})

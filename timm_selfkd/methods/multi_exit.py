@@ -318,10 +318,10 @@ class MultiExitTask(SelfKDTask):
     PS-KD (seed 4 sec. 3.1, after Kim et al.): the target of `L_CE` and of eq. 2's exit CE is
     `y_soft = (1 - a_e) y + a_e P^T(x)`, where the teacher `P^T` is the previous epoch's model, i.e. the
     softmax the deepest classifier (the deployed model) gave the image when it was last trained on, kept per
-    sample by `components.progressive_targets.ProgressiveTargets` (the component `--selfkd pskd` uses). The exits' predictions
-    are not stored: the paper's teacher is "the trained model in the previous epoch". PS-KD alone (no BYOT, no
-    DMFL) trains the model exactly as `--selfkd pskd`; its exits are then probes on detached features, for
-    the per-exit accuracies. With PS-KD on, the task reads `batch_info()` and refuses mixup/CutMix and
+    sample by `components.progressive_targets.ProgressiveTargets` (the component `--selfkd pskd` uses). The
+    exits' predictions are not stored: the paper's teacher is "the trained model in the previous epoch". PS-KD
+    alone (no BYOT, no DMFL) trains the model exactly as `--selfkd pskd`; its exits are then probes on detached
+    features, for the per-exit accuracies. With PS-KD on, the task reads `batch_info()` and refuses mixup/CutMix and
     streamed data sets, as PS-KD does (`requirements`).
     """
 

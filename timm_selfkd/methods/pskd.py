@@ -35,8 +35,8 @@ class PSKDTask(SelfKDTask):
     in epoch 0) has P[i] = its label, so epoch 0 trains on the labels. The loss is the cross-entropy with these
     soft targets (T = 1, no separate hard-label term); with `--smoothing`, `y` is the smoothed label. The
     targets and P (a per-sample memory built by `bind_run`, saved in the task state) are
-    `components.progressive_targets.ProgressiveTargets`, shared with multi-exit's PS-KD switch; the dataset index of each image
-    comes from `batch_info()`.
+    `components.progressive_targets.ProgressiveTargets`, shared with multi-exit's PS-KD switch; the dataset index
+    of each image comes from `batch_info()`.
     """
 
     @classmethod

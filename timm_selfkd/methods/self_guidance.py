@@ -10,8 +10,9 @@ import torch.nn as nn
 
 from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.registry import register_method
-from timm_selfkd.components.stochastic_depth import (DepthUnit, add_stochastic_depth, check_rates, find_depth_units, frozen_norm_stats,
-                                full_network, grad_checkpointing_modules, sampled_subnetwork)
+from timm_selfkd.components.stochastic_depth import (DepthUnit, add_stochastic_depth, check_rates, find_depth_units,
+                                                     frozen_norm_stats, full_network, grad_checkpointing_modules,
+                                                     sampled_subnetwork)
 from timm_selfkd.methods.base import ModelWrapper, SelfKDTask, check_range
 
 _logger = logging.getLogger(__name__)
