@@ -14,7 +14,10 @@ import torch
 from torch._dynamo import list_backends, lookup_backend, register_backend
 
 from timm_selfkd import train
-from compat_matrix import CELLS
+
+# the matrix renderer is a benchmarks/ script, not part of the package (also in matrix_ddp.py's processes)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+from compat_matrix import CELLS  # noqa: E402
 
 FLAGS = {cell.name: cell.flags for cell in CELLS}
 
