@@ -107,7 +107,7 @@ def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-def check_method(spec: MethodSpec, hparams: Any, *, batch_size: int, mixup: bool = False, aug_repeats: int = 0,
+def check_method(spec: MethodSpec, hparams: Any, *, batch_size: int, mixup: bool = False, aug_repeats: float = 0,
                  dataset: Optional[Dataset] = None, script: bool = False) -> None:
     """Refuse, in one line, what the method cannot train (before any file is written).
 
@@ -115,7 +115,7 @@ def check_method(spec: MethodSpec, hparams: Any, *, batch_size: int, mixup: bool
         spec, hparams: The method and its hyper-parameters.
         batch_size: Images (rows) per step and process.
         mixup: Whether mixup/CutMix is on.
-        aug_repeats: timm's repeated-augmentation count (0: off).
+        aug_repeats: timm's repeated-augmentation count (0: off; fractional counts as in timm).
         dataset: The training set, when already built (a streamed one has no sampler and no indices).
         script: The run is a user's timm train.py (the adapter), which mixes whole batches in its loader.
     """
@@ -127,7 +127,7 @@ def check_method(spec: MethodSpec, hparams: Any, *, batch_size: int, mixup: bool
         raise UsageError(f'--mixup/--cutmix are not supported with --selfkd {spec.name} under a timm script: the '
                          'method mixes its batches itself, and the script mixes whole batches; use timm_selfkd\'s '
                          'train.py')
-    if aug_repeats and needs.own_batches:
+    if aug_repeats and needs.own_batches and not needs.batches_over_index_sampler:
         raise UsageError(f'--aug-repeats cannot combine with --selfkd {spec.name}, which chooses its own batches')
     if isinstance(dataset, IterableDataset) and not needs.streamed_data:
         raise UsageError(f'--selfkd {spec.name} chooses its batches or reads sample indices, which a streamed data '
@@ -148,7 +148,7 @@ def _local_world_size(world_size: int) -> int:
 
 
 def attach(task: SelfKDTask, *, loader, dataset: Dataset, batch_size: int, num_epochs: int, seed: int, rank: int = 0,
-           world_size: int = 1, local_rank: int = 0, aug_repeats: int = 0, mixup: Optional[Any] = None) -> Attached:
+           world_size: int = 1, local_rank: int = 0, aug_repeats: float = 0, mixup: Optional[Any] = None) -> Attached:
     """Make a timm training loader read the task's batches, and tell the task the run's facts.
 
     The method's batch sampler (`Needs.own_batches`) or plain shuffled batches are wrapped in a `BatchStream`,

@@ -270,7 +270,7 @@ class Injection:
                 self.spec = get_method(args.selfkd)
                 refused_options_set(args, self.refused_defaults)
                 check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
-                             aug_repeats=int(getattr(args, 'aug_repeats', 0) or 0), script=True)
+                             aug_repeats=getattr(args, 'aug_repeats', 0) or 0, script=True)
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.args = args
@@ -320,7 +320,7 @@ class Injection:
         args = self.args
         attached = attach(task, loader=self.loader.loader, dataset=self.dataset, batch_size=self.batch_size,
                           num_epochs=args.epochs, seed=args.seed, rank=args.rank, world_size=args.world_size,
-                          local_rank=args.local_rank, aug_repeats=int(getattr(args, 'aug_repeats', 0) or 0))
+                          local_rank=args.local_rank, aug_repeats=getattr(args, 'aug_repeats', 0) or 0)
         self.loader.swap(attached.loader)
         self.stream = attached.stream
         if args.rank == 0:

@@ -29,6 +29,8 @@ class Needs:
     ======================  =========  ==========================================================  ===========
     `run_facts`             {}         needs these `RunInfo` facts in `bind_run` (name -> why)     create_task
     `own_batches`           False      chooses which images share a batch (`batch_sampler`)        attach, stack
+    `batches_over_index_    False      draws its own batches from the run's index sampler, so      attach
+     sampler`                          timm's repeated augmentation (--aug-repeats) composes
     `sample_indices`        False      reads each row's dataset index and epoch (`batch_info()`)   attach
                                        in every training forward
     `mixup`                 'loader'   takes mixup/CutMix as 'loader' (mixed batches, soft         attach
@@ -44,6 +46,7 @@ class Needs:
     """
     run_facts: Mapping[str, str] = field(default_factory=dict)
     own_batches: bool = False
+    batches_over_index_sampler: bool = False
     sample_indices: bool = False
     mixup: str = 'loader'
     mixup_refusal: str = ''

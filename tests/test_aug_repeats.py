@@ -1,0 +1,53 @@
+"""timm's repeated augmentation (`--aug-repeats`, DeiT/RSB recipes) under a method's own batches: the method's
+sampler composes over timm's `RepeatAugSampler`, and its invariants hold."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+from timm.data.distributed_sampler import RepeatAugSampler
+
+from timm_selfkd.attach import check_method
+from timm_selfkd.components.samplers import LastBatchSampler
+from timm_selfkd.errors import UsageError
+from timm_selfkd.registry import build_hparams, get_method
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('repeats', [2, 3, 1.5])
+def test_dlb_batches_over_repeated_indices_keep_the_repeated_half(repeats):
+    data = list(range(40))
+    repeated = RepeatAugSampler(data, num_replicas=1, rank=0, num_repeats=repeats)
+    sampler = LastBatchSampler(repeated, 8)
+    for epoch in range(2):
+        batches = list(sampler)
+        repeated.set_epoch(epoch)
+        order = list(repeated)
+        assert len(order) == 40 and len(set(order)) < 40  # images drawn more than once
+        for previous, batch in zip(batches, batches[1:]):
+            assert batch[:4] == previous[4:]  # DLB's invariant: the repeated half is the last new half
+        # every index of the repeated order is new exactly once, in order (epoch 0 starts with two new halves)
+        new = ([batches[0][:4]] if epoch == 0 else []) + [batch[4:] for batch in batches]
+        assert [i for half in new for i in half] == order
+
+
+def test_own_batches_not_drawn_from_the_index_sampler_are_refused():
+    for name in ('bake', 'cskd'):
+        spec = get_method(name)
+        with pytest.raises(UsageError, match=f'--aug-repeats cannot combine with --selfkd {name}, which chooses'):
+            check_method(spec, build_hparams(spec, {}), batch_size=8, aug_repeats=3)
+    spec = get_method('dlb')
+    check_method(spec, build_hparams(spec, {}), batch_size=8, aug_repeats=3)  # taken
+
+
+def test_dlb_trains_with_repeated_augmentation(image_folder, tmp_path):
+    run = [sys.executable, 'train.py', '--data-dir', image_folder, '--model', 'resnet18', '--img-size', '32', '-b', '8',
+           '--epochs', '1', '--sched', 'none', '--lr', '0.01', '--workers', '0', '--device', 'cpu', '--selfkd', 'dlb',
+           '--aug-repeats', '3', '--output', str(tmp_path), '--experiment', 'run']
+    result = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / 'run' / 'summary.csv') as f:
+        row = list(csv.DictReader(f))[-1]
+    assert float(row['train_loss_kd']) > 0 and int(float(row['train_images'])) > 0
