@@ -9,7 +9,7 @@ import pytest
 from timm.data.distributed_sampler import RepeatAugSampler
 
 from timm_selfkd.attach import check_method
-from timm_selfkd.components.samplers import LastBatchSampler
+from timm_selfkd.components.samplers import ClassGroupBatchSampler, LastBatchSampler
 from timm_selfkd.errors import UsageError
 from timm_selfkd.registry import build_hparams, get_method
 
@@ -51,3 +51,25 @@ def test_dlb_trains_with_repeated_augmentation(image_folder, tmp_path):
     with open(tmp_path / 'run' / 'summary.csv') as f:
         row = list(csv.DictReader(f))[-1]
     assert float(row['train_loss_kd']) > 0 and int(float(row['train_images'])) > 0
+
+
+@pytest.mark.parametrize('layout, group', [('interleaved', 2), ('interleaved', 4), ('anchors_first', 2)])
+def test_class_groups_draw_their_anchors_from_the_repeated_sampler(layout, group):
+    labels = [i % 4 for i in range(40)]
+    anchors = RepeatAugSampler(labels, num_replicas=1, rank=0, num_repeats=3)
+    sampler = ClassGroupBatchSampler(labels, 4 * group, group - 1, layout=layout, anchor_sampler=anchors)
+    for epoch in range(2):
+        batches = list(sampler)
+        anchors.set_epoch(epoch)
+        expected = list(anchors)
+        groups = [g for batch in batches for g in _groups(batch, group, layout)]
+        assert [g[0] for g in groups] == expected  # the anchors, in the repeated sampler's order
+        for anchor, *partners in groups:
+            assert all(labels[p] == labels[anchor] and p != anchor for p in partners)
+
+
+def _groups(batch, group, layout):
+    if layout == 'interleaved':
+        return [batch[i:i + group] for i in range(0, len(batch), group)]
+    anchors = len(batch) // group
+    return [[batch[i + k * anchors] for k in range(group)] for i in range(anchors)]

@@ -90,7 +90,9 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
     CS-KD, Yun et al., CVPR 2020, sec. 3.1).
 
     Every epoch, each index is an anchor exactly once across all ranks (the permutation is padded by
-    wrapping, like `DistributedSampler`, so all ranks get the same number of batches). Each anchor is joined
+    wrapping, like `DistributedSampler`, so all ranks get the same number of batches); or, with
+    `anchor_sampler`, the anchors are that sampler's indices for this rank and epoch (the run's shuffled index
+    sampler, e.g. timm's `RepeatAugSampler`, which draws each image several times). Each anchor is joined
     by `num_same_class` other images of its class, never the anchor itself, distinct whenever the class
     has enough images. A batch holds `batch_size // (M + 1)` whole groups of an anchor and its partners; the
     last batch of an epoch may hold fewer groups. The layout of a batch of G groups is
@@ -108,6 +110,8 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
         world_size: Number of processes.
         layout: `'interleaved'` or `'anchors_first'`.
         method: Name used in error messages.
+        anchor_sampler: Where the anchors come from (rank-aware, with `set_epoch`); default: the permutation
+            above.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
             world_size: int = 1,
             layout: str = 'interleaved',
             method: str = 'BAKE',
+            anchor_sampler: Optional[Sampler[int]] = None,
     ):
         self.check_batch_size(batch_size, num_same_class, method)
         if layout not in GROUP_LAYOUTS:
@@ -141,7 +146,8 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.num_anchors = math.ceil(labels.size / world_size)
+        self.anchor_sampler = anchor_sampler
+        self.num_anchors = len(anchor_sampler) if anchor_sampler is not None else math.ceil(labels.size / world_size)
         self.epoch = 0
 
     @staticmethod
@@ -158,6 +164,9 @@ class ClassGroupBatchSampler(Sampler[List[int]]):
         self.epoch = epoch
 
     def _anchors(self) -> np.ndarray:
+        if self.anchor_sampler is not None:
+            self.anchor_sampler.set_epoch(self.epoch)
+            return np.fromiter(self.anchor_sampler, dtype=np.int64, count=self.num_anchors)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.labels.size)
         total = self.num_anchors * self.world_size
         order = np.resize(order, total)  # wraps around to pad, so every rank gets the same count
