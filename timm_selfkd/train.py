@@ -44,7 +44,8 @@ from timm_selfkd.attach import attach, check_method, mixup_active
 from timm_selfkd.cli import format_methods, parse_args, recipe_values
 from timm_selfkd.runtime.checkpoint import (AMP_SCALER_KEY, CheckpointWriteError, RunSaver, check_same_run,
                                              load_error, read_checkpoint)
-from timm_selfkd.runtime.data import build_dataset, class_count, with_label_noise
+from timm_selfkd.runtime.data import (build_dataset, class_count, dataset_class_map, with_label_noise,
+                                       workers_ignore_stop_signals)
 from timm_selfkd.runtime.run_guard import RunGuard, Verdict
 from timm_selfkd.runtime.metrics import LOWER_IS_BETTER
 from timm_selfkd.registry import get_method
@@ -123,13 +124,16 @@ class Position:
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device, rank: int, world_size: int) -> 'Position':
-        sums = state.pop('sums')
-        if not state['finished'] and any(v.shape[0] != world_size for v in sums.values()):
-            raise UsageError(f'this recovery checkpoint was written by {next(iter(sums.values())).shape[0]} '
-                             f'processes; resume it with as many (or resume an epoch checkpoint)')
-        ledger = LossLedger({name: value[rank].to(device) for name, value in sums.items()}, state.pop('counted'),
-                            state.pop('images'))
-        return cls(**state, ledger=ledger)
+        sums, counted, images = state.pop('sums'), state.pop('counted'), state.pop('images')
+        if state['finished']:  # an epoch checkpoint: the next epoch starts with nothing summed, on any world size
+            return cls(**state)
+        written_by = {value.shape[0] for value in sums.values()} - {world_size}
+        if written_by:
+            raise UsageError(f'this recovery checkpoint was written by {written_by.pop()} processes and this run has '
+                             f'{world_size}: resume it with as many, or resume the last epoch checkpoint '
+                             '(last.pth.tar), which resumes on any number')
+        return cls(**state, ledger=LossLedger({name: value[rank].to(device) for name, value in sums.items()},
+                                              counted, images))
 
 
 class Stopped(Exception):
@@ -206,7 +210,7 @@ class Setup:
             args.in_chans = args.input_size[0]
         self.train_dataset, self.eval_dataset = self._datasets()
         check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
-                     aug_repeats=int(args.aug_repeats), dataset=self.train_dataset)
+                     aug_repeats=args.aug_repeats, dataset=self.train_dataset)
         self.model = self._create_model(class_count(self.train_dataset))
         self.data_config = resolve_data_config(vars(args), model=self.model)
         in_task = self.spec.task_cls.requirements(self.hparams).mixup == 'task'
@@ -223,7 +227,7 @@ class Setup:
         attached = attach(self.task, loader=self.train_loader, dataset=self.train_dataset,
                           batch_size=args.batch_size, num_epochs=args.epochs, seed=args.seed, rank=args.rank,
                           world_size=args.world_size, local_rank=args.local_rank,
-                          aug_repeats=int(args.aug_repeats), mixup=self.mixup if in_task else None)
+                          aug_repeats=args.aug_repeats, mixup=self.mixup if in_task else None)
         self.train_loader, self.stream = attached.loader, attached.stream
         self.steps_per_epoch = attached.steps_per_epoch  # nominal: DLB's first epoch is one step shorter
         _resolve_lr(args)
@@ -309,7 +313,7 @@ class Setup:
         train = build_dataset(split=args.train_split, is_training=True, subset=args.train_subset,
                               num_samples=args.train_num_samples, **common)
         evaluation = build_dataset(split=args.val_split, is_training=False, subset=args.val_subset,
-                                   num_samples=args.val_num_samples, **common)
+                                   num_samples=args.val_num_samples, train_classes=dataset_class_map(train), **common)
         if args.train_label_noise:
             train = with_label_noise(train, args.train_label_noise, args.seed)
         return train, evaluation
@@ -335,7 +339,9 @@ class Setup:
             train_loader.dataset.transform = with_cutout(train_loader.dataset.transform, args.cutout, cfg['mean'])
         eval_loader = create_loader(self.eval_dataset, batch_size=args.validation_batch_size or args.batch_size,
                                     is_training=False, crop_pct=cfg['crop_pct'], **common)
-        return train_loader, eval_loader
+        # stop signals sent to the process group are the main process's to act on (a streamed training set's
+        # loader stays this one; `attach` rebuilds the others, keeping the workers' init)
+        return workers_ignore_stop_signals(train_loader), workers_ignore_stop_signals(eval_loader)
 
     def _resume(self, checkpoint: dict, path: str) -> None:
         """Restore weights, task state, optimizer, loss scaler, scheduler and the loop's position."""
@@ -359,6 +365,18 @@ class Setup:
         else:
             self.position = Position.from_state(loop['position'], self.device, args.rank, args.world_size)
             self.scheduler.load_state_dict(loop['scheduler'])
+        saved = checkpoint.get('args')
+        layout = (getattr(saved, 'world_size', args.world_size), getattr(saved, 'batch_size', args.batch_size))
+        if layout != (args.world_size, args.batch_size):
+            if not self.position.finished and self.position.step and layout[1] != args.batch_size:
+                raise UsageError(f'this recovery checkpoint was written with -b {layout[1]} per process and this run '
+                                 f'has -b {args.batch_size}: its next step is another batch; resume it with -b '
+                                 f'{layout[1]}, or resume the last epoch checkpoint (last.pth.tar)')
+            if args.rank == 0:
+                _logger.warning(f'resuming {path}, written by {layout[0]} process(es) with -b {layout[1]}, on '
+                                f'{args.world_size} with -b {args.batch_size}: the batches differ from here on, so the '
+                                'run is not bit-identical to one that kept the same; per-process method state that '
+                                'does not fit is dropped (see the method\'s own line)')
         if self.position.finished:  # an epoch checkpoint: the next epoch
             self.position.start_epoch(self.position.epoch + 1)
         if args.no_resume_opt or loop is None:  # the lr comes from the schedule, not the saved optimizer
@@ -668,6 +686,12 @@ def main(argv: Optional[list] = None) -> None:
         if args.rank == 0:
             print(f'train.py: {stop}', file=sys.stderr, flush=True)
         sys.exit(stop.status)
+    except RuntimeError as e:  # a worker killed (OOM killer, SIGKILL, a crash): not a stop request, an error
+        if not str(e).startswith('DataLoader worker'):
+            raise
+        print(f'train.py: error: {str(e).strip().splitlines()[0].strip()}; last checkpoint: '
+              f'{run.last_checkpoint or "none"}', file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         s.guard.uninstall()
         if args.distributed and dist.is_initialized():

@@ -1,12 +1,17 @@
 """Data sets and loaders: timm's `create_dataset`/`create_loader`, Fashion-MNIST from local files, and the
 injection of a method's batches (through a `BatchStream`) into timm's loader."""
 import gzip
+import logging
 import os
-from typing import Optional, Sequence
+import signal
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 from timm.data import create_dataset
+from timm.data.readers.reader_image_folder import ReaderImageFolder
+from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+from timm.utils.misc import natural_key
 from timm.data.loader import PrefetchLoader
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
@@ -15,8 +20,10 @@ from timm_selfkd.errors import UsageError
 from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
-           'class_count', 'dataset_labels', 'symmetric_label_noise', 'with_label_noise', 'index_sampler',
-           'read_through']
+           'class_count', 'dataset_labels', 'dataset_class_map', 'symmetric_label_noise', 'with_label_noise',
+           'index_sampler', 'read_through', 'workers_ignore_stop_signals']
+
+_logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
 
@@ -98,12 +105,15 @@ class DatasetView(Dataset):
 
 def build_dataset(name: str, root: Optional[str], split: str, is_training: bool, in_chans: int,
                   download: bool = False, subset: int = 0, seed: int = 0, input_img_mode: Optional[str] = None,
-                  **timm_kwargs) -> Dataset:
+                  train_classes: Optional[Dict[str, int]] = None, **timm_kwargs) -> Dataset:
     """`fashion_mnist` from local files, anything else through timm's `create_dataset`.
 
     Args:
         subset: If > 0, keep this many images, drawn at random with `seed` (the same on every rank).
         input_img_mode: PIL mode of the images (default: 'L' for 1 channel, else 'RGB').
+        train_classes: The training split's class map (`dataset_class_map`) for another split of an image folder
+            or tar data set: that split is labelled by it (a class folder it lacks is logged, one training lacks
+            is a `UsageError`), unless `class_map` names a map for both.
         **timm_kwargs: More `create_dataset` arguments (class_map, input_key, num_samples, ...).
     """
     img_mode = input_img_mode or ('L' if in_chans == 1 else 'RGB')
@@ -113,12 +123,19 @@ def build_dataset(name: str, root: Optional[str], split: str, is_training: bool,
     else:
         if not name and (not root or not os.path.exists(root)):
             raise DatasetNotFoundError(f'image folder {root!r} does not exist (set --data-dir)')
-        try:
-            dataset = create_dataset(name, root=root, split=split, is_training=is_training, download=download,
-                                     input_img_mode=img_mode, seed=seed, **timm_kwargs)
-        except (RuntimeError, AssertionError, FileNotFoundError, OSError) as e:
-            raise DatasetNotFoundError(f'data set {name or "folder"!r} ({split}) could not be loaded from '
-                                       f'{root!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
+        def create(**kwargs):
+            try:
+                return create_dataset(name, root=root, split=split, is_training=is_training, download=download,
+                                      input_img_mode=img_mode, seed=seed, **{**timm_kwargs, **kwargs})
+            except (RuntimeError, AssertionError, FileNotFoundError, OSError) as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DatasetNotFoundError(f'data set {name or "folder"!r} ({split}) could not be loaded from '
+                                           f'{root!r}: {reason}') from e
+
+        dataset = create()
+        if train_classes is not None and not timm_kwargs.get('class_map') and \
+                _class_map_check(dataset, split, train_classes):
+            dataset = create(class_map=train_classes)  # labels by the training split's folder names
         if name.lower().startswith('torch/'):
             convert_mode = img_mode
     if isinstance(dataset, IterableDataset):
@@ -142,10 +159,50 @@ def dataset_labels(dataset: Dataset) -> Optional[np.ndarray]:
         return None if labels is None else labels[dataset.indices]
     if hasattr(dataset, 'targets'):
         return np.asarray(dataset.targets, dtype=np.int64)
-    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    reader = getattr(dataset, 'reader', None)
+    if isinstance(reader, ReaderImageInTar):  # a tar data set: its samples are (member, tar, child tar)
+        return np.asarray(reader.targets, dtype=np.int64)
+    samples = getattr(reader, 'samples', None)
     if samples is not None:
         return np.asarray([target for _, target in samples], dtype=np.int64)
     return None
+
+
+def dataset_class_map(dataset: Dataset) -> Optional[Dict[str, int]]:
+    """The class name -> label map of a timm image folder or tar data set (through any `DatasetView`), or None
+    for data sets whose labels do not come from folder names (they are the same in every split)."""
+    while isinstance(dataset, DatasetView):
+        dataset = dataset.dataset
+    reader = getattr(dataset, 'reader', None)
+    if isinstance(reader, ReaderImageFolder):
+        return dict(reader.class_to_idx)
+    if isinstance(reader, ReaderImageInTar):
+        return dict(reader.class_name_to_idx)
+    return None
+
+
+def _names(names: List[str], most: int = 10) -> str:
+    shown = ', '.join(names[:most])
+    return shown + (f' and {len(names) - most} more' if len(names) > most else '')
+
+
+def _class_map_check(dataset: Dataset, split: str, train_classes: Dict[str, int]) -> bool:
+    """Compare a split's own class folders with the training split's: a folder training lacks is an error
+    naming it; a missing one is logged. Returns whether the split must be read again with the training map."""
+    own = dataset_class_map(dataset)
+    if own is None or own == train_classes:
+        return False
+    root = getattr(dataset.reader, 'root', split)
+    extra = sorted(set(own) - set(train_classes), key=natural_key)
+    if extra:
+        raise UsageError(f'the {split!r} split ({root}) has {len(extra)} class folder(s) the training split lacks: '
+                         f'{_names(extra)}; the model has no label for them (remove them, or pass the same '
+                         f'--class-map to both splits)')
+    missing = sorted(set(train_classes) - set(own), key=natural_key)
+    if missing:
+        _logger.warning(f'the {split!r} split ({root}) lacks {len(missing)} of the {len(train_classes)} training '
+                        f'classes: {_names(missing)}; evaluating its {len(own)} classes with their training labels')
+    return True
 
 
 def class_count(dataset: Dataset) -> Optional[int]:
@@ -202,7 +259,8 @@ def with_label_noise(dataset: Dataset, rate: float, seed: int) -> Dataset:
     return DatasetView(dataset, targets=symmetric_label_noise(labels, rate, class_count(dataset) or 0, seed))
 
 
-def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int, aug_repeats: int = 0) -> Sampler[int]:
+def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int,
+                  aug_repeats: float = 0) -> Sampler[int]:
     """A shuffling index sampler that is rank-aware and replayable per epoch (seed, epoch); with `aug_repeats`,
     timm's repeated-augmentation sampler (epochs of the usual length made of images drawn `aug_repeats` times,
     each copy on another rank)."""
@@ -211,9 +269,41 @@ def index_sampler(dataset: Dataset, seed: int, rank: int, world_size: int, aug_r
     return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
 
 
+class _IgnoreStopSignals:
+    """A DataLoader `worker_init_fn` that makes the worker ignore SIGTERM and SIGINT, then runs `init_fn` (timm's).
+
+    Schedulers (Slurm on preemption, scancel and the time limit), `timeout`, container runtimes and Ctrl-C signal
+    the whole process group. The main process stops the run cleanly (a recovery checkpoint at the next step);
+    a worker must not die of the same signal first, which the main process would report as a crashed worker. The
+    main process ends its workers itself when it exits; a worker that dies of anything else is still an error.
+    A class, not a closure, so that it pickles for the spawn and forkserver start methods."""
+
+    def __init__(self, init_fn: Optional[Callable[[int], None]]):
+        self.init_fn = init_fn
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        if self.init_fn is not None:
+            self.init_fn(worker_id)
+
+
+def _ignoring_stop_signals(init_fn):
+    return init_fn if isinstance(init_fn, _IgnoreStopSignals) else _IgnoreStopSignals(init_fn)
+
+
+def workers_ignore_stop_signals(loader):
+    """Make the DataLoader workers of `loader` (a `DataLoader` or timm's `PrefetchLoader`) ignore SIGTERM and
+    SIGINT, leaving stop signals to the main process (see `_IgnoreStopSignals`). Returns `loader`."""
+    inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
+    inner.worker_init_fn = _ignoring_stop_signals(inner.worker_init_fn)
+    return loader
+
+
 def read_through(loader, stream: BatchStream):
     """The timm training `loader` rebuilt to read its batches from `stream` (each item a `SampleKey`, read by a
-    `KeyedDataset`); transforms, collate (fast collate, mixup), workers and the prefetcher stay timm's.
+    `KeyedDataset`); transforms, collate (fast collate, mixup), workers and the prefetcher stay timm's, and the
+    workers ignore SIGTERM and SIGINT (`workers_ignore_stop_signals`).
 
     Returns:
         The same `PrefetchLoader` with its inner `DataLoader` replaced, or the rebuilt `DataLoader`.
@@ -224,7 +314,7 @@ def read_through(loader, stream: BatchStream):
         num_workers=inner.num_workers,
         collate_fn=inner.collate_fn,
         pin_memory=inner.pin_memory,
-        worker_init_fn=inner.worker_init_fn,
+        worker_init_fn=_ignoring_stop_signals(inner.worker_init_fn),  # stop signals are the main process's
         persistent_workers=inner.persistent_workers,
     )
     if inner.num_workers > 0:

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from timm_selfkd.runtime.checkpoint import remove_partial_files
+
 __all__ = ['RunGuard', 'Verdict']
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -66,6 +68,7 @@ class RunGuard:
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum:
+            remove_partial_files()  # a save this interrupts leaves no temporary file (os._exit runs no `finally`)
             os._exit(128 + signum)
         self.signum = signum
         print(f'train.py: {signal.Signals(signum).name} received: stopping after this step '
