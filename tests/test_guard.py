@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from timm_selfkd.runtime import run_guard
 from timm_selfkd.runtime.run_guard import RunGuard, Verdict
 
 NAN, OK = float('nan'), 1.0
@@ -49,6 +50,27 @@ def test_signals_set_the_stop_request_and_a_second_one_exits(monkeypatch):
     finally:
         guard.uninstall()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_same_signal_twice_within_the_window_is_one_request(monkeypatch):
+    """A scheduler signals every process while torchrun forwards the signal to its ranks: the repeat within
+    REPEAT_WINDOW_S is the same stop request; later, it is a second one and exits at once."""
+    now = [100.0]
+    monkeypatch.setattr(run_guard.time, 'monotonic', lambda: now[0])
+    exits = []
+    monkeypatch.setattr(os, '_exit', exits.append)
+    guard = RunGuard(torch.device('cpu'), distributed=False)
+    guard.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        now[0] += run_guard.REPEAT_WINDOW_S / 2
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [] and guard.poll() == Verdict(signal.SIGTERM)
+        now[0] += run_guard.REPEAT_WINDOW_S
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [128 + signal.SIGTERM]
+    finally:
+        guard.uninstall()
 
 
 def _agree(rank, port, results):

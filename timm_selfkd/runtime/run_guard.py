@@ -7,6 +7,7 @@ guard's few device values once and, under DDP, all-reduces them, so every rank s
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -18,6 +19,9 @@ from timm_selfkd.runtime.checkpoint import remove_partial_files
 __all__ = ['RunGuard', 'Verdict']
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A repeat within this many seconds is the same stop request reaching the process twice (a scheduler signals every
+# process of the job while torchrun forwards the signal to its ranks), not an impatient second one.
+REPEAT_WINDOW_S = 2.0
 _MAX_TERMS = 1024  # a divergence travels as one integer: first bad step * _MAX_TERMS + index of the bad term
 _NONE = torch.iinfo(torch.int64).max  # "no bad step yet"
 
@@ -34,7 +38,8 @@ class RunGuard:
     """Stop requests from SIGTERM/SIGINT and the non-finite loss guard of one training run.
 
     Signals: the first SIGTERM or SIGINT only sets a flag (the loop finishes its step, saves and exits); a second
-    one exits at once with status 128 + the signal number.
+    one exits at once with status 128 + the signal number, unless it is the same signal within `REPEAT_WINDOW_S`
+    seconds of the first (one request delivered twice, e.g. by the scheduler and by torchrun to each rank).
 
     Non-finite losses: a step is bad when its loss or any loss term is NaN or infinite. The run has diverged
     once `patience` consecutive steps were bad (1 in float32/bfloat16; more with fp16 loss scaling, whose
@@ -51,6 +56,7 @@ class RunGuard:
         self.distributed = distributed
         self.patience = patience
         self.signum = 0
+        self._signalled_at = 0.0
         self._previous_handlers = {}
         self._term_names: List[str] = []
         # streak length, first step of the streak, index of the first bad term at that step
@@ -67,10 +73,12 @@ class RunGuard:
         self._previous_handlers.clear()
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == self.signum and time.monotonic() - self._signalled_at < REPEAT_WINDOW_S:
+            return
         if self.signum:
             remove_partial_files()  # a save this interrupts leaves no temporary file (os._exit runs no `finally`)
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self._signalled_at = signum, time.monotonic()
         print(f'train.py: {signal.Signals(signum).name} received: stopping after this step '
               f'(send it again to exit at once)', file=sys.stderr, flush=True)
 
