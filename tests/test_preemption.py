@@ -257,3 +257,54 @@ def test_initial_checkpoint_starts_a_new_method_from_trained_weights(folder, tmp
     start = torch.load(dlb_checkpoint, map_location='cpu', weights_only=False)['state_dict']
     end = torch.load(tmp_path / 'run' / 'last.pth.tar', map_location='cpu', weights_only=False)['state_dict']
     assert torch.equal(start['conv1.0.weight'], end['conv1.0.weight'])  # lr 0: the DLB weights, unchanged
+
+
+def descendants(pid):
+    """The processes below `pid` (from /proc), deepest last."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    parent = int(f.read().rsplit(')', 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        found.append(queue.pop(0))
+        queue += children.get(found[-1], [])
+    return found
+
+
+def test_torchrun_sigterm_to_every_process_stops_cleanly_and_resumes_exactly(folder, tmp_path):
+    """As Slurm preempts a job: SIGTERM to the launcher, both ranks and their DataLoader workers at once (torchrun
+    also forwards its own to the ranks). The ranks stop after the same step with one recovery checkpoint and one
+    resume line, no worker turns it into a crash, and the resumed run matches the uninterrupted one."""
+    torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py')
+    process = subprocess.Popen([*torchrun, *run_args(folder, tmp_path, 'run', 'dlb', 2)], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines, signalled = [], []
+    for line in process.stdout:
+        lines.append(line.rstrip('\n'))
+        if 'Train 0 [   2/' in line:
+            signalled = [process.pid] + descendants(process.pid)
+            for pid in signalled:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            break
+    rest, _ = process.communicate(timeout=300)
+    lines += rest.splitlines()
+    assert len(signalled) >= 1 + 2 + 4, signalled  # launcher, two ranks, two workers each
+    stopped = [STOPPED.match(line) for line in lines if STOPPED.match(line)]
+    assert len(stopped) == 1, '\n'.join(lines[-40:])
+    assert not any('DataLoader worker' in line or 'exited unexpectedly' in line for line in lines)
+    path, command = stopped[0].group(5), stopped[0].group(6)
+    assert os.path.isfile(path)
+    argv = shlex.split(command)
+    for run in (argv[3:], run_args(folder, tmp_path, 'uninterrupted', 'dlb', 2)):
+        result = subprocess.run([*torchrun, *run], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(tmp_path / 'run', tmp_path / 'uninterrupted')
