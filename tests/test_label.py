@@ -14,7 +14,6 @@ import timm_selfkd
 from conftest import hand_ce, log_softmax_row
 from timm_selfkd.attach import check_method
 from timm_selfkd.components.losses import class_teacher_kl, corrected_teacher
-from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.lsrkd_tfkd import LabelTeacherTask, LsrKDHparams, LsrKDTCHparams, TfKDRegHparams
 
 LOGITS = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0]]
@@ -184,19 +183,14 @@ def test_out_of_range_hparams(name, hparams):
         timm_selfkd.get_method(name).hparams_cls(**hparams)
 
 
-def test_mixup_only_with_the_label_free_teacher():
-    """LsrKD's uniform teacher ignores the label: mixed images are fine. TC and Tf-KD_reg need one class."""
-    spec = timm_selfkd.get_method('lsrkd')
-    check_method(spec, spec.hparams_cls(), batch_size=8, mixup=True)
-    assert spec.task_cls.requirements(spec.hparams_cls()).mixup != 'refused'
-    reason = 'its teacher puts its mass on one true class, and a mixed image has two'
-    for name in ('lsrkd_tc', 'tfkd_reg'):
+def test_every_preset_takes_mixup_from_the_loader():
+    """LsrKD's uniform teacher ignores the label; TC and Tf-KD_reg build a mixed image's teacher from its mixed
+    label, lambda-weighted (tests/test_mixup_semantics.py): all three take timm's mixed batches."""
+    for name in ('lsrkd', 'lsrkd_tc', 'tfkd_reg'):
         spec = timm_selfkd.get_method(name)
         needs = spec.task_cls.requirements(spec.hparams_cls())
-        assert needs.mixup == 'refused' and needs.mixup_refusal == reason
-        with pytest.raises(UsageError) as exc:
-            check_method(spec, spec.hparams_cls(), batch_size=8, mixup=True)
-        assert str(exc.value) == f'--mixup/--cutmix are not supported with --selfkd {name}: {reason}'
+        assert needs.mixup == 'loader' and needs.mixup_refusal == ''
+        check_method(spec, spec.hparams_cls(), batch_size=8, mixup=True)
 
 
 def test_lsrkd_with_soft_mixup_targets():

@@ -12,7 +12,6 @@ from torch.utils.data import DistributedSampler, SequentialSampler
 import timm_selfkd
 from timm_selfkd.attach import check_method
 from timm_selfkd.components.losses import bake_targets
-from timm_selfkd.errors import UsageError
 from timm_selfkd.components.samplers import ClassGroupBatchSampler, EpochBatchSampler, LastBatchSampler
 
 NUM_CLASSES = 5
@@ -372,21 +371,15 @@ def test_out_of_range_hparams_raise(name, hparams):
         timm_selfkd.create_task(name, tiny_model(), **hparams)
 
 
-@pytest.mark.parametrize('name,refused', [('dlb', False), ('bake', True), ('none', False)])
-def test_check_setup_mixup(name, refused):
-    """Mixup/CutMix is refused for BAKE (no single class for its per-class batches), accepted for plain CE and
-    for DLB, which replays the mix of its repeated half (tests/test_mixing.py)."""
+@pytest.mark.parametrize('name', ['dlb', 'bake', 'none'])
+def test_check_setup_mixup(name):
+    """Mixup/CutMix is accepted for plain CE, for BAKE (the loader mixes the per-class batch, as the official
+    BAKE + CutMix; tests/test_mixup_semantics.py) and for DLB, which replays the mix of its repeated half
+    (tests/test_mixing.py)."""
     spec = timm_selfkd.get_method(name)
     hparams = spec.hparams_cls()
     spec.task_cls.check_setup(hparams, batch_size=8)
     check_method(spec, hparams, batch_size=8, mixup=False)
     needs = spec.task_cls.requirements(hparams)
-    assert needs.mixup == {'dlb': 'task', 'bake': 'refused', 'none': 'loader'}[name]
-    if refused:
-        with pytest.raises(UsageError) as refusal:
-            check_method(spec, hparams, batch_size=8, mixup=True)
-        assert str(refusal.value) == ('--mixup/--cutmix are not supported with --selfkd bake: mixed images have no '
-                                      'single class for the per-class batches')
-        assert needs.mixup_refusal == 'mixed images have no single class for the per-class batches'
-    else:
-        check_method(spec, hparams, batch_size=8, mixup=True)
+    assert needs.mixup == {'dlb': 'task', 'bake': 'loader', 'none': 'loader'}[name]
+    check_method(spec, hparams, batch_size=8, mixup=True)

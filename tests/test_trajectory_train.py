@@ -105,7 +105,6 @@ def test_resume_with_a_different_setup_is_refused(runs, image_folder, tmp_path, 
     (['--selfkd', 'mrkd', '--mrkd-interval=-5'], 'mrkd interval must be a whole number'),
     (['--selfkd', 'mrkd', '--mrkd-copy-mode', 'frozen'], 'copy_mode must be eval or train'),
     (['--selfkd', 'mrkd_tc', '--mrkd-tc-gamma', '1.5'], 'gamma must be'),
-    (['--selfkd', 'mrkd_tc', '--mixup', '0.2'], '--mixup/--cutmix are not supported with --selfkd mrkd_tc'),
     (['--selfkd', 'pskd', '--pskd-topk', '5'], '--pskd-topk 5 is larger than the class count (4)'),
     (['--selfkd', 'pskd', '--pskd-alpha-t', '2'], 'alpha_t must be'),
     (['--selfkd', 'pskd', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd pskd'),
@@ -116,7 +115,7 @@ def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
 
 
 def test_mrkd_tc_and_pskd_topk_train(image_folder, tmp_path):
-    """One epoch each of MrKD-TC (train-mode copies, vmap) with mixup refused above, and top-k PS-KD."""
+    """One epoch each of MrKD-TC (train-mode copies, vmap) and top-k PS-KD."""
     main(train_args(image_folder, tmp_path / 'tc', '--selfkd', 'mrkd_tc', '--mrkd-tc-interval', '1',
                     '--mrkd-tc-copy-mode', 'train', '--mrkd-tc-batched', '--model', 'test_resnet',
                     '--img-size', '32'))

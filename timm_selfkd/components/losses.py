@@ -4,13 +4,14 @@ All functions run with autocast disabled and upcast their inputs, so they stay f
 (CPU autocast would otherwise keep softmax in bf16, and `torch.linalg.solve` refuses low precision).
 """
 import math
-from typing import Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ['float32_region', 'kd_kl', 'kd_kl_from_logits', 'soft_target_ce', 'default_tc_gamma', 'corrected_teacher',
-           'class_teacher_kl', 'linear_mmd', 'bake_targets', 'teacher_correction']
+           'class_teacher_kl', 'linear_mmd', 'bake_targets', 'teacher_correction', 'mixed_label_weights',
+           'known_label_smoothing']
 
 
 def float32_region(tensor: torch.Tensor):
@@ -79,28 +80,75 @@ def corrected_teacher(num_classes: int, gamma: float) -> Tuple[float, float]:
     return gamma, (1 - gamma) / (num_classes - 1)
 
 
+def known_label_smoothing(criterion: Any, criterion_kwargs: Optional[Mapping[str, Any]] = None) -> Optional[float]:
+    """The label smoothing a task was built with: `criterion_kwargs['smoothing']` (what train.py and
+    `create_task(criterion_kwargs=...)` pass, also when soft targets make timm's criterion ignore it), else the
+    criterion's own `smoothing` (timm's `LabelSmoothingCrossEntropy`); None when neither says."""
+    if criterion_kwargs and criterion_kwargs.get('smoothing') is not None:
+        return float(criterion_kwargs['smoothing'])
+    smoothing = getattr(criterion, 'smoothing', None)
+    return float(smoothing) if smoothing is not None else None
+
+
+def mixed_label_weights(target: torch.Tensor, smoothing: Optional[float] = None) -> torch.Tensor:
+    """The class weights `w` of timm's mixed soft targets, shape (N, K), each row summing to 1.
+
+    `timm.data.mixup_target` (all of mixup, CutMix, modes batch/pair/elem) gives `t = lam y_a + (1 - lam) y_b`
+    with label-smoothed one-hots (`off = s / K`, `on = 1 - s + off`), so `w = (t - off) / (on - off)` is exactly
+    `lam` on class a and `1 - lam` on class b (1 when a == b), 0 elsewhere. With K >= 3 classes some class is
+    neither a nor b, so `off` is the row's minimum and the smoothing s need not be known (`on - off = 1 - K off`);
+    with K = 2 the rows cannot tell smoothing from mix, and `smoothing` must be given.
+
+    Args:
+        target: Soft targets from timm's mixup, shape (N, K).
+        smoothing: Label smoothing of the targets; read only for K = 2.
+    """
+    num_classes = target.shape[-1]
+    target = target.float()
+    if num_classes >= 3:
+        off = target.min(dim=-1, keepdim=True).values
+    elif smoothing is None:
+        raise ValueError('with 2 classes the label smoothing of mixed targets cannot be read from them: create the '
+                         'task with criterion_kwargs=dict(smoothing=...) (the mixup\'s label_smoothing)')
+    else:
+        off = torch.full_like(target[:, :1], smoothing / num_classes)
+    return (target - off) / (1 - num_classes * off)
+
+
 def class_teacher_kl(
         student_logits: torch.Tensor,
         target: torch.Tensor,
         true_prob: float,
         other_prob: float,
         temperature: float,
+        smoothing: Optional[float] = None,
 ) -> torch.Tensor:
     """`KL(q || softmax(z / T))` for a teacher `q` that is `true_prob` on the label and `other_prob` elsewhere.
 
     Summed over classes and averaged over the batch, without the `T` or `T^2` factor (methods scale it their
-    way). The teacher is never materialised: with `log p = log_softmax(z / T)`,
+    way). For class labels the teacher is never materialised: with `log p = log_softmax(z / T)`,
     `KL = sum_k q_k log q_k - other_prob * sum_k log p_k - (true_prob - other_prob) * log p_y`, whose first
     term is a constant of the class count.
 
+    For mixed soft targets (timm's mixup/CutMix, shape (N, K)) the teacher is built from the mixed label,
+    lambda-weighted: `q = sum_c w_c q(c) = other_prob + (true_prob - other_prob) w` with the class weights `w`
+    of `mixed_label_weights` (lam on one label, 1 - lam on the other, label smoothing removed).
+
     Args:
         student_logits: Student logits `z`, shape (N, K).
-        target: Class indices, shape (N,); not read when the teacher is uniform (`true_prob == other_prob`).
+        target: Class indices, shape (N,), or mixed soft targets, shape (N, K); not read when the teacher is
+            uniform (`true_prob == other_prob`).
         true_prob: Teacher probability of the labelled class.
         other_prob: Teacher probability of every other class (`(1 - true_prob) / (K - 1)`).
         temperature: Softening temperature T of the student.
+        smoothing: Label smoothing of soft targets, needed only with 2 classes (`mixed_label_weights`).
     """
     num_classes = student_logits.shape[-1]
+    if target.ndim == 2 and true_prob != other_prob:
+        with float32_region(student_logits):
+            log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+            teacher = other_prob + (true_prob - other_prob) * mixed_label_weights(target, smoothing)
+            return (teacher * (teacher.log() - log_p)).sum(dim=-1).mean()
     neg_entropy = sum(count * p * math.log(p) for count, p in ((1, true_prob), (num_classes - 1, other_prob)) if p > 0)
     with float32_region(student_logits):
         log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -160,9 +208,16 @@ def bake_targets(
         return targets.mul_(1 - omega).clamp_(min=0)
 
 
+def _corrected(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Eq. 16 for logits already divided by T, true class `target` (N,) of each row."""
+    true_class = F.one_hot(target, logits.shape[-1]).bool().expand_as(logits)
+    others = logits.masked_fill(true_class, float('-inf')).softmax(dim=-1)
+    return torch.where(true_class, torch.full_like(others, gamma), (1 - gamma) * others)
+
+
 @torch.no_grad()
 def teacher_correction(teacher_logits: torch.Tensor, target: torch.Tensor, gamma: float,
-                       temperature: float) -> torch.Tensor:
+                       temperature: float, smoothing: Optional[float] = None) -> torch.Tensor:
     """Teacher Correction of a teacher's distribution at temperature T (MrKD-TC, eq. 16).
 
     The true class c gets `gamma`; every other class m keeps its share of the rest in proportion to the
@@ -170,17 +225,24 @@ def teacher_correction(teacher_logits: torch.Tensor, target: torch.Tensor, gamma
     than c (computed that way, so it stays exact when the teacher is nearly certain of c). With constant
     (e.g. zero) teacher logits this is the uniform-teacher correction of eq. 11.
 
+    For mixed soft targets (timm's mixup/CutMix) the distribution is corrected to each of the (at most two)
+    mixed labels and the two mixed lambda-weighted: `sum_c w_c corrected(q, c)`, `w` from `mixed_label_weights`
+    (the two largest weights; the others are 0).
+
     Args:
         teacher_logits: Teacher logits, shape (..., N, K).
-        target: True class of each row, shape (N,).
+        target: True class of each row, shape (N,), or mixed soft targets, shape (N, K).
         gamma: Probability given to the true class.
         temperature: Softening temperature T.
+        smoothing: Label smoothing of soft targets, needed only with 2 classes (`mixed_label_weights`).
 
     Returns:
         Float32 tensor of the logits' shape whose rows are probability distributions.
     """
     with float32_region(teacher_logits):
         logits = teacher_logits.float() / temperature
-        true_class = F.one_hot(target, logits.shape[-1]).bool().expand_as(logits)
-        others = logits.masked_fill(true_class, float('-inf')).softmax(dim=-1)
-        return torch.where(true_class, torch.full_like(others, gamma), (1 - gamma) * others)
+        if target.ndim == 1:
+            return _corrected(logits, target, gamma)
+        weights, classes = mixed_label_weights(target, smoothing).topk(2, dim=-1)
+        return (weights[:, :1] * _corrected(logits, classes[:, 0], gamma)
+                + weights[:, 1:] * _corrected(logits, classes[:, 1], gamma))

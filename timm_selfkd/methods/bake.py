@@ -8,7 +8,7 @@ import torch.distributed as dist
 from timm_selfkd.components.losses import bake_targets, kd_kl
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.samplers import ClassGroupBatchSampler
-from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, check_range, refuse_mixup, world_size
+from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, check_range, world_size
 
 
 @dataclass
@@ -43,11 +43,22 @@ class BAKETask(SelfKDTask):
     Loss `ce(z, y) + lambda * T^2 * KL(Q || softmax(z / T))` over all images (eq. 2), with Q from eq. 9
     (`timm_selfkd.components.losses.bake_targets`). Pooled features come from the same forward pass as the logits.
     Batches hold whole groups of an anchor and M same-class images (`ClassGroupBatchSampler`).
+
+    Mixup/CutMix (`Needs(mixup='loader')`), as the official code's "BAKE + CutMix" (table 6; yxgeee/BAKE,
+    imagenet/pycls `core/trainer.py` and `datasets/transforms.py` `cutmix_batch`): the per-class batch is formed
+    first (our sampler), then timm's collate (or the loop) mixes it; `ce` is timm's soft-target cross-entropy on
+    the mixed targets (label smoothing in them), and eq. 9 ensembles the knowledge from the mixed images' own
+    features and predictions, over all images as without mixup. The official code's `CUTMIX.OFF_EPOCH` (the
+    last 5 epochs unmixed) is timm's `--mixup-off-epoch`. One difference: timm pairs image i with image B-1-i
+    (the batch flipped; in pair and elem modes too), where the official code mixes each image with a random
+    permutation of the batch. With the interleaved groups here, the images of group g are mixed with those of
+    group G-1-g (another random anchor's), and when the batch holds an odd number G of groups the middle group is
+    mixed with itself (one class, so its targets stay unmixed).
     """
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return refuse_mixup('mixed images have no single class for the per-class batches', own_batches=True)
+        return Needs(mixup='loader', own_batches=True)
 
     def wrap_model(self, model):
         return LogitsAndFeatures(model)

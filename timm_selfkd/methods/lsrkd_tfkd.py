@@ -13,6 +13,12 @@ are for K classes:
 
 The teacher's two probabilities depend only on the class count: they are computed once per K, and the KL is
 evaluated from them without building an (N, K) target (`timm_selfkd.components.losses.class_teacher_kl`).
+
+With timm's mixup/CutMix (`Needs(mixup='loader')`: mixed images, soft targets `t` from `mixup_target`) the
+teacher of a mixed image is built from its mixed label, lambda-weighted: `q = sum_c w_c q_c = other + (true -
+other) w`, `w = (t - off) / (on - off)` the label's class weights with timm's label smoothing removed (lam on one
+class, 1 - lam on the other; `components.losses.mixed_label_weights`). Neither paper trains with mixup: this is
+the natural extension, and the uniform teacher of `lsrkd` is unchanged by it.
 """
 import math
 from dataclasses import dataclass, field
@@ -20,9 +26,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from timm_selfkd.components.losses import class_teacher_kl, corrected_teacher, default_tc_gamma
+from timm_selfkd.components.losses import (class_teacher_kl, corrected_teacher, default_tc_gamma,
+                                           known_label_smoothing)
 from timm_selfkd.registry import register_method
-from timm_selfkd.methods.base import Needs, SelfKDTask, check_range, refuse_mixup
+from timm_selfkd.methods.base import Needs, SelfKDTask, check_range
 
 __all__ = ['LsrKDHparams', 'LsrKDTCHparams', 'TfKDRegHparams', 'LabelTeacherTask']
 
@@ -31,8 +38,6 @@ _LSRKD_PAPER = ('Wang et al., Extending Label Smoothing Regularization with Self
 
 class ClassTeacher:
     """What a preset of `LabelTeacherTask` defines: its teacher, student temperature and KL scale for K classes."""
-
-    uses_label = True  # False for a teacher that ignores the label (then mixed images are fine)
 
     def teacher(self, num_classes: int) -> Tuple[float, float]:
         """(probability of the labelled class, probability of each other class); ValueError if unusable."""
@@ -65,8 +70,6 @@ class LsrKDHparams(ClassTeacher):
     temperature: float = field(default=3.0, metadata={
         'help': 'temperature tau of the student softmax and of the KL factor (eq. 10, 12; sec. 4.3: 3)'})
 
-    uses_label = False
-
     def __post_init__(self):
         check_range(self.method, 'alpha', self.alpha, 0., 1.)
         check_range(self.method, 'temperature', self.temperature, 1e-6)
@@ -86,8 +89,6 @@ class LsrKDTCHparams(LsrKDHparams):
     gamma: float = field(default=None, metadata={'default_text': '2.5/K',
         'help': 'teacher probability of the true class (eq. 11), in (1/K, 1); default 2.5 / K, the paper\'s rule '
                 '(0.025 for 100 classes, 0.25 for 10; 0.75 for 2)'})
-
-    uses_label = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -150,6 +151,13 @@ class LabelTeacherTask(SelfKDTask):
     student temperature T and the KL scale s for the model's class count; they are computed once (when the
     model tells its `num_classes`, else at the first step) and the KL needs no per-step target tensor.
     `loss_kd` is `s * KL`; `loss_ce` is timm's criterion (so `--smoothing` adds LSR on top: the recipes use 0).
+
+    Mixup/CutMix (timm's, from the loader): `ce` is timm's soft-target cross-entropy on the mixed targets `t`, and
+    the teacher of each mixed image is `sum_c w_c q_c = other + (true - other) w`, with `w = (t - off) / (on -
+    off)` the mixed label's class weights (lam, 1 - lam; `off = s / K`, `on = 1 - s + off` for timm's label
+    smoothing s, read from each row's minimum, or with 2 classes the `smoothing` the task was built with); the KL
+    is to that per-row teacher. Neither paper says what to do with a mixed image: this is the natural extension
+    (the lambda-weighted mixture of the two labels' teachers). Class labels take the closed form above, unchanged.
     """
 
     def __init__(self, model, hparams: ClassTeacher, **kwargs):
@@ -157,14 +165,14 @@ class LabelTeacherTask(SelfKDTask):
         self.num_classes: Optional[int] = None
         self.teacher_probs: Tuple[float, float] = (0., 0.)
         self.scale = 0.
+        # timm's label smoothing, for mixed targets of 2 classes (which cannot tell it); None when not given
+        self.label_smoothing = known_label_smoothing(self.criterion, kwargs.get('criterion_kwargs'))
         if isinstance(getattr(model, 'num_classes', None), int):
             self.set_num_classes(model.num_classes)
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        if not hparams.uses_label:
-            return Needs()
-        return refuse_mixup('its teacher puts its mass on one true class, and a mixed image has two')
+        return Needs(mixup='loader')  # a mixed image's teacher is its labels' teachers, lambda-weighted
 
     def bind_run(self, run) -> None:
         super().bind_run(run)
@@ -183,7 +191,7 @@ class LabelTeacherTask(SelfKDTask):
             self.set_num_classes(output.shape[-1])
         loss_ce = self.cross_entropy(output, target)
         loss_kd = self.scale * class_teacher_kl(output, target, *self.teacher_probs,
-                                                self.hparams.student_temperature())
+                                                self.hparams.student_temperature(), smoothing=self.label_smoothing)
         alpha = self.hparams.alpha
         return {
             'loss': (1 - alpha) * loss_ce + alpha * loss_kd,

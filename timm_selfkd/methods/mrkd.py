@@ -1,7 +1,6 @@
 """MrKD and MrKD-TC: memory-replay knowledge distillation from frozen copies of the model's own past
 (Wang et al., Extending Label Smoothing Regularization with Self-Knowledge Distillation, sec. 3.4, eq. 13-17,
 Alg. 1)."""
-import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -10,7 +9,7 @@ from typing import Any, Dict, Optional
 import torch
 from timm.utils.model import unwrap_model
 
-from timm_selfkd.components.losses import default_tc_gamma, kd_kl, teacher_correction
+from timm_selfkd.components.losses import default_tc_gamma, kd_kl, known_label_smoothing, teacher_correction
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.weight_ring import WeightRing
 from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range
@@ -197,17 +196,24 @@ class MrKDTCTask(MrKDTask):
 
     Loss `(1 - alpha) ce(z, y) + alpha * T * (1/n) sum_i KL(q'_i || softmax(z / T))` (eq. 16-17): note T, not
     T^2, as in the paper's LsrKD family. Everything else is MrKD's.
+
+    Mixup/CutMix (timm's, from the loader, `Needs(mixup='loader')` as MrKD): the copies see the mixed images, `ce`
+    is timm's soft-target cross-entropy, and each copy's distribution is corrected to each of the (at most two)
+    labels of the mix and the two corrections mixed lambda-weighted: `q'_i = sum_c w_c corrected(q_i, c)`, with
+    `w = (t - off) / (on - off)` the mixed label's class weights (timm's label smoothing removed;
+    `components.losses.mixed_label_weights`). The paper does not train with mixup: this is the natural
+    extension, the same as LsrKD-TC's class teacher.
     """
 
-    @classmethod
-    def requirements(cls, hparams) -> Needs:
-        return dataclasses.replace(
-            super().requirements(hparams), mixup='refused',
-            mixup_refusal='a mixed image has no single true class for the teacher correction (eq. 16)')
+    def __init__(self, model, hparams: MrKDTCHparams, **kwargs):
+        super().__init__(model, hparams, **kwargs)
+        # timm's label smoothing, for mixed targets of 2 classes (which cannot tell it); None when not given
+        self.label_smoothing = known_label_smoothing(self.criterion, kwargs.get('criterion_kwargs'))
 
     def teacher_probs(self, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         gamma = self.hparams.gamma if self.hparams.gamma is not None else default_tc_gamma(teacher_logits.shape[-1])
-        return teacher_correction(teacher_logits, target, gamma, self.hparams.temperature)
+        return teacher_correction(teacher_logits, target, gamma, self.hparams.temperature,
+                                  smoothing=self.label_smoothing)
 
     def kd_term(self, output: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
         return super().kd_term(output, teacher_probs) / self.hparams.temperature
