@@ -72,10 +72,15 @@ def test_given_indices_and_epoch_reach_the_method(monkeypatch):
     assert task.progressive.memory.lookup(torch.tensor([5, 6, 0]))[1].tolist() == [True, True, False]
 
 
-def test_mixup_refused_by_the_method_is_a_value_error_with_its_reason():
+def test_mixup_reaches_a_method_that_mixes_itself_and_soft_targets_the_others():
     from timm.data import Mixup
-    with pytest.raises(ValueError, match='^bake cannot train on mixed images: mixed images have no single class'):
-        timm_selfkd.create_task('bake', _model(), mixup=Mixup(mixup_alpha=1.0, num_classes=4))
+    from timm.loss import SoftTargetCrossEntropy
+    mixup = Mixup(mixup_alpha=1.0, num_classes=4)
+    cskd = timm_selfkd.create_task('cskd', _model(), batch_size=8, mixup=mixup)
+    assert cskd.needs.mixup == 'task' and cskd.run.mixup is mixup
+    bake = timm_selfkd.create_task('bake', _model(), mixup=mixup)
+    assert bake.needs.mixup == 'loader' and bake.run.mixup is None
+    assert isinstance(bake.criterion, SoftTargetCrossEntropy)  # the loop's mixed targets are soft
 
 
 def test_the_batch_sampler_is_the_method_s():

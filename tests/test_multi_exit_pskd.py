@@ -276,9 +276,6 @@ def test_triple_memory_rows_under_ddp(tmp_path):
 
 
 @pytest.mark.parametrize('extra, expected', [
-    (['--multi-exit-pskd', '--mixup', '0.2'],
-     '--mixup/--cutmix are not supported with --selfkd multi_exit: with --multi-exit-pskd, a mixed image is not '
-     'the sample whose past prediction its target uses'),
     (['--multi-exit-pskd', '--multi-exit-pskd-topk', '5'], '--multi-exit-pskd-topk 5 is larger than the class '
                                                            'count (4)'),
     (['--multi-exit-pskd', '--multi-exit-pskd-alpha-t', '1.5'], 'multi_exit pskd_alpha_t must be >= 0.0 and <= 1.0'),

@@ -13,7 +13,6 @@ import timm_selfkd
 from conftest import hand_ce, hand_kd
 from timm_selfkd.attach import check_method
 from timm_selfkd.cli import method_hparams, parse_args
-from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.base import RunInfo
 from timm_selfkd.methods.dlb import DLBTask
 from timm_selfkd.components.samplers import LastBatchSampler, ViewsBatchSampler
@@ -63,15 +62,10 @@ def test_check_setup_of_both_parts():
         spec.task_cls.check_setup(spec.hparams_cls(), batch_size=6)
     with pytest.raises(ValueError, match='multiple of 2'):
         spec.task_cls.check_setup(spec.hparams_cls(), batch_size=7)
-    # the layout refuses mixup for the whole stack (DLB alone would mix its batches itself)
+    # DLB mixes the stack's batches itself, both views of an image alike (test_mixup_pairs.py)
     needs = spec.task_cls.requirements(spec.hparams_cls())
-    assert needs.mixup == 'refused' and needs.own_batches
-    reason = timm_selfkd.get_method('ddgsd').task_cls.requirements(timm_selfkd.get_method('ddgsd').hparams_cls())
-    assert needs.mixup_refusal == reason.mixup_refusal
-    with pytest.raises(UsageError) as refused:
-        check_method(spec, spec.hparams_cls(), batch_size=8, mixup=True)
-    assert str(refused.value) == ('--mixup/--cutmix are not supported with --selfkd ddgsd+dlb: the two views would '
-                                  'be mixed with different partners and stop being views of one image')
+    assert needs.mixup == 'task' and needs.own_batches
+    check_method(spec, spec.hparams_cls(), batch_size=8, mixup=True)
     with_mmd = timm_selfkd.registry.build_hparams(spec, {'ddgsd': {'mmd_weight': 0.1}})
     with pytest.raises(ValueError, match='mmd_weight must be 0 when DDGSD is stacked'):
         spec.task_cls.check_setup(with_mmd, batch_size=8)

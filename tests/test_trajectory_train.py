@@ -107,7 +107,6 @@ def test_resume_with_a_different_setup_is_refused(runs, image_folder, tmp_path, 
     (['--selfkd', 'mrkd_tc', '--mrkd-tc-gamma', '1.5'], 'gamma must be'),
     (['--selfkd', 'pskd', '--pskd-topk', '5'], '--pskd-topk 5 is larger than the class count (4)'),
     (['--selfkd', 'pskd', '--pskd-alpha-t', '2'], 'alpha_t must be'),
-    (['--selfkd', 'pskd', '--cutmix', '1.0'], '--mixup/--cutmix are not supported with --selfkd pskd'),
 ])
 def test_bad_input_is_one_line(image_folder, tmp_path, capsys, extra, expected):
     _fails(capsys, tmp_path, ['--data-dir', image_folder, '--model', 'test_resnet', '--img-size', '32', '-b', '8']

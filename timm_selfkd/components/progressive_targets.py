@@ -4,24 +4,25 @@ them: `--selfkd pskd` and the PS-KD switch of `multi_exit` (Chottananurak et al.
 Example (inside a task's training `forward`):
     >>> info = self.batch_info(batch_size=input.shape[0])
     >>> soft = self.progressive.targets(target, info)   # (B, K) float32
+    >>> input, soft = self.progressive.mix(input, soft)  # with mixup/CutMix (`RunInfo.mixup`), else as given
     >>> logits = self.trainable_module(input)
     >>> loss = soft_target_ce(logits, soft)
     >>> self.progressive.record(info, logits)
 """
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from timm_selfkd.components.replayed_mixup import SharedMix
 from timm_selfkd.components.soft_target_memory import SoftTargetMemory
 from timm_selfkd.runtime.batch_stream import BatchInfo
 
 if TYPE_CHECKING:
     from timm_selfkd.methods.base import RunInfo
 
-__all__ = ['ProgressiveTargets', 'MIXUP_CONFLICT', 'RUN_FACTS', 'alpha_schedule']
+__all__ = ['ProgressiveTargets', 'RUN_FACTS', 'alpha_schedule']
 
-MIXUP_CONFLICT = 'a mixed image is not the sample whose past prediction its target uses'
 RUN_FACTS = {'num_epochs': 'alpha_t grows over the epochs of the run',
              'num_samples': 'its memory of past predictions has a row per training image'}  # for `Needs.run_facts`
 
@@ -38,7 +39,16 @@ class ProgressiveTargets:
     labels; with label smoothing `y` is the smoothed label. P is a `memory.SoftTargetMemory` (fp16 or top-k,
     one copy per node, written under DDP by the all-gather protocol described there) built by `bind_run`.
     Protocol per training step, on every rank: `targets` (flushes the previous step's rows, reads this batch's)
-    before the loss, `record` after it.
+    and `mix` before the loss, `record` after it.
+
+    Mixup/CutMix (`RunInfo.mixup`, timm's parameters and draws in every --mixup-mode; PS-KD's paper
+    reports PS-KD + CutMix, its official code, lgcnsai/PS-KD-Pytorch main.py, has no mixing, so this is the
+    natural extension of that code, not a documented choice): `mix` mixes the batch as timm does, image i with
+    image B-1-i under a lambda/box (one per batch, pair or image by the mode), and mixes the progressive targets of both images with the same lambda,
+    `lam T_i + (1 - lam) T_(B-1-i)` with `T_j = (1 - a_e) y_j + a_e P[j]` (smoothed `y_j` with `--smoothing`).
+    The memory stores, for row i, the softmax of the image the model trained on, i.e. of the mixed image, under
+    image i's index: the official loop's `all_predictions[input_indices] = softmax(net(inputs))` with mixed
+    `inputs`. Unmixed batches (past `--mixup-off-epoch`, or a draw that does not mix) store clean predictions.
 
     Args:
         alpha_t: alpha_T, the weight of the past prediction in the last epoch.
@@ -59,6 +69,7 @@ class ProgressiveTargets:
         self.topk_flag = topk_flag
         self.num_epochs: Optional[int] = None
         self.memory: Optional[SoftTargetMemory] = None
+        self.mixer: Optional[SharedMix] = None
 
     def bind_run(self, run: 'RunInfo') -> None:
         """Build the memory for the run's training set (collective under DDP: the table is shared per node).
@@ -76,6 +87,9 @@ class ProgressiveTargets:
         if self.topk > run.num_classes:
             raise ValueError(f'{self.topk_flag} {self.topk} is larger than the class count ({run.num_classes})')
         self.num_epochs = run.num_epochs
+        if run.mixup is not None:  # the criterion is then timm's soft-target one; the smoothing is mixup's
+            self.mixer = SharedMix(run.mixup, f'{self.name}\'s mix of images and progressive targets')
+            self.smoothing = float(run.mixup.label_smoothing)
         self.memory = SoftTargetMemory(run.num_samples, run.num_classes, self.topk, device=self.device,
                                        local_rank=run.local_rank, local_world_size=run.local_world_size)
 
@@ -104,6 +118,13 @@ class ProgressiveTargets:
         memory.flush()
         past, written = memory.lookup(info.indices)
         return self.soft_targets(target, past, written, info.epoch)
+
+    def mix(self, input: torch.Tensor, soft: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mix the batch in place (image i with image B-1-i under a lambda/box) and its progressive targets `soft`
+        with the same lambda; without mixup, both as given."""
+        if self.mixer is None:
+            return input, soft
+        return input, self.mixer([input], [soft])[0]
 
     def record(self, info: BatchInfo, logits: torch.Tensor) -> None:
         """Store the batch's detached softmax as each sample's P (a collective under DDP; every step)."""

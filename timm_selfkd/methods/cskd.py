@@ -1,14 +1,15 @@
 """CS-KD: class-wise self-knowledge distillation (Yun et al., Regularizing Class-wise Predictions via
 Self-knowledge Distillation, CVPR 2020, sec. 3.1, eq. 1-3)."""
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from timm_selfkd.components.losses import kd_kl_from_logits
+from timm_selfkd.components.replayed_mixup import SharedMix
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.samplers import ClassGroupBatchSampler
-from timm_selfkd.methods.base import Needs, SelfKDTask, check_range, refuse_mixup
+from timm_selfkd.methods.base import Needs, SelfKDTask, check_range
 
 
 @dataclass
@@ -32,12 +33,28 @@ class CSKDTask(SelfKDTask):
     `ce(z_a, y) + lambda * T^2 * KL(softmax(z_p / T) || softmax(z_a / T))` and the partners are only the
     teacher: their forward runs without gradient, after the anchors' (BatchNorm sees each half on its own),
     and they get no cross-entropy. Partners are never the anchor itself (the official sampler may draw it).
+
+    Mixup/CutMix (no source says; the natural extension, issue 15): the task mixes each batch itself
+    (`SharedMix`, timm's parameters and draws). The per-class batch is formed first; then anchor i is mixed with
+    anchor n-1-i (n = B/2) under a lambda/box, and partner i with partner n-1-i under the SAME lambda/box. So the
+    teacher of the mixed anchor `lam x_i + (1 - lam) x_(n-1-i)` is the prediction for `lam p_i + (1 - lam)
+    p_(n-1-i)`, the same mix of their same-class partners; the cross-entropy is on the anchors' mixed (smoothed)
+    targets `lam y_i + (1 - lam) y_(n-1-i)`. `--mixup-mode batch`: one lambda/box for all anchors; 'pair' and
+    'elem': one per anchor pair / anchor, drawn as timm does for the B/2 anchors, and partner i gets anchor i's.
+    Past `--mixup-off-epoch` (or when a draw does not mix) lambda is 1 and the batch is unmixed.
     """
+
+    def __init__(self, model, hparams: CSKDHparams, **kwargs):
+        super().__init__(model, hparams, **kwargs)
+        self.mixer: Optional[SharedMix] = None
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return refuse_mixup('a mixed image has no single class to draw a same-class partner from', own_batches=True,
-                            row_aligned_output=False)  # logits of the anchors only
+        return Needs(own_batches=True, mixup='task', row_aligned_output=False)  # logits of the anchors only
+
+    def bind_run(self, run) -> None:
+        super().bind_run(run)
+        self.mixer = SharedMix(run.mixup, 'CS-KD\'s mix of anchors and partners') if run.mixup is not None else None
 
     @classmethod
     def check_setup(cls, hparams, *, batch_size):
@@ -52,6 +69,8 @@ class CSKDTask(SelfKDTask):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         anchors = input.shape[0] // 2
+        if self.mixer is not None and self.training:  # anchors and partners, each block with its own flip, one lambda/box for both
+            target = self.mixer([input[:anchors], input[anchors:]], [target[:anchors]])[0]
         output = self.trainable_module(input[:anchors])
         with torch.no_grad():
             partner_output = self.trainable_module(input[anchors:])

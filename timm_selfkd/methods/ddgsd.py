@@ -5,9 +5,10 @@ from typing import Dict, Optional
 import torch
 
 from timm_selfkd.components.losses import kd_kl_from_logits, linear_mmd
+from timm_selfkd.components.replayed_mixup import SharedMix
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.samplers import EpochBatchSampler, ViewsBatchSampler
-from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, check_range, refuse_mixup
+from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, check_range
 
 VIEWS = 2
 
@@ -38,15 +39,46 @@ class DDGSDTask(SelfKDTask):
     each KL's target detached, + `w_mmd * ||mean f_a - mean f_b||^2` on pooled features when `mmd_weight > 0`
     (features from the same forward pass, `LogitsAndFeatures`).
 
+    Mixup/CutMix (no source says, the paper has none; the natural extension, issue 15): the task mixes each batch
+    itself (`mix_views`, timm's parameters and draws) so that the two views of an image stay two views of one
+    mixed image: with n images, the first views (rows 0::2) are mixed image i with image n-1-i, and the second
+    views (rows 1::2) with the same partner image and the same lambda/box; both rows of image i get the target
+    `lam y_i + (1 - lam) y_(n-1-i)` (smoothed), and the view terms compare the two views of that mixed image.
+    `--mixup-mode batch`: one lambda/box for all images; 'pair'/'elem': one per image pair / image, both views
+    getting it. Stacked on DLB, DLB's replayed mix does the mixing (`methods/stack.py`; batch mode only).
+
     DDGSD is also a batch layout that stacks on another method (`--selfkd ddgsd+dlb`, `methods/stack.py`): it
     expands that method's batches into views (`wrap_batch_sampler`) and adds its view terms (`layout_terms`)
     to that method's loss.
     """
 
+    def __init__(self, model, hparams: DDGSDHparams, **kwargs):
+        super().__init__(model, hparams, **kwargs)
+        self.mixer: Optional[SharedMix] = None
+
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return refuse_mixup('the two views would be mixed with different partners and stop being views of one '
-                            'image', own_batches=True, rows_per_image=VIEWS)
+        return Needs(own_batches=True, mixup='task', rows_per_image=VIEWS)
+
+    def bind_run(self, run) -> None:
+        super().bind_run(run)
+        self.mixer = self.views_mixer(run.mixup)
+
+    @classmethod
+    def views_mixer(cls, mixup) -> Optional[SharedMix]:
+        """The mixer of `mix_views` for timm's batch-form `mixup` (None: no mixing)."""
+        return SharedMix(mixup, 'DDGSD\'s mix of view pairs') if mixup is not None else None
+
+    @classmethod
+    def mix_views(cls, mixer: SharedMix, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mix a batch of view pairs in place, each view block (rows v::VIEWS) with one shared mix; return the
+        rows' mixed targets (B, K)."""
+        views = [input[v::VIEWS] for v in range(VIEWS)]
+        soft = mixer(views, [target[v::VIEWS] for v in range(VIEWS)])
+        out = soft[0].new_empty((input.shape[0], soft[0].shape[1]))
+        for v in range(VIEWS):
+            out[v::VIEWS] = soft[v]
+        return out
 
     def wrap_model(self, model):
         return LogitsAndFeatures(model) if self.hparams.mmd_weight > 0 else model
@@ -83,6 +115,8 @@ class DDGSDTask(SelfKDTask):
         return total, terms
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.mixer is not None and self.training:
+            target = self.mix_views(self.mixer, input, target)
         result = self.trainable_module(input)
         output, features = result if isinstance(result, tuple) else (result, None)
         loss_ce = self.cross_entropy(output, target)

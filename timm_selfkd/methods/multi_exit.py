@@ -13,10 +13,9 @@ import torch.nn as nn
 from timm.utils import unwrap_model
 
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits, soft_target_ce
-from timm_selfkd.components.progressive_targets import MIXUP_CONFLICT, RUN_FACTS, ProgressiveTargets
+from timm_selfkd.components.progressive_targets import RUN_FACTS, ProgressiveTargets
 from timm_selfkd.registry import register_method
-from timm_selfkd.methods.base import (ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features,
-                                      refuse_mixup)
+from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
 
 __all__ = ['MultiExitHparams', 'Exit', 'MultiExitModule', 'MultiExitEvaluator', 'MultiExitTask', 'exit_indices',
            'multi_exit_loss']
@@ -321,8 +320,10 @@ class MultiExitTask(SelfKDTask):
     sample by `components.progressive_targets.ProgressiveTargets` (the component `--selfkd pskd` uses). The
     exits' predictions are not stored: the paper's teacher is "the trained model in the previous epoch". PS-KD
     alone (no BYOT, no DMFL) trains the model exactly as `--selfkd pskd`; its exits are then probes on detached
-    features, for the per-exit accuracies. With PS-KD on, the task reads `batch_info()` and refuses mixup/CutMix and
-    streamed data sets, as PS-KD does (`requirements`).
+    features, for the per-exit accuracies. With PS-KD on, the task reads `batch_info()`, refuses streamed data
+    sets, and mixes mixup/CutMix batches itself exactly as `--selfkd pskd` (`ProgressiveTargets.mix`: image i with
+    image B-1-i under a lambda/box, the progressive targets of both lambda-weighted as the target of every
+    classifier, the mixed image's prediction stored as P[i]).
     """
 
     def __init__(self, model: nn.Module, hparams: MultiExitHparams, **kwargs):
@@ -335,7 +336,7 @@ class MultiExitTask(SelfKDTask):
     def requirements(cls, hparams: MultiExitHparams) -> Needs:
         if not hparams.pskd:
             return Needs()
-        return refuse_mixup(f'with --multi-exit-pskd, {MIXUP_CONFLICT}', sample_indices=True, run_facts=RUN_FACTS)
+        return Needs(sample_indices=True, mixup='task', run_facts=RUN_FACTS)
 
     def bind_run(self, run: RunInfo) -> None:
         super().bind_run(run)
@@ -367,6 +368,7 @@ class MultiExitTask(SelfKDTask):
         info = self.batch_info(batch_size=input.shape[0]) if self.progressive is not None and self.training else None
         if info is not None:
             target = self.progressive.targets(target, info)
+            input, target = self.progressive.mix(input, target)
         logits, features, exit_logits, exit_features = self.trainable_module(input)
         out = multi_exit_loss(logits, features, exit_logits, exit_features, target, self._cross_entropy, self.hparams)
         if info is not None:

@@ -7,9 +7,9 @@ import torch
 
 from timm_selfkd.components.losses import soft_target_ce
 from timm_selfkd.components.soft_target_memory import SoftTargetMemory
-from timm_selfkd.components.progressive_targets import MIXUP_CONFLICT, RUN_FACTS, ProgressiveTargets
+from timm_selfkd.components.progressive_targets import RUN_FACTS, ProgressiveTargets
 from timm_selfkd.registry import register_method
-from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range, refuse_mixup
+from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range
 
 __all__ = ['PSKDHparams', 'PSKDTask']
 
@@ -37,11 +37,17 @@ class PSKDTask(SelfKDTask):
     targets and P (a per-sample memory built by `bind_run`, saved in the task state) are
     `components.progressive_targets.ProgressiveTargets`, shared with multi-exit's PS-KD switch; the dataset index
     of each image comes from `batch_info()`.
+
+    Mixup/CutMix (the paper reports PS-KD + CutMix; its official code has none, so this extends that code, see
+    `ProgressiveTargets`): the task mixes each batch itself (timm's parameters and draws, every --mixup-mode):
+    image i with image B-1-i under a lambda/box, trained on `lam T_i + (1 - lam) T_(B-1-i)`, the
+    progressive targets of both images lambda-weighted; P[i] then stores the softmax of the mixed image trained
+    on in row i (what the official loop's update stores for the inputs it trained on).
     """
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return refuse_mixup(MIXUP_CONFLICT, sample_indices=True, run_facts=RUN_FACTS)
+        return Needs(sample_indices=True, mixup='task', run_facts=RUN_FACTS)
 
     def __init__(self, model, hparams: PSKDHparams, **kwargs):
         super().__init__(model, hparams, **kwargs)
@@ -64,6 +70,7 @@ class PSKDTask(SelfKDTask):
             return {'loss': loss, 'output': output, 'loss_ce': loss}
         info = self.batch_info(batch_size=input.shape[0])
         soft = self.progressive.targets(target, info)
+        input, soft = self.progressive.mix(input, soft)
         output = self.trainable_module(input)
         loss = soft_target_ce(output, soft)
         self.progressive.record(info, output)

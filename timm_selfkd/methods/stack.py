@@ -10,7 +10,15 @@ image as two views, and the agreement of the views). Stacked on a method, e.g. `
 - loss: the method's `forward` on the expanded batch (its cross-entropy covers every row, so every view), plus
   the layout's weighted terms on the method's logits (`layout_terms`), logged as `loss_<layout>_<term>`.
 - needs: the method's `Needs`, with its own batches, and mixup refused when either part refuses it.
-- everything else (state, resume, mixing, `bind_run` with the batch size in rows) is the method's.
+- mixup/CutMix, when the layout mixes its batches itself (`Needs.mixup == 'task'`, DDGSD: the views of an image
+  must get one mix): a method that mixes itself (DLB's `ReplayMixup`, PS-KD) mixes the expanded batch, and
+  pairs row r of each block it mixes with row n-1-r of that block, one lambda/box per block; its blocks hold whole
+  images (DLB's halves), so the views of image i all go with the views of one partner image (in reversed view
+  order) under one lambda/box and stay views of one mixed image. That holds in `--mixup-mode batch` only (in
+  'pair'/'elem' the views of an image would be in different pairs, under different lambdas): other modes are
+  refused there. A method that takes mixed batches from the loader gets them mixed by the layout instead
+  (`mix_views`, every mode), as the layout alone would mix them.
+- everything else (state, resume, `bind_run` with the batch size in rows) is the method's.
 
 A layout is a method whose `Needs.rows_per_image` is above 0 and which implements the layout hooks of
 `SelfKDTask` (`check_stack`, `wrap_batch_sampler`, `layout_terms`). The method must give logits for every row of
@@ -70,9 +78,22 @@ def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
         def requirements(cls, hparams) -> Needs:
             layout_needs = layout_cls.requirements(getattr(hparams, layout.name))
             base_needs = base_cls.requirements(getattr(hparams, base.name))
-            refusing = next((needs for needs in (layout_needs, base_needs) if needs.mixup == 'refused'), base_needs)
-            return dataclasses.replace(base_needs, own_batches=True, mixup=refusing.mixup,
-                                       mixup_refusal=refusing.mixup_refusal)
+            refusing = next((needs for needs in (layout_needs, base_needs) if needs.mixup == 'refused'), None)
+            if refusing is not None:
+                return dataclasses.replace(base_needs, own_batches=True, mixup='refused',
+                                           mixup_refusal=refusing.mixup_refusal)
+            mixup = 'task' if 'task' in (layout_needs.mixup, base_needs.mixup) else base_needs.mixup
+            return dataclasses.replace(base_needs, own_batches=True, mixup=mixup)
+
+        def bind_run(self, run) -> None:
+            base_mixes = base_cls.requirements(self.hparams).mixup == 'task'
+            if base_mixes and run.mixup is not None and run.mixup.mode != 'batch':
+                raise ValueError(f'{layout.name}{STACK_SEPARATOR}{base.name} with --mixup-mode {run.mixup.mode}: '
+                                 f'{base.name} mixes the batch itself, which keeps the {rows} rows of an image under '
+                                 'one mix only in --mixup-mode batch')
+            super().bind_run(run)
+            layout_mixes = base_cls.requirements(self.hparams).mixup == 'loader' and run.mixup is not None
+            self.layout_mixer = layout_cls.views_mixer(run.mixup) if layout_mixes else None
 
         @classmethod
         def check_setup(cls, hparams, *, batch_size):
@@ -92,6 +113,8 @@ def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
             return layout_cls.wrap_batch_sampler(self.layout_hparams, inner)
 
         def forward(self, input, target):
+            if getattr(self, 'layout_mixer', None) is not None and self.training:
+                target = layout_cls.mix_views(self.layout_mixer, input, target)
             out = super().forward(input, target)
             extra, terms = layout_cls.layout_terms(self.layout_hparams, out['output'])
             out['loss'] = out['loss'] + extra
