@@ -1,6 +1,8 @@
 """The upstream adapter: users' own timm train.py files (../shared/upstream-timm, read in place, never copied
 into the repository) driven with every registered method; the compatibility gate and the options it refuses."""
 import csv
+import functools
+import inspect
 import json
 import logging
 import math
@@ -15,7 +17,7 @@ import pytest
 import timm
 import timm.data
 import yaml
-from timm.data import IterableImageDataset
+from timm.data import FastCollateMixup, IterableImageDataset, Mixup
 
 from conftest import NUM_CLASSES, write_image_folder
 from test_train import METHOD_ARGS
@@ -291,36 +293,54 @@ def test_data_the_method_cannot_batch(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('method', list_methods())
-def test_mixup_refused_exactly_where_the_method_refuses_it(image_folder, tmp_path, capsys, method):
-    """The adapter asks each method's record (`Needs.mixup`): a method that refuses mixup is refused with its
-    reason, one that takes it trains with the script's mixup collate and soft-target loss. A method that mixes
-    its batches itself (DLB, replaying its repeated half's mix) cannot take the script's whole-batch mixing."""
-    spec = get_method(method)
-    hparams = build_hparams(spec, {})
-    needs = spec.task_cls.requirements(hparams)
+def test_every_method_trains_with_the_script_s_mixup(image_folder, tmp_path, monkeypatch, method):
+    """Every method takes the script's mixup/CutMix as its record says (`Needs.mixup`): a method that takes mixed
+    batches gets the script's collate mixup and soft-target loss; one that mixes its batches itself (DLB, CS-KD,
+    DDGSD, PS-KD) gets unmixed batches (the script's collate mixup taken out) and timm's batch-form `Mixup` with
+    the script's options, as under our train.py."""
+    needs = get_method(method).task_cls.requirements(build_hparams(get_method(method), {}))
+    assert needs.mixup in ('loader', 'task')  # no built-in method refuses mixup
+    seen = {}
+    real_attach = upstream.attach
+
+    def recording_attach(task, **kwargs):
+        seen.update(mixup=kwargs['mixup'], collate=kwargs['loader'].loader.collate_fn)
+        return real_attach(task, **kwargs)
+
+    monkeypatch.setattr(upstream, 'attach', recording_attach)
+    upstream.main([script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method, '--mixup', '0.2',
+                                                 '--cutmix', '1.0', '--mixup-mode', 'batch')])
+    (row,) = read_summary(tmp_path)
+    assert math.isfinite(float(row['train_loss']))
     if needs.mixup == 'task':
-        expected = (f'--mixup/--cutmix are not supported with --selfkd {method} under a timm script: the method '
-                    'mixes its batches itself, and the script mixes whole batches; use timm_selfkd\'s train.py')
-        with pytest.raises(UsageError) as refusal:
-            check_method(spec, hparams, batch_size=BATCH, mixup=True, script=True)
-        assert str(refusal.value) == expected
-        check_method(spec, hparams, batch_size=BATCH, mixup=True)  # our train.py gives it the unmixed batches
-        _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method,
-                                                                  '--cutmix', '1.0')], expected, exact=True)
-    elif needs.mixup == 'refused':
-        expected = f'--mixup/--cutmix are not supported with --selfkd {method}: {needs.mixup_refusal}'
-        with pytest.raises(UsageError) as refusal:
-            check_method(spec, hparams, batch_size=BATCH, mixup=True)
-        assert str(refusal.value) == expected
-        _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method,
-                                                                  '--mixup', '0.2')], expected, exact=True)
+        assert isinstance(seen['mixup'], Mixup) and not isinstance(seen['mixup'], FastCollateMixup)
+        assert (seen['mixup'].mixup_alpha, seen['mixup'].cutmix_alpha, seen['mixup'].num_classes) == (0.2, 1.0, 4)
+        assert not isinstance(seen['collate'], FastCollateMixup)
     else:
-        assert needs.mixup == 'loader'
-        check_method(spec, hparams, batch_size=BATCH, mixup=True, script=True)
-        upstream.main([script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method, '--mixup', '0.2',
-                                                     '--cutmix', '1.0')])
-        (row,) = read_summary(tmp_path)
-        assert math.isfinite(float(row['train_loss']))
+        assert seen['mixup'] is None and isinstance(seen['collate'], FastCollateMixup)
+
+
+def test_a_self_mixing_method_without_prefetcher_mixes_once_and_stops_at_the_off_epoch(image_folder, tmp_path,
+                                                                                       monkeypatch):
+    """Without the prefetcher the script mixes in its loop (`mixup_fn`): for DLB the adapter hands it None and DLB
+    mixes; `--mixup-off-epoch` switches the method's mix off as the script's own switch would."""
+    enabled = []
+    real = upstream.Injection._wrap_train_one_epoch
+
+    def spying(self, train_one_epoch):
+        @functools.wraps(train_one_epoch)  # the adapter reads the script's signature through it
+        def spy(*a, **kw):
+            call = inspect.signature(train_one_epoch).bind(*a, **kw)
+            assert 'mixup_fn' in call.arguments and call.arguments['mixup_fn'] is None  # the loop does not mix
+            enabled.append(self.task_mixup.mixup_enabled)
+            return train_one_epoch(*a, **kw)
+        return real(self, spy)
+
+    monkeypatch.setattr(upstream.Injection, '_wrap_train_one_epoch', spying)
+    upstream.main([script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', 'dlb', '--cutmix', '1.0',
+                                                 '--no-prefetcher', '--mixup-off-epoch', '1', '--epochs', '2')])
+    assert enabled == [True, False]
+    assert all(math.isfinite(float(row['train_loss'])) for row in read_summary(tmp_path))
 
 
 AUG_REPEATS_REFUSAL = '--aug-repeats cannot combine with --selfkd {}, which chooses its own batches'

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import yaml
+from timm.data import FastCollateMixup, Mixup
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from timm_selfkd.errors import UsageError
@@ -25,7 +26,7 @@ from timm_selfkd.registry import MethodSpec, build_hparams, get_method
 from timm_selfkd.runtime.batch_stream import BatchStream
 from timm_selfkd.runtime.data import dataset_labels, index_sampler, read_through
 
-__all__ = ['RefusedOption', 'REFUSED_OPTIONS', 'refused_options_set', 'mixup_active', 'check_method', 'Attached',
+__all__ = ['RefusedOption', 'REFUSED_OPTIONS', 'refused_options_set', 'mixup_active', 'create_mixup', 'check_method', 'Attached',
            'attach',           'create_task', 'batch_sampler', 'read_recipe_path', 'read_recipe']
 
 
@@ -107,8 +108,19 @@ def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
+def create_mixup(args: argparse.Namespace, num_classes: int, collate: bool):
+    """timm's Mixup/CutMix from its options (None when off): the collate form (`FastCollateMixup`, for the
+    prefetching loader) or the batch form (`Mixup`, for the loop or for a method that mixes its batches itself)."""
+    if not mixup_active(args):
+        return None
+    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=num_classes)
+    return FastCollateMixup(**mixup_args) if collate else Mixup(**mixup_args)
+
+
 def check_method(spec: MethodSpec, hparams: Any, *, batch_size: int, mixup: bool = False, aug_repeats: float = 0,
-                 dataset: Optional[Dataset] = None, script: bool = False) -> None:
+                 dataset: Optional[Dataset] = None) -> None:
     """Refuse, in one line, what the method cannot train (before any file is written).
 
     Args:
@@ -117,16 +129,11 @@ def check_method(spec: MethodSpec, hparams: Any, *, batch_size: int, mixup: bool
         mixup: Whether mixup/CutMix is on.
         aug_repeats: timm's repeated-augmentation count (0: off; fractional counts as in timm).
         dataset: The training set, when already built (a streamed one has no sampler and no indices).
-        script: The run is a user's timm train.py (the adapter), which mixes whole batches in its loader.
     """
     needs = spec.task_cls.requirements(hparams)
     spec.task_cls.check_setup(hparams, batch_size=batch_size)
     if mixup and needs.mixup == 'refused':
         raise UsageError(f'--mixup/--cutmix are not supported with --selfkd {spec.name}: {needs.mixup_refusal}')
-    if mixup and needs.mixup == 'task' and script:
-        raise UsageError(f'--mixup/--cutmix are not supported with --selfkd {spec.name} under a timm script: the '
-                         'method mixes its batches itself, and the script mixes whole batches; use timm_selfkd\'s '
-                         'train.py')
     if aug_repeats and needs.own_batches and not needs.batches_over_index_sampler:
         raise UsageError(f'--aug-repeats cannot combine with --selfkd {spec.name}, which chooses its own batches')
     if isinstance(dataset, IterableDataset) and not needs.streamed_data:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 import yaml
-from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, create_loader, resolve_data_config
 from timm.data.random_erasing import RandomErasing
 from timm.layers import convert_sync_batchnorm, set_fast_norm
 from timm.models import clean_state_dict, create_model, load_checkpoint
@@ -40,7 +40,7 @@ from timm.utils import (dispatch_clip_grad, distribute_bn, init_distributed_devi
                         setup_default_logging)
 
 from timm_selfkd.errors import UsageError
-from timm_selfkd.attach import attach, check_method, mixup_active
+from timm_selfkd.attach import attach, check_method, create_mixup, mixup_active
 from timm_selfkd.cli import format_methods, parse_args, recipe_values
 from timm_selfkd.runtime.checkpoint import (AMP_SCALER_KEY, CheckpointWriteError, RunSaver, check_same_run,
                                              load_error, read_checkpoint)
@@ -69,16 +69,6 @@ def _resolve_lr(args) -> None:
     ratio = global_batch / args.lr_base_size
     scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
     args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
-
-
-def _mixup(args, num_classes: int, in_task: bool = False):
-    """timm's Mixup/CutMix (collate or batch form; the batch form for a task that mixes itself), or None."""
-    if not mixup_active(args):
-        return None
-    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                      label_smoothing=args.smoothing, num_classes=num_classes)
-    return FastCollateMixup(**mixup_args) if not (args.no_prefetcher or in_task) else Mixup(**mixup_args)
 
 
 @dataclass
@@ -214,7 +204,7 @@ class Setup:
         self.model = self._create_model(class_count(self.train_dataset))
         self.data_config = resolve_data_config(vars(args), model=self.model)
         in_task = self.spec.task_cls.requirements(self.hparams).mixup == 'task'
-        self.mixup = _mixup(args, self.model.num_classes, in_task=in_task)
+        self.mixup = create_mixup(args, self.model.num_classes, collate=not (args.no_prefetcher or in_task))
         self.loop_mixes = self.mixup is not None and not in_task and args.no_prefetcher  # else the collate mixes
         self.train_loader, self.eval_loader = self._loaders()
         # the loop erases on the batch, under the step's seed (the prefetcher would draw it a step early)

@@ -29,9 +29,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 import yaml
+from timm.data import FastCollateMixup
 
+from timm_selfkd.attach import (REFUSED_OPTIONS, attach, check_method, create_mixup, mixup_active, read_recipe,
+                                refused_options_set)
 from timm_selfkd.errors import UsageError
-from timm_selfkd.attach import REFUSED_OPTIONS, attach, check_method, mixup_active, read_recipe, refused_options_set
 from timm_selfkd.cli import add_selfkd_arguments, format_methods, resolve_selfkd_args
 from timm_selfkd.methods.base import SelfKDTask
 from timm_selfkd.registry import get_method
@@ -233,6 +235,7 @@ class Injection:
         self.dataset = None
         self.batch_size = 0
         self.stream = None
+        self.task_mixup = None  # the batch-form Mixup of a method that mixes its batches itself
         self.in_epoch = False
         self.ledger = LossLedger()
         self.log_filter = _TermsInLog(self)
@@ -270,7 +273,7 @@ class Injection:
                 self.spec = get_method(args.selfkd)
                 refused_options_set(args, self.refused_defaults)
                 check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
-                             aug_repeats=getattr(args, 'aug_repeats', 0) or 0, script=True)
+                             aug_repeats=getattr(args, 'aug_repeats', 0) or 0)
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.args = args
@@ -310,7 +313,9 @@ class Injection:
                 return create_loader(dataset, *a, **kw)
             check_method(self.spec, self.hparams, batch_size=call.arguments['batch_size'], dataset=dataset)
             self.dataset, self.batch_size = dataset, call.arguments['batch_size']
-            self.loader = _LoaderSlot(create_loader(dataset, *a, **kw))
+            if self._task_mixes() and isinstance(call.arguments.get('collate_fn'), FastCollateMixup):
+                call.arguments['collate_fn'] = None  # unmixed batches: the method mixes them (`_attach`)
+            self.loader = _LoaderSlot(create_loader(*call.args, **call.kwargs))
             return self.loader
 
         return wrapped
@@ -318,9 +323,12 @@ class Injection:
     def _attach(self, task: SelfKDTask) -> None:
         """The method's batches into the training loader and the run's facts into the task (`attach`)."""
         args = self.args
+        if self._task_mixes():
+            self.task_mixup = create_mixup(args, task.get_eval_model().num_classes, collate=False)
         attached = attach(task, loader=self.loader.loader, dataset=self.dataset, batch_size=self.batch_size,
                           num_epochs=args.epochs, seed=args.seed, rank=args.rank, world_size=args.world_size,
-                          local_rank=args.local_rank, aug_repeats=getattr(args, 'aug_repeats', 0) or 0)
+                          local_rank=args.local_rank, aug_repeats=getattr(args, 'aug_repeats', 0) or 0,
+                          mixup=self.task_mixup)
         self.loader.swap(attached.loader)
         self.stream = attached.stream
         if args.rank == 0:
@@ -334,10 +342,23 @@ class Injection:
         input = args[0] if args else kwargs.get('input')
         self.ledger.add(output, input.shape[0] if isinstance(input, torch.Tensor) else 0)
 
+    def _task_mixes(self) -> bool:
+        """Mixup is on and the method mixes its batches itself: the script's collate or loop must not."""
+        return mixup_active(self.args) and self.spec.task_cls.requirements(self.hparams).mixup == 'task'
+
     def _wrap_train_one_epoch(self, train_one_epoch: Callable) -> Callable:
+        signature = inspect.signature(train_one_epoch)
+
         def wrapped(epoch, *a, **kw):
             if self.task is None:
                 raise RuntimeError(f'{PROG}: the script trains without building its ClassificationTask')
+            if self.task_mixup is not None:
+                call = signature.bind(epoch, *a, **kw)
+                if 'mixup_fn' in call.arguments:
+                    call.arguments['mixup_fn'] = None  # the method mixes (the script's loop would mix again)
+                epoch, a, kw = call.args[0], call.args[1:], call.kwargs
+                off = getattr(self.args, 'mixup_off_epoch', 0)
+                self.task_mixup.mixup_enabled = not (off and epoch >= off)  # as the script's own switch
             if self.stream is not None:
                 self.stream.set_epoch(epoch)  # v1.0.28 does not tell a batch sampler the epoch
             self.ledger = LossLedger()
