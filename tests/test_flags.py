@@ -106,8 +106,8 @@ def test_validation_interval(image_folder, tmp_path):
 
 def test_aug_repeats_with_a_method_that_chooses_its_batches(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(common(image_folder, tmp_path / 'out', '--selfkd', 'dlb', '--aug-repeats', '3', '-b', '8'))
-    assert exc.value.code == 2 and '--aug-repeats cannot combine with --selfkd dlb' in capsys.readouterr().err
+        main(common(image_folder, tmp_path / 'out', '--selfkd', 'cskd', '--aug-repeats', '3', '-b', '8'))
+    assert exc.value.code == 2 and '--aug-repeats cannot combine with --selfkd cskd' in capsys.readouterr().err
 
 
 class Streamed(IterableDataset):

@@ -320,7 +320,6 @@ def test_methods_take_mixup_from_the_loader(method):
     needs = spec.task_cls.requirements(hparams)
     assert needs.mixup == 'loader' and needs.mixup_refusal == ''
     check_method(spec, hparams, batch_size=8, mixup=True)
-    check_method(spec, hparams, batch_size=8, mixup=True, script=True)
 
 
 METHOD_ARGS = {'lsrkd_tc': ['--lsrkd-tc-gamma', '0.5']}  # the default 2.5 / K is 0.625 for 4 classes; any > 1/K

@@ -108,7 +108,9 @@ def test_torchrun_one_sigterm_stops_both_ranks_at_the_same_step(folder, tmp_path
     stopped = [STOPPED.match(line) for line in lines if STOPPED.match(line)]
     assert len(stopped) == 1, '\n'.join(lines[-30:])  # rank 0 speaks for both
     path, command = stopped[0].group(5), stopped[0].group(6)
-    assert sum('SIGTERM received' in line for line in lines) == 2
+    # each rank says it received the signal; a rank's line may be lost when torchrun exits on its own signal, so
+    # that both stopped is shown by the agreed step and both ranks' state in the one checkpoint (below)
+    assert 1 <= sum('SIGTERM received' in line for line in lines) <= 2
     state = torch.load(path, map_location='cpu', weights_only=False)['task_state']
     assert state['last_logits'].shape[0] == 2  # both ranks' kept logits
     argv = shlex.split(command)

@@ -262,8 +262,8 @@ def test_not_a_train_script_is_refused(tmp_path, capsys):
                                                           'teacher-distillation task would replace the self-KD task '
                                                           '(here the model is its own teacher)'),
     (['--selfkd', 'bake', '--torchscript'], '--torchscript cannot be used'),
-    (['--selfkd', 'dlb', '--aug-repeats', '3'], '--aug-repeats cannot combine with --selfkd dlb, which chooses its '
-                                                'own batches'),
+    (['--selfkd', 'cskd', '--aug-repeats', '3'], '--aug-repeats cannot combine with --selfkd cskd, which chooses '
+                                                 'its own batches'),
     (['--selfkd', 'bake', '--aug-repeats', '2'], '--aug-repeats cannot combine with --selfkd bake, which chooses its '
                                                  'own batches'),
     (['--use-multi-epochs-loader'], '--use-multi-epochs-loader cannot be used'),
@@ -348,11 +348,13 @@ AUG_REPEATS_REFUSAL = '--aug-repeats cannot combine with --selfkd {}, which choo
 
 @pytest.mark.parametrize('method', list_methods())
 def test_aug_repeats_refused_exactly_for_methods_that_choose_their_batches(image_folder, tmp_path, capsys, method):
-    """--aug-repeats is refused, before anything runs, for a method that chooses its batches (the same message as
-    train.py's) and passes the adapter's checks for the others (which then train: `test_aug_repeats_...gloo`)."""
+    """--aug-repeats is refused, before anything runs, for a method that chooses its batches without the run's
+    index sampler (the same message as train.py's) and passes the adapter's checks for the others (which then
+    train: `test_aug_repeats_...gloo`; DLB's batches are drawn from the repeated sampler)."""
     spec = get_method(method)
     hparams = build_hparams(spec, {})
-    if spec.task_cls.requirements(hparams).own_batches:
+    needs = spec.task_cls.requirements(hparams)
+    if needs.own_batches and not needs.batches_over_index_sampler:
         with pytest.raises(UsageError) as refusal:
             check_method(spec, hparams, batch_size=BATCH, aug_repeats=3)
         assert str(refusal.value) == AUG_REPEATS_REFUSAL.format(method)
@@ -360,7 +362,7 @@ def test_aug_repeats_refused_exactly_for_methods_that_choose_their_batches(image
                                                                   '--aug-repeats', '3')],
                  AUG_REPEATS_REFUSAL.format(method), exact=True)
     else:
-        check_method(spec, hparams, batch_size=BATCH, aug_repeats=3, script=True)
+        check_method(spec, hparams, batch_size=BATCH, aug_repeats=3)
 
 
 # a method that keeps timm's batches and writes, per rank, the dataset indices and labels of every batch it trains on
