@@ -46,8 +46,9 @@ PINS: Dict[str, List[str]] = {
     'mrkd_tc': ['--mrkd-tc-gamma', '0.25', '--mrkd-tc-interval', '2'],
     'pskd': ['--pskd-alpha-t', '0.8', '--epochs', '2'],
 }
-# Further entries: a name -> (the method, its flags). multi_exit's default changed on purpose in the redesign (the
-# BYOT hint summed over the batch, as BYOT's code); its DMFL-only run has no hint and must not change.
+# Further entries: a name -> (the method, its flags). Re-recorded on purpose after the redesign: multi_exit (the
+# BYOT hint summed over the batch, as BYOT's code; its DMFL-only run has no hint and did not change), bake and cskd
+# (their anchors drawn from the run's index sampler, which --aug-repeats replaces by timm's RepeatAugSampler).
 VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     'multi_exit/dmfl_only': ('multi_exit', ['--no-multi-exit-byot']),
     'multi_exit/pskd_dmfl': ('multi_exit', ['--multi-exit-pskd', '--no-multi-exit-byot', '--epochs', '2']),

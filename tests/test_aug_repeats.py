@@ -11,6 +11,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm_selfkd.attach import check_method
 from timm_selfkd.components.samplers import ClassGroupBatchSampler, LastBatchSampler
 from timm_selfkd.errors import UsageError
+from timm_selfkd.methods.base import Needs
 from timm_selfkd.registry import build_hparams, get_method
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,18 +34,20 @@ def test_dlb_batches_over_repeated_indices_keep_the_repeated_half(repeats):
         assert [i for half in new for i in half] == order
 
 
-def test_own_batches_not_drawn_from_the_index_sampler_are_refused():
-    for name in ('bake', 'cskd'):
+def test_own_batches_not_drawn_from_the_index_sampler_are_refused(monkeypatch):
+    for name in ('dlb', 'bake', 'cskd', 'ddgsd', 'ddgsd+dlb'):  # every method that chooses its batches takes it
         spec = get_method(name)
-        with pytest.raises(UsageError, match=f'--aug-repeats cannot combine with --selfkd {name}, which chooses'):
-            check_method(spec, build_hparams(spec, {}), batch_size=8, aug_repeats=3)
-    spec = get_method('dlb')
-    check_method(spec, build_hparams(spec, {}), batch_size=8, aug_repeats=3)  # taken
+        check_method(spec, build_hparams(spec, {}), batch_size=8, aug_repeats=3)
+    spec = get_method('bake')
+    monkeypatch.setattr(spec.task_cls, 'requirements', classmethod(lambda cls, hparams: Needs(own_batches=True)))
+    with pytest.raises(UsageError, match='^--aug-repeats cannot combine with --selfkd bake, which chooses its own'):
+        check_method(spec, build_hparams(spec, {}), batch_size=8, aug_repeats=3)
 
 
-def test_dlb_trains_with_repeated_augmentation(image_folder, tmp_path):
+@pytest.mark.parametrize('method', ['dlb', 'bake', 'cskd', 'ddgsd+dlb'])
+def test_methods_with_their_own_batches_train_with_repeated_augmentation(image_folder, tmp_path, method):
     run = [sys.executable, 'train.py', '--data-dir', image_folder, '--model', 'resnet18', '--img-size', '32', '-b', '8',
-           '--epochs', '1', '--sched', 'none', '--lr', '0.01', '--workers', '0', '--device', 'cpu', '--selfkd', 'dlb',
+           '--epochs', '1', '--sched', 'none', '--lr', '0.01', '--workers', '0', '--device', 'cpu', '--selfkd', method,
            '--aug-repeats', '3', '--output', str(tmp_path), '--experiment', 'run']
     result = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -104,10 +104,15 @@ def test_validation_interval(image_folder, tmp_path):
     assert [bool(r['eval_top1']) for r in rows] == [False, True, True]  # epoch 2 is the last: always validated
 
 
-def test_aug_repeats_with_a_method_that_chooses_its_batches(image_folder, tmp_path, capsys):
+def test_aug_repeats_with_a_method_drawing_batches_of_its_own(image_folder, tmp_path, capsys, monkeypatch):
+    """Refused where the method's batches do not come from the run's index sampler (no built-in method now)."""
+    from timm_selfkd.methods.base import Needs
+    from timm_selfkd.methods.cskd import CSKDTask
+    monkeypatch.setattr(CSKDTask, 'requirements', classmethod(lambda cls, hparams: Needs(own_batches=True)))
     with pytest.raises(SystemExit) as exc:
         main(common(image_folder, tmp_path / 'out', '--selfkd', 'cskd', '--aug-repeats', '3', '-b', '8'))
     assert exc.value.code == 2 and '--aug-repeats cannot combine with --selfkd cskd' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
 
 
 class Streamed(IterableDataset):

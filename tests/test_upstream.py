@@ -262,10 +262,6 @@ def test_not_a_train_script_is_refused(tmp_path, capsys):
                                                           'teacher-distillation task would replace the self-KD task '
                                                           '(here the model is its own teacher)'),
     (['--selfkd', 'bake', '--torchscript'], '--torchscript cannot be used'),
-    (['--selfkd', 'cskd', '--aug-repeats', '3'], '--aug-repeats cannot combine with --selfkd cskd, which chooses '
-                                                 'its own batches'),
-    (['--selfkd', 'bake', '--aug-repeats', '2'], '--aug-repeats cannot combine with --selfkd bake, which chooses its '
-                                                 'own batches'),
     (['--use-multi-epochs-loader'], '--use-multi-epochs-loader cannot be used'),
     (['--selfkd', 'bake', '-b', '7'], 'use a multiple of 2'),
     (['--selfkd', 'dlb', '--dlb-alpha', '-1'], 'dlb alpha must be >= 0.0'),
@@ -347,22 +343,24 @@ AUG_REPEATS_REFUSAL = '--aug-repeats cannot combine with --selfkd {}, which choo
 
 
 @pytest.mark.parametrize('method', list_methods())
-def test_aug_repeats_refused_exactly_for_methods_that_choose_their_batches(image_folder, tmp_path, capsys, method):
-    """--aug-repeats is refused, before anything runs, for a method that chooses its batches without the run's
-    index sampler (the same message as train.py's) and passes the adapter's checks for the others (which then
-    train: `test_aug_repeats_...gloo`; DLB's batches are drawn from the repeated sampler)."""
+def test_aug_repeats_passes_the_adapter_s_checks_for_every_method(method):
+    """Every built-in method draws its batches from the run's index sampler (`Needs`): --aug-repeats passes the
+    adapter's checks (the runs train: `test_aug_repeats_...gloo`; timm's loader takes it only distributed)."""
     spec = get_method(method)
     hparams = build_hparams(spec, {})
     needs = spec.task_cls.requirements(hparams)
-    if needs.own_batches and not needs.batches_over_index_sampler:
-        with pytest.raises(UsageError) as refusal:
-            check_method(spec, hparams, batch_size=BATCH, aug_repeats=3)
-        assert str(refusal.value) == AUG_REPEATS_REFUSAL.format(method)
-        _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method,
-                                                                  '--aug-repeats', '3')],
-                 AUG_REPEATS_REFUSAL.format(method), exact=True)
-    else:
-        check_method(spec, hparams, batch_size=BATCH, aug_repeats=3)
+    assert not needs.own_batches or needs.batches_over_index_sampler
+    check_method(spec, hparams, batch_size=BATCH, aug_repeats=3)
+
+
+def test_aug_repeats_refused_for_a_method_drawing_batches_of_its_own(image_folder, tmp_path, capsys, monkeypatch):
+    """A method whose batches do not come from the run's index sampler is refused before anything runs, with
+    train.py's wording."""
+    from timm_selfkd.methods.bake import BAKETask
+    monkeypatch.setattr(BAKETask, 'requirements', classmethod(lambda cls, hparams: Needs(own_batches=True)))
+    expected = '--aug-repeats cannot combine with --selfkd bake, which chooses its own batches'
+    _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', 'bake',
+                                                              '--aug-repeats', '3')], expected, exact=True)
 
 
 # a method that keeps timm's batches and writes, per rank, the dataset indices and labels of every batch it trains on

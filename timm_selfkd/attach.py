@@ -120,7 +120,7 @@ def create_mixup(args: argparse.Namespace, num_classes: int, collate: bool):
 
 
 def check_method(spec: MethodSpec, hparams: Any, *, batch_size: int, mixup: bool = False, aug_repeats: float = 0,
-                 dataset: Optional[Dataset] = None) -> None:
+                 dataset: Optional[Dataset] = None, bce: bool = False) -> None:
     """Refuse, in one line, what the method cannot train (before any file is written).
 
     Args:
@@ -129,11 +129,14 @@ def check_method(spec: MethodSpec, hparams: Any, *, batch_size: int, mixup: bool
         mixup: Whether mixup/CutMix is on.
         aug_repeats: timm's repeated-augmentation count (0: off; fractional counts as in timm).
         dataset: The training set, when already built (a streamed one has no sampler and no indices).
+        bce: Whether timm's --bce-loss replaces the hard-label term.
     """
     needs = spec.task_cls.requirements(hparams)
     spec.task_cls.check_setup(hparams, batch_size=batch_size)
     if mixup and needs.mixup == 'refused':
         raise UsageError(f'--mixup/--cutmix are not supported with --selfkd {spec.name}: {needs.mixup_refusal}')
+    if bce and needs.bce_refusal:
+        raise UsageError(f'--bce-loss is not supported with --selfkd {spec.name}: {needs.bce_refusal}')
     if aug_repeats and needs.own_batches and not needs.batches_over_index_sampler:
         raise UsageError(f'--aug-repeats cannot combine with --selfkd {spec.name}, which chooses its own batches')
     if isinstance(dataset, IterableDataset) and not needs.streamed_data:
@@ -233,6 +236,8 @@ def create_task(
             raise ValueError(f'create_task({name!r}) needs {fact}=... ({why})')
     if mixup is not None and needs.mixup == 'refused':
         raise ValueError(f'{name} cannot train on mixed images: {needs.mixup_refusal}')
+    if (criterion_kwargs or {}).get('loss_type') == 'bce' and needs.bce_refusal:
+        raise ValueError(f'{name} cannot train with a BCE criterion: {needs.bce_refusal}')
     if batch_size is not None:
         spec.task_cls.check_setup(values, batch_size=batch_size)
     if mixup is not None and needs.mixup == 'loader':

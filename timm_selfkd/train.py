@@ -200,7 +200,7 @@ class Setup:
             args.in_chans = args.input_size[0]
         self.train_dataset, self.eval_dataset = self._datasets()
         check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
-                     aug_repeats=args.aug_repeats, dataset=self.train_dataset)
+                     aug_repeats=args.aug_repeats, dataset=self.train_dataset, bce=args.bce_loss)
         self.model = self._create_model(class_count(self.train_dataset))
         self.data_config = resolve_data_config(vars(args), model=self.model)
         in_task = self.spec.task_cls.requirements(self.hparams).mixup == 'task'

@@ -273,7 +273,8 @@ class Injection:
                 self.spec = get_method(args.selfkd)
                 refused_options_set(args, self.refused_defaults)
                 check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
-                             aug_repeats=getattr(args, 'aug_repeats', 0) or 0)
+                             aug_repeats=getattr(args, 'aug_repeats', 0) or 0,
+                             bce=bool(getattr(args, 'bce_loss', False)))
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.args = args

@@ -21,10 +21,13 @@ from timm_selfkd.runtime.batch_stream import BatchInfo
 if TYPE_CHECKING:
     from timm_selfkd.methods.base import RunInfo
 
-__all__ = ['ProgressiveTargets', 'RUN_FACTS', 'alpha_schedule']
+__all__ = ['ProgressiveTargets', 'RUN_FACTS', 'BCE_REFUSAL', 'alpha_schedule']
 
 RUN_FACTS = {'num_epochs': 'alpha_t grows over the epochs of the run',
              'num_samples': 'its memory of past predictions has a row per training image'}  # for `Needs.run_facts`
+# for `Needs.bce_refusal`: there is no hard-label term for timm's BCE to replace
+BCE_REFUSAL = ("PS-KD's loss is one softmax cross-entropy on its progressive targets (1 - a_e) y + a_e P (P: past "
+               'softmax predictions), with no hard-label term for BCE to replace')
 
 
 def alpha_schedule(alpha_t: float, epoch: int, num_epochs: int) -> float:

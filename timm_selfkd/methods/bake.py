@@ -58,7 +58,7 @@ class BAKETask(SelfKDTask):
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return Needs(mixup='loader', own_batches=True)
+        return Needs(mixup='loader', own_batches=True, batches_over_index_sampler=True)
 
     def wrap_model(self, model):
         return LogitsAndFeatures(model)
@@ -67,12 +67,12 @@ class BAKETask(SelfKDTask):
     def check_setup(cls, hparams, *, batch_size):
         ClassGroupBatchSampler.check_batch_size(batch_size, hparams.same_class)
 
-    def batch_sampler(self, *, labels, batch_size, seed, rank, world_size, **_):
+    def batch_sampler(self, *, index_sampler, labels, batch_size, seed, rank, world_size):
         if labels is None:
             raise ValueError('BAKE needs the class label of every training image for its per-class batches, '
                              'and this dataset does not expose them')
         return ClassGroupBatchSampler(labels, batch_size, self.hparams.same_class, seed=seed, rank=rank,
-                                      world_size=world_size)
+                                      world_size=world_size, anchor_sampler=index_sampler)
 
     def soft_targets(self, output: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Eq. 9 targets for this rank's images; over the global batch when asked and distributed."""

@@ -37,6 +37,9 @@ class Needs:
                                        targets), 'task' (unmixed batches, hard labels; it mixes
                                        them with `RunInfo.mixup`) or 'refused'
     `mixup_refusal`         ''         cannot train on mixed images, for this one-line reason      attach
+    `bce_refusal`           ''         cannot train with --bce-loss, for this one-line reason (a   attach
+                                       loss defined only for softmax); '': its hard-label term is
+                                       the criterion (`cross_entropy`), which BCE then replaces
     `row_aligned_output`    True       returns `output` with one row per input row, in order       stack
     `rows_per_image`        0          is a batch layout making each image this many rows (the     stack, cli
                                        layout hooks of `SelfKDTask`); 0: a method
@@ -50,6 +53,7 @@ class Needs:
     sample_indices: bool = False
     mixup: str = 'loader'
     mixup_refusal: str = ''
+    bce_refusal: str = ''
     row_aligned_output: bool = True
     rows_per_image: int = 0
 

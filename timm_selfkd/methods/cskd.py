@@ -50,7 +50,8 @@ class CSKDTask(SelfKDTask):
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return Needs(own_batches=True, mixup='task', row_aligned_output=False)  # logits of the anchors only
+        return Needs(own_batches=True, batches_over_index_sampler=True, mixup='task',
+                     row_aligned_output=False)  # logits of the anchors only
 
     def bind_run(self, run) -> None:
         super().bind_run(run)
@@ -60,12 +61,12 @@ class CSKDTask(SelfKDTask):
     def check_setup(cls, hparams, *, batch_size):
         ClassGroupBatchSampler.check_batch_size(batch_size, 1, 'CS-KD')
 
-    def batch_sampler(self, *, labels, batch_size, seed, rank, world_size, **_):
+    def batch_sampler(self, *, index_sampler, labels, batch_size, seed, rank, world_size):
         if labels is None:
             raise ValueError('CS-KD needs the class label of every training image to draw same-class partners, '
                              'and this dataset does not expose them')
         return ClassGroupBatchSampler(labels, batch_size, 1, seed=seed, rank=rank, world_size=world_size,
-                                      layout='anchors_first', method='CS-KD')
+                                      layout='anchors_first', method='CS-KD', anchor_sampler=index_sampler)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         anchors = input.shape[0] // 2

@@ -58,7 +58,7 @@ class DDGSDTask(SelfKDTask):
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return Needs(own_batches=True, mixup='task', rows_per_image=VIEWS)
+        return Needs(own_batches=True, batches_over_index_sampler=True, mixup='task', rows_per_image=VIEWS)
 
     def bind_run(self, run) -> None:
         super().bind_run(run)

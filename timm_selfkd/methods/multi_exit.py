@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.utils import unwrap_model
 
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits, soft_target_ce
-from timm_selfkd.components.progressive_targets import RUN_FACTS, ProgressiveTargets
+from timm_selfkd.components.progressive_targets import BCE_REFUSAL, RUN_FACTS, ProgressiveTargets
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
 
@@ -336,7 +336,8 @@ class MultiExitTask(SelfKDTask):
     def requirements(cls, hparams: MultiExitHparams) -> Needs:
         if not hparams.pskd:
             return Needs()
-        return Needs(sample_indices=True, mixup='task', run_facts=RUN_FACTS)
+        return Needs(sample_indices=True, mixup='task', run_facts=RUN_FACTS,
+                     bce_refusal=f'--multi-exit-pskd trains every classifier on PS-KD\'s targets: {BCE_REFUSAL}')
 
     def bind_run(self, run: RunInfo) -> None:
         super().bind_run(run)
@@ -360,7 +361,9 @@ class MultiExitTask(SelfKDTask):
         return MultiExitModule(model, indices, exits)
 
     def _cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if target.is_floating_point():
+        """PS-KD's soft-target cross-entropy on its `y_soft`; otherwise timm's criterion (the labels or mixup's soft
+        targets; --bce-loss replaces it)."""
+        if self.progressive is not None and target.is_floating_point():
             return soft_target_ce(logits, target)
         return self.cross_entropy(logits, target)
 

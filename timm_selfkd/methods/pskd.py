@@ -7,7 +7,7 @@ import torch
 
 from timm_selfkd.components.losses import soft_target_ce
 from timm_selfkd.components.soft_target_memory import SoftTargetMemory
-from timm_selfkd.components.progressive_targets import RUN_FACTS, ProgressiveTargets
+from timm_selfkd.components.progressive_targets import BCE_REFUSAL, RUN_FACTS, ProgressiveTargets
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range
 
@@ -47,7 +47,7 @@ class PSKDTask(SelfKDTask):
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return Needs(sample_indices=True, mixup='task', run_facts=RUN_FACTS)
+        return Needs(sample_indices=True, mixup='task', run_facts=RUN_FACTS, bce_refusal=BCE_REFUSAL)
 
     def __init__(self, model, hparams: PSKDHparams, **kwargs):
         super().__init__(model, hparams, **kwargs)

@@ -83,7 +83,10 @@ def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
                 return dataclasses.replace(base_needs, own_batches=True, mixup='refused',
                                            mixup_refusal=refusing.mixup_refusal)
             mixup = 'task' if 'task' in (layout_needs.mixup, base_needs.mixup) else base_needs.mixup
-            return dataclasses.replace(base_needs, own_batches=True, mixup=mixup)
+            # the layout expands the method's batches, or plain ones drawn from the run's index sampler
+            over_index_sampler = base_needs.batches_over_index_sampler or not base_needs.own_batches
+            return dataclasses.replace(base_needs, own_batches=True, mixup=mixup,
+                                       batches_over_index_sampler=over_index_sampler)
 
         def bind_run(self, run) -> None:
             base_mixes = base_cls.requirements(self.hparams).mixup == 'task'
