@@ -136,3 +136,13 @@ def test_streamed_data_sets_only_for_methods_that_need_no_sampler_or_indices(met
             check_method(spec, task.hparams, batch_size=8, dataset=Streamed())
     if method in ('none', 'dlb', 'bake'):
         assert task.needs.streamed_data == (method == 'none')
+
+
+def test_opt_kwargs_reach_the_optimizer(image_folder, tmp_path):
+    """As in timm's train.py, `--opt-kwargs` go to `create_optimizer_v2` (they were dropped before)."""
+    from timm_selfkd.train import Setup
+    setup = Setup(parse_args(common(image_folder, tmp_path, '-b', '8', '--opt', 'adamw',
+                                    '--opt-kwargs', 'amsgrad=True')))
+    assert isinstance(setup.optimizer, torch.optim.AdamW) and setup.optimizer.param_groups[0]['amsgrad'] is True
+    plain = Setup(parse_args(common(image_folder, tmp_path, '-b', '8', '--opt', 'adamw')))
+    assert plain.optimizer.param_groups[0]['amsgrad'] is False

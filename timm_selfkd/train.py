@@ -221,7 +221,8 @@ class Setup:
         self.train_loader, self.stream = attached.loader, attached.stream
         self.steps_per_epoch = attached.steps_per_epoch  # nominal: DLB's first epoch is one step shorter
         _resolve_lr(args)
-        self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), **optimizer_kwargs(cfg=args))
+        self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), **optimizer_kwargs(cfg=args),
+                                             **args.opt_kwargs)  # as timm's train.py: --opt-kwargs reach the optimizer
         self.grad_scaler = torch.amp.GradScaler(self.device.type) \
             if args.amp and self.amp_dtype == torch.float16 and self.device.type == 'cuda' else None
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / args.grad_accum_steps)
