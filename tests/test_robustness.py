@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import write_image_folder
-from test_preemption import assert_same_run
+from test_preemption import STOPPED, assert_same_run
 from timm_selfkd.runtime import checkpoint
 from timm_selfkd.runtime.checkpoint import is_temporary, read_checkpoint
 from timm_selfkd.runtime.run_guard import REPEAT_WINDOW_S
@@ -359,10 +359,6 @@ def test_validation_class_that_training_lacks_is_a_one_line_error(tmp_path, caps
 
 
 # --- a stop signal to the whole process group ------------------------------------------------------------------
-
-STOPPED = re.compile(r'^train\.py: stopped by (SIG\w+) at epoch (\d+) step (\d+)/(\d+); checkpoint (\S+); '
-                     r'resume with: (.+)$')
-
 
 @pytest.fixture(scope='module')
 def long_folder(tmp_path_factory):
