@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import timm
+from timm.data import Mixup
 import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -74,6 +75,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='add a `none+checks` row: plain training plus the loop\'s per-step re-seeding, '
                              'non-finite guard and stop check (every step, as on the CPU), and time the '
                              'per-image seeding of the data loader')
+    parser.add_argument('--mixup', type=float, default=0., help='mixup alpha for every method (timm batch mode)')
+    parser.add_argument('--cutmix', type=float, default=0., help='CutMix alpha for every method (timm batch mode)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', type=Path, help='also write the report (with environment) to this markdown file')
     args = parser.parse_args(argv)
@@ -134,10 +137,16 @@ class Trainer:
         torch.manual_seed(args.seed)  # same architecture and initial weights for every method
         model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
         self.steps_per_epoch = RUN_SAMPLES // args.batch_size
+        # with --mixup/--cutmix, timm's batch-form Mixup: the step mixes the batch before the task (as the loop
+        # or the loader's collate does), or the task mixes it itself (Needs.mixup == 'task': DLB, CS-KD, ...)
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, num_classes=args.num_classes) \
+            if args.mixup or args.cutmix else None
         self.task = timm_selfkd.create_task(base_method(method), model.to(args.device).train(),
                                             num_epochs=RUN_EPOCHS, steps_per_epoch=self.steps_per_epoch,
-                                            num_samples=RUN_SAMPLES, batch_size=args.batch_size,
+                                            num_samples=RUN_SAMPLES, batch_size=args.batch_size, mixup=mixup,
                                             **method_hparams(method))
+        self.mixing = mixup is not None
+        self.mixup = mixup if self.mixing and self.task.needs.mixup == 'loader' else None
         # a method that reads sample indices (PS-KD) gets them as a hand-written loop passes them: pool batch b
         # holds dataset indices b * batch_size ... (b + 1) * batch_size - 1
         self.indices = [torch.arange(args.batch_size) + b * args.batch_size for b in range(POOL_BATCHES)] \
@@ -149,6 +158,10 @@ class Trainer:
         self.loss = torch.zeros(())
 
     def step(self, batch: Batch) -> None:
+        if self.mixing:  # timm's Mixup mixes in place: every method gets a fresh copy of the pool's batch
+            batch = (batch[0].clone(), batch[1])
+        if self.mixup is not None:
+            batch = self.mixup(*batch)
         with self.autocast:
             if self.indices is None:
                 out = self.task(*batch)
