@@ -192,10 +192,11 @@ def test_inductor_compile(run, matrix, monkeypatch):
 
 
 def test_ddp_cell(image_folder, tmp_path, matrix):
-    """Every method under `torchrun --nproc_per_node 2` (gloo), in one launch, alone and with two batches per update
-    (DDP's no_sync between updates): the ranks train on different images and end with the same weights, and the
-    summary counts both ranks' images; or both ranks refuse in one line."""
-    ddp_cell(matrix, 'ddp', METHODS, METHOD_ARGS, image_folder, tmp_path, variants=[(), ('--grad-accum-steps', '2')])
+    """Every method under `torchrun --nproc_per_node 2` (gloo), in one launch, alone, with two batches per update
+    (DDP's no_sync between updates) and with mixup/CutMix on: the ranks train on different images and end with the
+    same weights, and the summary counts both ranks' images; or both ranks refuse in one line."""
+    ddp_cell(matrix, 'ddp', METHODS, METHOD_ARGS, image_folder, tmp_path,
+             variants=[(), ('--grad-accum-steps', '2'), tuple(MIXUP)])
 
 
 def test_readme_matrix_is_rendered_from_the_recorded_results(request):
