@@ -20,6 +20,7 @@ import yaml
 from timm.data import FastCollateMixup, Mixup
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
+from timm_selfkd.components.samplers import EpochBatchSampler
 from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.base import RunInfo, SelfKDTask
 from timm_selfkd.registry import MethodSpec, build_hparams, get_method
@@ -265,7 +266,6 @@ def batch_sampler(task: SelfKDTask, labels: Sequence[int], batch_size: int, seed
         batch_size: Images (rows) per step and process, as given to `create_task`.
         seed: Seed of the shuffling.
     """
-    from timm_selfkd.components.samplers import EpochBatchSampler
     distributed = dist.is_available() and dist.is_initialized()
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     indices = index_sampler(_Labels(labels), seed, rank, world_size)
