@@ -2,6 +2,7 @@
 
 The golden value is written with plain `math` from the two papers' losses, never by calling the code under test.
 """
+import dataclasses
 import os
 
 import pytest
@@ -138,3 +139,15 @@ def test_stack_recipe_and_its_parts_as_baselines():
     assert method_hparams(parse_args(['-c', recipe])).ddgsd.weight == 1.0
     assert type(method_hparams(parse_args(['-c', recipe, '--selfkd', 'ddgsd']))).__name__ == 'DDGSDHparams'
     assert type(method_hparams(parse_args(['-c', recipe, '--selfkd', 'dlb']))).__name__ == 'DLBHparams'
+
+
+def test_a_stack_keeps_either_part_s_bce_refusal(monkeypatch):
+    """A stack's record refuses --bce-loss when its layout does, not only when its method does."""
+    from timm_selfkd.methods.ddgsd import DDGSDTask
+    spec = timm_selfkd.get_method('ddgsd+dlb')
+    hparams = spec.hparams_cls()
+    assert spec.task_cls.requirements(hparams).bce_refusal == ''
+    layout_needs = DDGSDTask.requirements(hparams.ddgsd)
+    monkeypatch.setattr(DDGSDTask, 'requirements', classmethod(
+        lambda cls, hp: dataclasses.replace(layout_needs, bce_refusal='views need softmax')))
+    assert spec.task_cls.requirements(hparams).bce_refusal == 'views need softmax'

@@ -27,8 +27,8 @@ from timm_selfkd.registry import MethodSpec, build_hparams, get_method
 from timm_selfkd.runtime.batch_stream import BatchStream
 from timm_selfkd.runtime.data import dataset_labels, index_sampler, read_through
 
-__all__ = ['RefusedOption', 'REFUSED_OPTIONS', 'refused_options_set', 'mixup_active', 'create_mixup', 'check_method', 'Attached',
-           'attach',           'create_task', 'batch_sampler', 'read_recipe_path', 'read_recipe']
+__all__ = ['RefusedOption', 'REFUSED_OPTIONS', 'refused_options_set', 'mixup_active', 'create_mixup', 'check_method',
+           'Attached', 'attach', 'create_task', 'batch_sampler', 'read_recipe_path', 'read_recipe']
 
 
 @dataclass(frozen=True)

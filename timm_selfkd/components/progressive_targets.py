@@ -47,7 +47,8 @@ class ProgressiveTargets:
     Mixup/CutMix (`RunInfo.mixup`, timm's parameters and draws in every --mixup-mode; PS-KD's paper
     reports PS-KD + CutMix, its official code, lgcnsai/PS-KD-Pytorch main.py, has no mixing, so this is the
     natural extension of that code, not a documented choice): `mix` mixes the batch as timm does, image i with
-    image B-1-i under a lambda/box (one per batch, pair or image by the mode), and mixes the progressive targets of both images with the same lambda,
+    image B-1-i under a lambda/box (one per batch, pair or image by the mode), and mixes the progressive
+    targets of both images with the same lambda,
     `lam T_i + (1 - lam) T_(B-1-i)` with `T_j = (1 - a_e) y_j + a_e P[j]` (smoothed `y_j` with `--smoothing`).
     The memory stores, for row i, the softmax of the image the model trained on, i.e. of the mixed image, under
     image i's index: the official loop's `all_predictions[input_indices] = softmax(net(inputs))` with mixed

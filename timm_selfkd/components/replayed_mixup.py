@@ -215,7 +215,7 @@ class ReplayMixup:
     def apply(self, block: torch.Tensor, target: torch.Tensor, mix: MixParams) -> torch.Tensor:
         """Mix `block` in place with its own flip (image i with image n-1-i); return its soft targets."""
         mix_block(block, mix)
-        return mixup_target(target, self.mixup.num_classes, mix.lam, self.mixup.label_smoothing)
+        return mix_target(target, self.mixup, mix)
 
     def state(self) -> Optional[torch.Tensor]:
         """The kept mix as a float64 tensor (lam, box, rows), or None."""

@@ -70,7 +70,7 @@ class CSKDTask(SelfKDTask):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         anchors = input.shape[0] // 2
-        if self.mixer is not None and self.training:  # anchors and partners, each block with its own flip, one lambda/box for both
+        if self.mixer is not None and self.training:  # each block flipped in itself, one lambda/box for both
             target = self.mixer([input[:anchors], input[anchors:]], [target[:anchors]])[0]
         output = self.trainable_module(input[:anchors])
         with torch.no_grad():

@@ -28,10 +28,9 @@ flags and YAML keys (`--ddgsd-weight`, `--dlb-alpha`).
 import dataclasses
 from typing import Tuple, Type
 
-from timm_selfkd.methods.base import Needs
-
-from timm_selfkd.registry import STACK_SEPARATOR, MethodSpec, register_stack_builder
 from timm_selfkd.components.samplers import EpochBatchSampler
+from timm_selfkd.methods.base import Needs
+from timm_selfkd.registry import STACK_SEPARATOR, MethodSpec, register_stack_builder
 
 __all__ = ['is_layout', 'build_stack']
 
@@ -69,6 +68,7 @@ def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
         def __init__(self, model, hparams, **kwargs):
             super().__init__(model, getattr(hparams, base.name), **kwargs)
             self.stack_hparams, self.layout_hparams = hparams, getattr(hparams, layout.name)
+            self.layout_mixer = None  # the layout's own mix of the views, when the method takes mixed batches
 
         @property
         def method_hparams(self):
@@ -86,7 +86,8 @@ def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
             # the layout expands the method's batches, or plain ones drawn from the run's index sampler
             over_index_sampler = base_needs.batches_over_index_sampler or not base_needs.own_batches
             return dataclasses.replace(base_needs, own_batches=True, mixup=mixup,
-                                       batches_over_index_sampler=over_index_sampler)
+                                       batches_over_index_sampler=over_index_sampler,
+                                       bce_refusal=base_needs.bce_refusal or layout_needs.bce_refusal)
 
         def bind_run(self, run) -> None:
             base_mixes = base_cls.requirements(self.hparams).mixup == 'task'
@@ -116,7 +117,7 @@ def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
             return layout_cls.wrap_batch_sampler(self.layout_hparams, inner)
 
         def forward(self, input, target):
-            if getattr(self, 'layout_mixer', None) is not None and self.training:
+            if self.layout_mixer is not None and self.training:
                 target = layout_cls.mix_views(self.layout_mixer, input, target)
             out = super().forward(input, target)
             extra, terms = layout_cls.layout_terms(self.layout_hparams, out['output'])

@@ -4,8 +4,8 @@ Every checkpoint (`last`, `checkpoint-N`, `model_best`, `recovery-E-S`) holds ti
 loads in plain `timm.create_model(..., checkpoint_path=...)`, `task_state`, `optimizer`, EMA, loss scaler,
 `args`, `epoch`) and `loop`: the epoch, the steps of it already trained, the update count, the scheduler and
 the epoch's running loss sums. A run resumed from it continues at the next step with the same batches; with
-the per-step and per-sample seeding of `timm_selfkd.runtime.batch_stream` nothing else is needed to reproduce the rest of the
-run exactly.
+the per-step and per-sample seeding of `timm_selfkd.runtime.batch_stream` nothing else is needed to reproduce
+the rest of the run exactly.
 """
 import argparse
 import errno
