@@ -10,4 +10,5 @@ from timm_selfkd.methods.self_guidance import SelfGuidanceTask
 from timm_selfkd.methods.multi_exit import MultiExitTask
 from timm_selfkd.methods.mrkd import MrKDTask, MrKDTCTask
 from timm_selfkd.methods.pskd import PSKDTask
+from timm_selfkd.methods import uskd, zipfls, dks, frskd, mixskd, rdrop  # noqa: F401  (second wave, issue 17)
 from timm_selfkd.methods import stack  # noqa: F401  (registers the stack builder)
