@@ -122,13 +122,16 @@ def test_torchrun_one_sigterm_stops_both_ranks_at_the_same_step(folder, tmp_path
 
 
 @pytest.mark.parametrize('method', matrix_methods())  # every method and the stacks the recipes use
-@pytest.mark.parametrize('workers', [0, 2])
-def test_every_method_resumes_exactly_from_recovery_and_epoch_checkpoints(folder, tmp_path, method, workers, matrix):
+@pytest.mark.parametrize('workers,mixup', [(0, []), (2, ['--mixup', '0.2', '--cutmix', '1.0'])],
+                         ids=['workers0', 'workers2-mixup-cutmix'])
+def test_every_method_resumes_exactly_from_recovery_and_epoch_checkpoints(folder, tmp_path, method, workers, mixup,
+                                                                           matrix):
     """`--recovery-interval 5` leaves mid-epoch checkpoints in an uninterrupted run (timm keeps the last two);
-    resuming the earliest of them and the epoch-0 checkpoint both end bit-identical to it. (The compatibility
-    matrix's resume cell.)"""
+    resuming the earliest of them and the epoch-0 checkpoint both end bit-identical to it, in the main process
+    and with two loader workers plus mixup and CutMix (each step's mix comes from its per-step seed, whoever mixes:
+    timm's loader or the method). (The compatibility matrix's resume cell.)"""
     matrix.expect(method, 'resume')
-    method_args = METHOD_ARGS.get(method, [])  # the 4-class set needs TC's gamma above 1/4
+    method_args = [*METHOD_ARGS.get(method, []), *mixup]  # the 4-class set needs TC's gamma above 1/4
     main(run_args(folder, tmp_path, 'full', method, workers, '--recovery-interval', '5', *method_args))
     recovery = sorted((f for f in os.listdir(tmp_path / 'full') if f.startswith('recovery-')),
                       key=lambda f: tuple(int(n) for n in re.findall(r'\d+', f)))
