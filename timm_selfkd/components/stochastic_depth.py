@@ -9,7 +9,11 @@ timm implements stochastic depth with `timm.layers.DropPath` modules on the resi
     rule of the stochastic-depth paper, 0 for the first block to `rate` for the last (`add_stochastic_depth`),
   - switches them for one forward pass: the full network with every block on (`full_network`, eq. 4 of
     Self-Guidance) or a sampled sub-network (`sampled_subnetwork`, eq. 3): one keep-or-drop draw per block
-    for the whole batch (Algorithm 1, the default) or timm's per-sample rows.
+    for the whole batch (Algorithm 1, the default) or timm's per-sample rows; `subnetwork_pass` is one pass of
+    either kind, optionally leaving BatchNorm running statistics alone (`frozen_norm_stats`),
+  - prepares a model for a method that trains sub-networks (Self-Guidance, R-Drop): its own stochastic depth,
+    checked, or the default schedule added with a log line (`prepare_depth_units`), gradient checkpointing
+    refused (`refuse_grad_checkpointing`), and its other sampled layers (dropout: `stochastic_layers`).
 
 A block dropped for the whole batch is not computed at all where its output is then known without it (a
 pure residual block returns its input; a ResNet block its activated shortcut): `SKIP_RULES` lists the
@@ -25,19 +29,21 @@ Example:
     ...     student_logits = model(x)
 """
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+from timm.layers import DropBlock2d, DropPath, PatchDropout
 from timm.models import _efficientnet_blocks as effnet_blocks
 from timm.models import convnext, resnet, swin_transformer, vision_transformer
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 __all__ = ['DepthUnit', 'SKIP_RULES', 'find_depth_units', 'empty_drop_path_slots', 'add_stochastic_depth',
-           'check_rates', 'full_network', 'sampled_subnetwork', 'frozen_norm_stats', 'grad_checkpointing_modules']
+           'check_rates', 'full_network', 'sampled_subnetwork', 'subnetwork_pass', 'frozen_norm_stats',
+           'grad_checkpointing_modules', 'refuse_grad_checkpointing', 'prepare_depth_units', 'stochastic_layers']
 
 _logger = logging.getLogger(__name__)
 
@@ -178,6 +184,72 @@ def grad_checkpointing_modules(model: nn.Module) -> List[str]:
             if getattr(module, 'grad_checkpointing', False) is True]
 
 
+def refuse_grad_checkpointing(model: nn.Module, method: str) -> None:
+    """Raise a ValueError when timm's gradient checkpointing is on: its recomputation runs in the backward pass,
+    outside the pass that chose the sub-network (and outside any `frozen_norm_stats`)."""
+    checkpointed = grad_checkpointing_modules(model)
+    if checkpointed:
+        raise ValueError(f'{method} cannot run with gradient checkpointing (on in {checkpointed[0]}): '
+                         'its recomputation would not see the sampled sub-network')
+
+
+def prepare_depth_units(model: nn.Module, method: str, default_rate: float, rate_flag: str,
+                        add: bool = True, needs: str = 'needs stochastic depth') -> List[DepthUnit]:
+    """The stochastic-depth units a sub-network method trains: the model's own (their rates checked), else, with
+    `add`, a linear 0 -> `default_rate` schedule inserted into its empty slots (`add_stochastic_depth`). Logs
+    which, as `method: ...`.
+
+    Args:
+        model: A timm model.
+        method: The method's name, for the messages.
+        default_rate: Drop rate of the deepest block of the added schedule.
+        rate_flag: The command-line flag of `default_rate`, named in the log line.
+        add: Add the schedule when the model has none (else return no units).
+        needs: What the refusal says the method needs, when nothing can be added.
+
+    Raises:
+        ValueError: a rate of the model outside [0, 1), or no unit and no place for one while `add`.
+    """
+    units = find_depth_units(model)
+    try:
+        check_rates(*(dp.drop_prob for unit in units for dp in unit.drop_paths))
+    except ValueError as e:
+        raise ValueError(f'{method}: the model\'s {e}') from None
+    if units:
+        _logger.info(f'{method}: the model\'s own stochastic depth, {len(units)} blocks with drop rates '
+                     f'{units[0].rate:.3f} to {units[-1].rate:.3f}')
+        return units
+    if not add:
+        return units
+    units = add_stochastic_depth(model, default_rate)
+    if not units:
+        raise ValueError(f'{method} {needs}, and model {type(model).__name__} has no DropPath layers or places '
+                         'for them (timm\'s drop_path_rate)')
+    _logger.info(f'{method}: the model was built without stochastic depth; added DropPath to {len(units)} blocks, '
+                 f'drop rates rising linearly from 0 to {default_rate} ({rate_flag})')
+    return units
+
+
+def stochastic_layers(model: nn.Module, drop_path: bool = True) -> List[str]:
+    """Names of the model's layers that sample in training mode: dropout (`nn.Dropout` and its kinds with p > 0,
+    and the `drop_rate` > 0 of timm models whose heads call `F.dropout`, e.g. ResNet, EfficientNet), DropBlock
+    with a rate > 0, timm's PatchDropout with a probability > 0 and, with `drop_path`, DropPath with a rate > 0."""
+    names = []
+    for name, module in model.named_modules():
+        rate = 0.0
+        if isinstance(module, _DropoutNd):
+            rate = module.p
+        elif isinstance(module, DropBlock2d) or (drop_path and isinstance(module, DropPath)):
+            rate = module.drop_prob
+        elif isinstance(module, PatchDropout):
+            rate = module.prob
+        elif isinstance(getattr(module, 'drop_rate', None), (int, float)):
+            rate = module.drop_rate
+        if rate > 0:
+            names.append(name or type(model).__name__)
+    return names
+
+
 @contextmanager
 def _forwards(replacements: List[Tuple[nn.Module, SkipForward]]) -> Iterator[None]:
     """Run modules with other forward functions inside the context; their own ones are restored on exit."""
@@ -260,3 +332,30 @@ def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.track_running_stats = True
+
+
+@contextmanager
+def subnetwork_pass(
+        model: nn.Module,
+        units: List[DepthUnit],
+        full: bool = False,
+        per_sample: bool = False,
+        skip: bool = True,
+        norm_stats: bool = True,
+        generator: Optional[torch.Generator] = None,
+) -> Iterator[Optional[List[bool]]]:
+    """One pass of a sub-network method: the full network (`full_network`) or a sampled sub-network
+    (`sampled_subnetwork`, per batch or per sample); with `norm_stats=False` BatchNorm normalises with batch
+    statistics but its running statistics stay as they are (`frozen_norm_stats`).
+
+    Yields:
+        What `sampled_subnetwork` yields (whether each unit is kept, per batch; None per sample); None for the full
+        network.
+    """
+    norm = nullcontext() if norm_stats else frozen_norm_stats(model)
+    if full:
+        with full_network(units), norm:
+            yield None
+    else:
+        with sampled_subnetwork(units, per_sample=per_sample, skip=skip, generator=generator) as keep, norm:
+            yield keep

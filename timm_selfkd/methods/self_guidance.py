@@ -1,18 +1,16 @@
 """Self-Guidance: the full network teaches its stochastic-depth sub-networks (Zheng & Peng, WACV 2022,
 sec. 3.2-3.3, eq. 3-5, Alg. 1)."""
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.registry import register_method
-from timm_selfkd.components.stochastic_depth import (DepthUnit, add_stochastic_depth, check_rates, find_depth_units,
-                                                     frozen_norm_stats, full_network, grad_checkpointing_modules,
-                                                     sampled_subnetwork)
+from timm_selfkd.components.stochastic_depth import (DepthUnit, check_rates, prepare_depth_units,
+                                                     refuse_grad_checkpointing, subnetwork_pass)
 from timm_selfkd.methods.base import ModelWrapper, SelfKDTask, check_range
 
 _logger = logging.getLogger(__name__)
@@ -46,16 +44,61 @@ class SelfGuidanceHparams:
             raise ValueError(f'self_guidance default_rate: {e}') from None
 
 
-class TeacherStudentPasses(ModelWrapper):
-    """Both passes of one Self-Guidance step in one forward: the full network (all blocks on: the teacher,
-    eq. 4) and then a random sub-network of the same weights (the student, eq. 3).
+class SubnetworkPasses(ModelWrapper):
+    """Passes of one model's weights over the same images, in one forward: each the full network (every block on)
+    or a sampled sub-network (`timm_selfkd.components.stochastic_depth.subnetwork_pass`). Shared by the methods
+    that train sub-networks (Self-Guidance: full + sampled; R-Drop: sampled + sampled).
 
-    Returns `(teacher_logits, student_logits)`, both with gradient. One forward of this module per step, so
-    DDP sees every parameter's gradient once.
+    Returns the passes' logits as a tuple, all with gradient. One forward of this module per step, so DDP sees
+    every parameter's gradient once.
 
     Args:
         model: A timm model.
-        units: Its stochastic-depth blocks (`timm_selfkd.components.stochastic_depth.find_depth_units`).
+        units: Its stochastic-depth blocks (`find_depth_units`/`prepare_depth_units`; may be empty for passes whose
+            only randomness is dropout).
+        full: Per pass, whether it runs the full network (else a sampled sub-network).
+        norm_stats: Per pass, whether it updates BatchNorm running statistics.
+        per_sample: Sample the sub-networks per image (timm's DropPath) instead of one per batch.
+        skip_dropped: Do not compute blocks dropped for the whole batch where that is exact.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            units: List[DepthUnit],
+            full: Sequence[bool],
+            norm_stats: Sequence[bool],
+            per_sample: bool = False,
+            skip_dropped: bool = True,
+    ):
+        super().__init__(model)
+        if len(full) != len(norm_stats):
+            raise ValueError('one full/sampled choice and one norm-statistics choice per pass')
+        self.units = units
+        self.full = tuple(full)
+        self.norm_stats = tuple(norm_stats)
+        self.per_sample = per_sample
+        self.skip_dropped = skip_dropped
+        self.last_keeps: List[Optional[List[bool]]] = []  # per pass, the blocks the last step kept (per batch)
+
+    def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        outputs, keeps = [], []
+        for full, norm_stats in zip(self.full, self.norm_stats):
+            with subnetwork_pass(self.model, self.units, full=full, per_sample=self.per_sample,
+                                 skip=self.skip_dropped, norm_stats=norm_stats) as keep:
+                outputs.append(self.model(input))
+            keeps.append(keep)
+        self.last_keeps = keeps
+        return tuple(outputs)
+
+
+class TeacherStudentPasses(SubnetworkPasses):
+    """Both passes of one Self-Guidance step: the full network (all blocks on: the teacher, eq. 4) and then a
+    random sub-network of the same weights (the student, eq. 3). Returns `(teacher_logits, student_logits)`.
+
+    Args:
+        model: A timm model.
+        units: Its stochastic-depth blocks.
         per_sample: timm's per-image dropping instead of one sub-network per batch.
         skip_dropped: Do not compute blocks dropped for the whole batch where that is exact.
         student_bn_stats: Let the student pass update BatchNorm running statistics.
@@ -69,21 +112,26 @@ class TeacherStudentPasses(ModelWrapper):
             skip_dropped: bool = True,
             student_bn_stats: bool = False,
     ):
-        super().__init__(model)
-        self.units = units
-        self.per_sample = per_sample
-        self.skip_dropped = skip_dropped
+        super().__init__(model, units, full=(True, False), norm_stats=(True, student_bn_stats),
+                         per_sample=per_sample, skip_dropped=skip_dropped)
         self.student_bn_stats = student_bn_stats
-        self.last_keep: Optional[List[bool]] = None  # the blocks the last student pass kept (per-batch sampling)
 
-    def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        with full_network(self.units):
-            teacher = self.model(input)
-        norm_stats = nullcontext() if self.student_bn_stats else frozen_norm_stats(self.model)
-        with sampled_subnetwork(self.units, per_sample=self.per_sample, skip=self.skip_dropped) as keep, norm_stats:
-            student = self.model(input)
-        self.last_keep = keep
-        return teacher, student
+    @property
+    def last_keep(self) -> Optional[List[bool]]:
+        """The blocks the last student pass kept (per-batch sampling; None per sample or before the first step)."""
+        return self.last_keeps[1] if self.last_keeps else None
+
+
+class SubnetworkTask(SelfKDTask):
+    """Base of the methods whose trainable module runs sampled sub-networks (`SubnetworkPasses`)."""
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """Compile the evaluation model only: the training passes stay eager, since the sampled sub-network (and
+        with it the graph) changes every step."""
+        _logger.info(f'{self.method}: --torchcompile compiles the evaluation model; the training passes run eagerly '
+                     '(their sub-network changes every step)')
+        self.eval_model = torch.compile(self.get_eval_model(), backend=backend, mode=mode, **compile_kwargs)
+        return self.eval_model
 
 
 def self_guidance_loss(
@@ -111,7 +159,7 @@ def self_guidance_loss(
 @register_method('self_guidance', hparams=SelfGuidanceHparams, paper='Zheng and Peng, Self-Guidance: Improve Deep '
                                                                     'Neural Network Generalization via Knowledge '
                                                                     'Distillation, WACV 2022')
-class SelfGuidanceTask(SelfKDTask):
+class SelfGuidanceTask(SubnetworkTask):
     """Train the full network and a stochastic-depth sub-network of it together; the full network teaches.
 
     Each step runs the full network (the teacher and deployed model) and one sampled sub-network (the
@@ -124,36 +172,10 @@ class SelfGuidanceTask(SelfKDTask):
 
     def wrap_model(self, model: nn.Module) -> TeacherStudentPasses:
         hp = self.hparams
-        units = find_depth_units(model)
-        try:
-            check_rates(*(dp.drop_prob for unit in units for dp in unit.drop_paths))
-        except ValueError as e:
-            raise ValueError(f'self_guidance: the model\'s {e}') from None
-        if not units:
-            units = add_stochastic_depth(model, hp.default_rate)
-            if not units:
-                raise ValueError(f'self_guidance needs stochastic depth, and model {type(model).__name__} has no '
-                                 'DropPath layers or places for them (timm\'s drop_path_rate)')
-            _logger.info(f'self_guidance: the model was built without stochastic depth; added DropPath to '
-                         f'{len(units)} blocks, drop rates rising linearly from 0 to {hp.default_rate} '
-                         '(--self-guidance-default-rate)')
-        else:
-            _logger.info(f'self_guidance: the model\'s own stochastic depth, {len(units)} blocks with drop rates '
-                         f'{units[0].rate:.3f} to {units[-1].rate:.3f}')
-        checkpointed = grad_checkpointing_modules(model)
-        if checkpointed:
-            raise ValueError(f'self_guidance cannot run with gradient checkpointing (on in {checkpointed[0]}): '
-                             'its recomputation would not see the sampled sub-network')
+        units = prepare_depth_units(model, 'self_guidance', hp.default_rate, '--self-guidance-default-rate')
+        refuse_grad_checkpointing(model, 'self_guidance')
         return TeacherStudentPasses(model, units, per_sample=hp.per_sample, skip_dropped=hp.skip_dropped,
                                     student_bn_stats=hp.student_bn_stats)
-
-    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the evaluation model only: the training passes stay eager, since the sampled sub-network (and
-        with it the graph) changes every step."""
-        _logger.info('self_guidance: --torchcompile compiles the evaluation model; the training passes run eagerly '
-                     '(their sub-network changes every step)')
-        self.eval_model = torch.compile(self.get_eval_model(), backend=backend, mode=mode, **compile_kwargs)
-        return self.eval_model
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         teacher, student = self.trainable_module(input)
