@@ -1,1 +1,390 @@
-"""(being written: issue 17)"""
+"""MixSKD: self-knowledge distillation from mixup (Yang et al., MixSKD: Self-Knowledge Distillation from Mixup for
+Image Recognition, ECCV 2022; official code: winycg/Self-KD-Lib, `main_mixskd_imagenet.py`,
+`main_mixskd_cifar.py`, `models/resnet_mixskd.py`, `models/resnet_imagenet_mixskd.py`, `methods/adversarial.py`)."""
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data.mixup import mixup_target
+from timm.utils import unwrap_model
+
+from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
+from timm_selfkd.components.replayed_mixup import NO_BOX, MixParams, RowMix, SharedMix, mix_block, mix_target
+from timm_selfkd.components.stage_tails import (LevelCapture, channels_last_maps, default_levels, level_paths,
+                                                pool_map, stage_tails)
+from timm_selfkd.registry import register_method
+from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
+
+__all__ = ['MixSKDHparams', 'MixSKDModule', 'MixSKDTask', 'SelfTeacher', 'Discriminator', 'mixskd_loss',
+           'grad_reverse']
+
+_logger = logging.getLogger(__name__)
+
+DISCRIMINATOR_WIDTH = 128  # the official Discriminator: Linear(C, 128) - ReLU - Linear(128, 2)
+
+
+def _parse_indices(text: str) -> List[int]:
+    try:
+        indices = [int(item) for item in text.split(',')] if text.strip() else []
+    except ValueError:
+        raise ValueError(f'mixskd indices must be comma-separated integers (e.g. 1,2,3), got {text!r}') from None
+    if len(set(indices)) != len(indices):
+        raise ValueError(f'mixskd indices must be distinct, got {text!r}')
+    return sorted(indices)
+
+
+@dataclass
+class MixSKDHparams:
+    alpha: float = field(default=0.4, metadata={
+        'help': 'alpha of the Beta(alpha, alpha) that draws lambda of the task\'s own mixup (official CIFAR code 0.4; '
+                'its ImageNet script 0.2); not read with --mixup/--cutmix, whose Mixup replaces it'})
+    temperature: float = field(default=3.0, metadata={
+        'help': 'temperature T of every KL term, scaled by T^2 (official code\'s kd_T 3)'})
+    kd_weight: float = field(default=1.0, metadata={
+        'help': 'weight of the logit distillation: backbone <- self-teacher across interpolated/mixed, branches '
+                'mutually between interpolated and mixed logits (official code 1)'})
+    feature_weight: float = field(default=1.0, metadata={
+        'help': 'weight of the MSE between the interpolated final maps of the two images and the mixed image\'s '
+                'final maps, every classifier (official code 1)'})
+    adv_weight: float = field(default=1.0, metadata={
+        'help': 'weight of the discriminators\' BCE (official code 1); they learn to tell interpolated from mixed '
+                'maps, the network (through a gradient reversal) to fool them'})
+    mix_ce_weight: float = field(default=1.0, metadata={
+        'help': 'weight of the CE on the mixed images of every classifier and of the self-teacher (official '
+                'ImageNet script 1; the CIFAR script computes it and never adds it, i.e. 0)'})
+    indices: str = field(default='', metadata={
+        'help': 'forward_intermediates() levels that get an auxiliary branch (copies of the later stages), '
+                'comma-separated; default: the three stage ends before the last (ResNet: after layer1-3 as the '
+                'official code; ViT-like models: blocks at 1/4, 1/2, 3/4 depth)'})
+
+    def __post_init__(self):
+        check_range('mixskd', 'alpha', self.alpha, 1e-6)
+        check_range('mixskd', 'temperature', self.temperature, 1e-6)
+        check_range('mixskd', 'kd_weight', self.kd_weight, 0.)
+        check_range('mixskd', 'feature_weight', self.feature_weight, 0.)
+        check_range('mixskd', 'adv_weight', self.adv_weight, 0.)
+        check_range('mixskd', 'mix_ce_weight', self.mix_ce_weight, 0.)
+        _parse_indices(self.indices)
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.neg()
+
+
+def grad_reverse(x: torch.Tensor) -> torch.Tensor:
+    """Identity forward, negated gradient backward (Ganin & Lempitsky): one backward pass trains a discriminator
+    to minimise its loss and what feeds it to maximise it."""
+    return _GradReverse.apply(x)
+
+
+class Discriminator(nn.Module):
+    """The official discriminator on a pooled final map: Linear(C, 128) - ReLU - Linear(128, 2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.classifier = nn.Sequential(nn.Linear(channels, DISCRIMINATOR_WIDTH), nn.ReLU(inplace=True),
+                                        nn.Linear(DISCRIMINATOR_WIDTH, 2))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pooled)
+
+
+class SelfTeacher(nn.Module):
+    """The self-teacher over the final maps of all classifiers (branches and backbone): concatenated, a 1x1
+    convolution without bias back to C channels, global average pooling, a linear classifier (the official
+    `ResNet_Final_Auxiliary_Classifer`). The 1x1 convolution and the pooling are both linear with nothing between
+    them, so they commute: this pools first and applies the convolution as a linear map of the pooled
+    features (the same function, any map format, H x W times cheaper)."""
+
+    def __init__(self, channels: int, num_maps: int, num_classes: int):
+        super().__init__()
+        self.fuse = nn.Linear(channels * num_maps, channels, bias=False)  # conv1x1(C * M, C)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.fc(self.fuse(torch.cat([p.float() for p in pooled], dim=1)))
+
+
+class MixSKDModule(ModelWrapper):
+    """A timm model with MixSKD's training-only parts; one forward pass over `[originals; mixed images]`.
+
+    `aux` holds them: `tails[i]` (copies of the stages after level `indices[i]`, `stage_tails`) and
+    `heads[i]` (pooled map -> fc) are the auxiliary branches; `teacher` is the `SelfTeacher`; `discriminators`
+    one `Discriminator` per classifier. The deployed model (`model`) stays the plain timm model.
+
+    `forward(input, lam, partner)` takes 2n rows (n originals, then their n mixed images, image i mixed with
+    image `partner[i]` under `lam[i]`) and returns a dict of: `logits` (per classifier, branches first, the
+    backbone's own classifier last; (2n, K) each), `maps` (their final maps, 2n rows), `teacher_interp` and
+    `teacher_mixed` (the self-teacher on the interpolated maps `lam F_i + (1 - lam) F_partner(i)` of the
+    originals, and on the mixed images' maps; (n, K)), `disc_interp` and `disc_mixed` (each discriminator's
+    logits on the same pooled maps, behind a gradient reversal, in float32; (n, 2) each).
+    """
+
+    def __init__(self, model: nn.Module, indices: Sequence[int], tails: Sequence[nn.Module], num_classes: int):
+        super().__init__(model)
+        self.indices = list(indices)
+        self.paths = [level_paths(model)[i] for i in self.indices]
+        self.channels_last = channels_last_maps(model)
+        channels = model.num_features
+        classifiers = len(self.indices) + 1
+        self.aux = nn.ModuleDict(dict(
+            tails=nn.ModuleList(tails),
+            heads=nn.ModuleList([nn.Linear(channels, num_classes) for _ in self.indices]),
+            teacher=SelfTeacher(channels, classifiers, num_classes),
+            discriminators=nn.ModuleList([Discriminator(channels) for _ in range(classifiers)])))
+
+    def forward(self, input: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> Dict[str, Any]:
+        n = partner.shape[0]
+        with LevelCapture(self.model, self.paths) as capture:
+            final = self.model.forward_features(input)
+        maps = [tail(x) for tail, x in zip(self.aux.tails, capture.outputs)] + [final]
+        pooled = [pool_map(m, self.channels_last) for m in maps]
+        logits = [head(p) for head, p in zip(self.aux.heads, pooled)] + [self.model.forward_head(final)]
+        with float32_region(input):
+            weight = lam.float()[:, None]
+            interp = [weight * p[:n].float() + (1 - weight) * p[partner].float() for p in pooled]
+        mixed = [p[n:] for p in pooled]
+        out = dict(logits=logits, maps=maps, teacher_interp=self.aux.teacher(interp),
+                   teacher_mixed=self.aux.teacher(mixed))
+        with float32_region(input):
+            out['disc_interp'] = [d(grad_reverse(p)) for d, p in zip(self.aux.discriminators, interp)]
+            out['disc_mixed'] = [d(grad_reverse(p.float())) for d, p in zip(self.aux.discriminators, mixed)]
+        return out
+
+
+def _interpolate(x: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """`lam x[:n] + (1 - lam) x[partner]` of the first n rows, in float32, lam per row."""
+    n = partner.shape[0]
+    weight = lam.float().view(n, *([1] * (x.ndim - 1)))
+    return weight * x[:n].float() + (1 - weight) * x[partner].float()
+
+
+def mixskd_loss(
+        out: Dict[str, Any],
+        lam: torch.Tensor,
+        partner: torch.Tensor,
+        ce_original: Callable[[torch.Tensor], torch.Tensor],
+        ce_mixed: Callable[[torch.Tensor], torch.Tensor],
+        hparams: MixSKDHparams,
+) -> Dict[str, torch.Tensor]:
+    """MixSKD's loss on the outputs of `MixSKDModule.forward` (every term in float32).
+
+    With classifiers c = 1..M (the branches, then the backbone's own, M), z_c their logits, F_c their final maps,
+    rows :n the originals x_i and n: their mixed images x~_i = lam x_i + (1 - lam) x_j (j = partner(i)):
+
+    - `loss_ce = CE(z_M(x_i), y_i)`, `loss_branch_ce = sum_(c<M) CE(z_c(x_i), y_i)` (`ce_original`).
+    - `loss_mix_ce = sum_c CE(z_c(x~_i), y~_i) + CE(T(F~), y~_i) + CE(T(F(x~)), y~_i)` (`ce_mixed`), the
+      self-teacher T on the interpolated maps `F~ = lam F(x_i) + (1 - lam) F(x_j)` and on the mixed image's.
+    - `loss_kd = KL(T(F(x~)) || z~_M) + KL(T(F~) || z_M(x~)) + sum_(c<M) KL(z_c(x~) || z~_c) + KL(z~_c || z_c(x~))`,
+      `z~_c = lam z_c(x_i) + (1 - lam) z_c(x_j)` the interpolated logits, each KL `T^2 KL(p_t/T || p_s/T)` with
+      the teacher (first argument) detached: the backbone learns from the self-teacher across the two views
+      (interpolated and mixed), each branch mutually between its own two.
+    - `loss_feature = sum_c MSE(lam F_c(x_i) + (1 - lam) F_c(x_j), F_c(x~_i))` (mean over elements, both sides
+      trained).
+    - `loss_adv = sum_c BCE(D_c([pool F~_c; pool F_c(x~)]), [(1, 0) x n; (0, 1) x n])`: each discriminator
+      learns to tell them apart; its input arrives through a gradient reversal, so the network learns to make
+      them indistinguishable.
+
+    `loss = loss_ce + loss_branch_ce + w_mix loss_mix_ce + w_kd loss_kd + w_feat loss_feature + w_adv loss_adv`
+    (the official ImageNet script's sum: every weight 1).
+    """
+    logits, maps = out['logits'], out['maps']
+    n = partner.shape[0]
+    t = hparams.temperature
+    loss_ce = ce_original(logits[-1][:n])
+    branch_ce = [ce_original(z[:n]) for z in logits[:-1]]
+    mix_ce = [ce_mixed(z[n:]) for z in logits] + [ce_mixed(out['teacher_interp']), ce_mixed(out['teacher_mixed'])]
+    with float32_region(logits[-1]):
+        interp = [_interpolate(z, lam, partner) for z in logits]
+        mixed = [z[n:] for z in logits]
+        kd = [kd_kl_from_logits(interp[-1], out['teacher_mixed'], t),
+              kd_kl_from_logits(mixed[-1], out['teacher_interp'], t)]
+        for a, b in zip(interp[:-1], mixed[:-1]):
+            kd += [kd_kl_from_logits(a, b, t), kd_kl_from_logits(b, a, t)]
+        feature = [F.mse_loss(_interpolate(m, lam, partner), m[n:].float()) for m in maps]
+        adv = []
+        for d_interp, d_mixed in zip(out['disc_interp'], out['disc_mixed']):
+            scores = torch.cat([d_interp, d_mixed]).float()
+            labels = torch.zeros_like(scores)
+            labels[:d_interp.shape[0], 0] = 1.
+            labels[d_interp.shape[0]:, 1] = 1.
+            adv.append(F.binary_cross_entropy_with_logits(scores, labels))
+    terms = dict(loss_ce=loss_ce, loss_branch_ce=torch.stack(branch_ce).sum() if branch_ce else loss_ce * 0,
+                 loss_mix_ce=torch.stack(mix_ce).sum(), loss_kd=torch.stack(kd).sum(),
+                 loss_feature=torch.stack(feature).sum(), loss_adv=torch.stack(adv).sum())
+    terms['loss'] = (terms['loss_ce'] + terms['loss_branch_ce'] + hparams.mix_ce_weight * terms['loss_mix_ce']
+                     + hparams.kd_weight * terms['loss_kd'] + hparams.feature_weight * terms['loss_feature']
+                     + hparams.adv_weight * terms['loss_adv'])
+    return terms
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+
+
+@register_method('mixskd', hparams=MixSKDHparams, paper='Yang et al., MixSKD: Self-Knowledge Distillation from Mixup '
+                                                        'for Image Recognition, ECCV 2022')
+class MixSKDTask(SelfKDTask):
+    """Distil between pairs of images and their mixup: feature maps, logits, a self-teacher and discriminators.
+
+    Every step trains on `[x; x~]`, the n originals and their mixed images `x~_i = lam x_i + (1 - lam) x_j`, in one
+    forward pass (BatchNorm sees both, as in the official code), through the backbone, auxiliary branches on
+    three stage outputs (copies of the remaining stages with their own classifier, as the official ResNets'
+    `block_extractor`s and `fc1-3`) and a self-teacher over all classifiers' final maps. The terms
+    (`mixskd_loss`): CE of every classifier on the originals; CE on the mixed images (every classifier and the
+    self-teacher); KL from the self-teacher to the backbone and, per branch, mutually between the interpolated
+    logits `lam z(x_i) + (1 - lam) z(x_j)` and the mixed image's logits; MSE between interpolated and mixed
+    final maps; discriminators on the pooled final maps. The paper gives these losses (feature-map and logit
+    distillation between the pair's interpolation and their mixup image, the self-teacher's soft labels to the
+    backbone, adversarial feature learning); no paper text was at hand, so terms and weights follow the official
+    code line by line, except for its two defects, fixed here:
+
+    - The CIFAR script computes the mixed images' CE and never adds it to the loss (so its self-teacher, whose
+      only gradient is that CE, is never trained); the ImageNet script adds it. Here it is added
+      (`mix_ce_weight` 1; 0 reproduces the CIFAR script).
+    - Its discriminators sit in a plain Python list: never optimised (not registered parameters), and the network
+      minimises their BCE, i.e. it learns to make interpolated and mixed maps *distinguishable* to fixed random
+      discriminators, against the feature MSE and the paper's adversarial intent. Here they are registered
+      modules (trained, saved, resumed), minimise their BCE, and the network receives its negated gradient
+      (gradient reversal): the min-max game in one backward pass.
+
+    Other choices (the official code is ResNet-only): branches on any timm model with `forward_intermediates`
+    (`components.stage_tails`: the modules after a level run in order, checked on a test input; copies start
+    from the model's weights where the official ones are fresh); the final maps are `forward_features`' output
+    (EfficientNet after `conv_head`, ViT/Swin after `norm`, tokens pooled by their mean); the self-teacher pools
+    before its 1x1 convolution (the same function); the partner of image i is image n-1-i (timm's pairing; the
+    official code draws a random permutation: the same on shuffled batches), drawn lambda from NumPy's generator
+    that the loop seeds every step, so a resumed run is bit-identical.
+
+    Mixup/CutMix: without --mixup/--cutmix the task mixes with its own mixup, `lam ~ Beta(alpha, alpha)` one per
+    step (the paper's and official code's). With them, timm's batch-form `Mixup` (`run.mixup`) replaces that draw:
+    its alphas, probability, switch probability, --mixup-mode (a lambda per image/pair in 'elem'/'pair') and
+    --mixup-off-epoch (lambda 1: the mixed images equal the originals); a CutMix draw pastes the partner's box
+    into the image, and the maps and logits are still interpolated lambda-weighted with lambda the kept area (the
+    paper defines only mixup; this is the natural extension, and needs no spatial correspondence). The mixed
+    images' targets are timm's mixed (smoothed) targets; the originals' are their labels (smoothed one-hots under
+    --mixup, whose criterion takes soft targets). `output` is the backbone's logits of the originals.
+    """
+
+    def __init__(self, model: nn.Module, hparams: MixSKDHparams, **kwargs):
+        super().__init__(model, hparams, **kwargs)
+        self.mixer: Optional[SharedMix] = None
+
+    @classmethod
+    def requirements(cls, hparams: MixSKDHparams) -> Needs:
+        return Needs(mixup='task')
+
+    def bind_run(self, run: RunInfo) -> None:
+        super().bind_run(run)
+        self.mixer = SharedMix(run.mixup, 'MixSKD\'s mixed images') if run.mixup is not None else None
+
+    def wrap_model(self, model: nn.Module) -> MixSKDModule:
+        name = _model_name(model)
+        if not callable(getattr(model, 'forward_intermediates', None)) or not getattr(model, 'feature_info', None):
+            raise ValueError(f'mixskd needs the stage outputs of timm\'s forward_intermediates(), and model {name} has '
+                             'no forward_intermediates()')
+        if not has_pooled_features(model):
+            raise ValueError(f'mixskd needs forward_features/forward_head, and model {name} has none')
+        if not getattr(model, 'num_classes', 0):
+            raise ValueError(f'mixskd needs a model with a classifier, and {name} has none')
+        levels = len(model.feature_info)
+        if levels < 2:
+            raise ValueError(f'mixskd: model {name} has a single forward_intermediates() level, no room for branches')
+        indices = _parse_indices(self.hparams.indices) or default_levels(model)
+        for index in indices:
+            if not 0 <= index <= levels - 2:
+                raise ValueError(f'mixskd: branch index {index} does not exist for {name}: valid indices are '
+                                 f'0-{levels - 2} (of its {levels} forward_intermediates() levels; the last is the '
+                                 'backbone\'s own)')
+        tails = stage_tails(model, indices, what='mixskd')
+        reference = next(model.parameters())
+        module = MixSKDModule(model, indices, tails, model.num_classes)
+        module.aux.to(device=reference.device, dtype=reference.dtype)
+        if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+            module.aux = nn.SyncBatchNorm.convert_sync_batchnorm(module.aux)
+        _logger.info(f'mixskd: branches on forward_intermediates() levels {indices} of {name} '
+                     f'({sum(p.numel() for p in module.aux.parameters()) / 1e6:.2f}M training-only parameters)')
+        return module
+
+    def _mix(self, input: torch.Tensor, target: torch.Tensor):
+        """The mixed images (a new tensor), lambda per row, and the mixed images' targets (None: mix the hard
+        labels' losses lambda-weighted)."""
+        n = input.shape[0]
+        if self.mixer is not None:
+            mix = self.mixer.draw(input.shape)
+            lams = mix.lams if isinstance(mix, RowMix) else (mix.lam,) * n
+            return mix_block(input.clone(), mix), lams, mix_target(target, self.mixer.mixup, mix)
+        lam = float(np.random.beta(self.hparams.alpha, self.hparams.alpha))
+        return mix_block(input.clone(), MixParams(lam, NO_BOX, n)), (lam,) * n, None
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if not self.training:
+            output = self.get_eval_model()(input)
+            loss = self.cross_entropy(output, target)
+            return {'loss': loss, 'output': output, 'loss_ce': loss}
+        n = input.shape[0]
+        mixed, lams, mixed_target = self._mix(input, target)
+        partner = torch.arange(n - 1, -1, -1, device=input.device)
+        lam = torch.tensor(lams, dtype=torch.float32, device=input.device)
+        out = self.trainable_module(torch.cat([input, mixed]), lam, partner)
+        if self.mixer is not None:  # the criterion takes soft targets: the originals' smoothed one-hots
+            original = mixup_target(target, self.mixer.mixup.num_classes, 1., self.mixer.mixup.label_smoothing)
+
+            def ce_original(z):
+                return self.cross_entropy(z, original)
+
+            def ce_mixed(z):
+                return self.cross_entropy(z, mixed_target)
+        else:  # the official mixup_criterion: lam CE(z, y_i) + (1 - lam) CE(z, y_j)
+            def ce_original(z):
+                return self.cross_entropy(z, target)
+
+            def ce_mixed(z):
+                return lams[0] * self.cross_entropy(z, target) + (1 - lams[0]) * self.cross_entropy(z, target[partner])
+        terms = mixskd_loss(out, lam, partner, ce_original, ce_mixed, self.hparams)
+        terms['output'] = out['logits'][-1][:n]
+        return terms
+
+    def _module(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[MixSKDModule]:
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        return None if module is None else unwrap_model(module)
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """The branches, self-teacher and discriminators (of the EMA model with `ema`) and their levels."""
+        module = self._module(module, ema)
+        if module is None:
+            return {}
+        return dict(branch_indices=list(module.indices),
+                    aux={k: v.detach().cpu() for k, v in module.aux.state_dict().items()})
+
+    def _check_indices(self, state: Optional[Dict[str, Any]], module: MixSKDModule) -> None:
+        if state and 'branch_indices' in state and list(state['branch_indices']) != module.indices:
+            raise ValueError(f'mixskd: the checkpoint\'s branches sit on levels {state["branch_indices"]}, this '
+                             f'run\'s on {module.indices} (set --mixskd-indices to match)')
+
+    def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
+        module = self._module()
+        if module is not None:
+            self._check_indices(state, module)
+
+    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
+        module = self._module(module, ema)
+        if module is None:
+            raise RuntimeError('cannot load the mixskd branches before setup_ema()' if ema else
+                               'cannot load the mixskd branches without a trainable module')
+        if not state or 'aux' not in state:
+            _logger.warning('mixskd: the checkpoint has no branches, self-teacher or discriminators; they start '
+                            'from scratch')
+            return
+        self._check_indices(state, module)
+        module.aux.load_state_dict(state['aux'], strict=strict)
