@@ -1,7 +1,10 @@
 """USKD: Universal Self-Knowledge Distillation, a normalized loss with customized soft labels (Yang et al., From
-Knowledge Distillation to Self-Knowledge Distillation: A Normalized Loss with Customized Soft Labels, ICCV 2023,
-sec. 4: USKD; official code yzd-v/cls_KD, mmcls/models/dis_losses/uskd.py and the `sd` branch of
-mmcls/models/classifiers/distiller.py)."""
+Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft
+Labels, ICCV 2023; official code yzd-v/cls_KD, mmcls/models/dis_losses/uskd.py and the `sd` branch of
+mmcls/models/classifiers/distiller.py).
+
+The paper's text is not available to this project, so its equation numbers are not cited: the terms are written
+out below (`uskd_loss`) as the official code computes them, which the tests check line for line."""
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -178,7 +181,7 @@ def uskd_loss(
     With `S = softmax(z)` of the final logits, `W = softmax(w)` of the weak head's, and the label(s) t of each row
     (`uskd_labels`: one, or the mix's two with values v_t):
 
-    - Customized soft target label (sec. 4, the student's own smoothed target prediction): `V_t = S_t^2 + v_t -
+    - Customized soft target label (the student's own target prediction, smoothed): `V_t = S_t^2 + v_t -
       mean_batch(S_t^2)` per label column, detached; `loss_target = -mean_rows sum_t V_t log S_t` (the normalized
       target loss: target terms only).
     - Weak supervision: `loss_weak = CE(w, (1 - s) y + s / K)`, y the (mixed) label distribution, s = weak_smoothing.
@@ -189,6 +192,7 @@ def uskd_loss(
       the softmax over the non-target logits only (the normalized non-target loss).
 
     Absent second labels (`present` False) count 0 in the batch mean of `S_t^2`, in the rank's sums and in the mask.
+    The batch mean is over this process's rows, as the official code's (per GPU under DDP).
 
     Args:
         logits: Final logits (N, K).
@@ -232,13 +236,14 @@ def uskd_loss(
 
 
 @register_method('uskd', hparams=USKDHparams,
-                 paper='Yang et al., From Knowledge Distillation to Self-Knowledge Distillation: A Normalized Loss '
-                       'with Customized Soft Labels, ICCV 2023')
+                 paper='Yang et al., From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach '
+                       'with Normalized Loss and Customized Soft Labels, ICCV 2023')
 class USKDTask(SelfKDTask):
-    """USKD (sec. 4): `L = CE(z, y) + alpha L_target + beta L_non-target + mu CE(w, y_weak)` (`uskd_loss`).
+    """USKD: normalized target/non-target losses to customized soft labels, Zipf's ranked by a weak head and the model
 
-    A weak linear head (`WeakHead`) on a pooled intermediate feature (`uskd_level`: the second-to-last stage, or a
-    ViT's class token at half depth) ranks the non-target classes together with the final prediction; the ranks
+    `L = CE(z, y) + alpha L_target + beta L_non-target + mu CE(w, y_weak)` (`uskd_loss`). A weak linear head
+    (`WeakHead`) on a pooled intermediate feature (`uskd_level`: the second-to-last stage, or a ViT's class token
+    at half depth) ranks the non-target classes together with the final prediction; the ranks
     give Zipf soft non-target labels (`1 / rank`), and the final prediction's squared target probability,
     re-centred on the batch, is the soft target label. `CE(z, y)` is timm's criterion (`--smoothing`, mixup's soft
     targets; `--bce-loss` replaces it), as the official code keeps the model head's own loss (mmcls's CE or label
