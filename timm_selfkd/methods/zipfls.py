@@ -1,7 +1,15 @@
 """Zipf's label smoothing (Liang et al., Efficient One Pass Self-distillation with Zipf's Label Smoothing, ECCV 2022).
 
 Official code: megvii-research/zipfls (`pytorch_zipfls/losses.py` `zipf_loss`, `gen_pdf`, `get_masked_distribution`,
-`kl_loss`; `train.py` and the models' `get_dense_info`; `megengine_zipfls/loss.py` is the same loss).
+`kl_loss`; `train.py` and the models' `get_dense_info`; `megengine_zipfls/loss.py` is the same loss). No paper text
+was at hand: the equations below are the paper's loss as the official code computes it (sec. 3 of the paper), cited
+by content, not by equation number.
+
+Not taken from the official code: its ablation options (random/constant/linear/exponential distributions instead of
+Zipf's, soft ranks, the nearest-"friend" image's ranking, the `--mask` that keeps only correctly classified images,
+extra exits with `--deeplayer` > 1); none is in its Zipf's LS recipes. One defect not reproduced: for torchvision's
+DenseNet/MobileNetV2 on ImageNet/iNat its `train.py` votes with a separate `linear` layer that no gradient ever
+reaches (argmax), i.e. a random classifier; here the votes always come from the model's own head.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field
