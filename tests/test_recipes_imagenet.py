@@ -101,8 +101,8 @@ def _check_built(s, recipe):
     # optimizer: kind, lr (timm's --lr-base rule at this run's global batch), momentum/betas/eps, weight decay
     opt = s.optimizer
     kind = recipe['opt']
-    if kind == 'sgd':
-        assert isinstance(opt, torch.optim.SGD) and opt.defaults['nesterov'] is True
+    if kind in ('sgd', 'momentum'):  # timm: sgd is Nesterov momentum, momentum is plain (heavy-ball) momentum
+        assert isinstance(opt, torch.optim.SGD) and opt.defaults['nesterov'] is (kind == 'sgd')
         assert opt.defaults['momentum'] == recipe['momentum']
     elif kind == 'adamw':
         assert type(opt).__name__ == 'AdamW', type(opt)
