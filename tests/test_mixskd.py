@@ -272,6 +272,22 @@ def test_trains_on_other_families(name, size):
     assert set(task.get_checkpoint_state()['state_dict']) == reference_keys
 
 
+def test_gradient_checkpointing_gives_the_same_step():
+    """timm's checkpointing calls a stage's blocks one by one: the levels are still captured (on the last block),
+    with their gradient, and the loss and gradients are those of the run without it."""
+    grads = []
+    for checkpointing in (False, True):
+        task = _task()
+        task.get_eval_model().set_grad_checkpointing(checkpointing)
+        np.random.seed(0)
+        out = task(_images(), Y)
+        stem = task.get_eval_model().conv1[0].weight
+        grads.append((out['loss'], torch.autograd.grad(out['loss_branch_ce'], stem)[0]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert grads[1][1].abs().sum() > 0
+
+
 def test_bf16_terms_are_float32_and_finite():
     task = _task()
     np.random.seed(0)

@@ -18,7 +18,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['LevelCapture', 'channels_last_maps', 'default_levels', 'level_paths', 'ordered_modules', 'pool_map', 'stage_tails']
+__all__ = ['LevelCapture', 'channels_last_maps', 'default_levels', 'level_paths', 'ordered_modules', 'pool_map',
+           'stage_tails']
 
 
 def level_paths(model: nn.Module) -> List[str]:
@@ -52,17 +53,26 @@ def ordered_modules(model: nn.Module, paths: Sequence[str]) -> List[Tuple[str, n
     return expand('', model)
 
 
+def _last_called(module: nn.Module) -> nn.Module:
+    """The module whose output is `module`'s: the last element of a (nested) `nn.Sequential`, which runs also
+    when timm's gradient checkpointing (`checkpoint_seq(..., flatten=True)`) calls a stage's blocks one by one."""
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[-1]
+    return module
+
+
 class LevelCapture:
-    """Forward hooks that keep the raw outputs of the modules at `paths` while the model runs (one call).
+    """Forward hooks that keep the raw outputs of the modules at `paths` while the model runs; read `outputs`
+    inside the `with` block (the hooks are removed on leaving it, before a checkpointed backward re-runs them).
 
     Example:
         >>> with LevelCapture(model, ['layer1', 'layer2']) as capture:
         ...     final = model.forward_features(x)
-        >>> stage1, stage2 = capture.outputs
+        ...     stage1, stage2 = capture.outputs
     """
 
     def __init__(self, model: nn.Module, paths: Sequence[str]):
-        self.modules = [model.get_submodule(path) for path in paths]
+        self.modules = [_last_called(model.get_submodule(path)) for path in paths]
         self.found: Dict[int, torch.Tensor] = {}
         self.handles = []
 
@@ -80,6 +90,7 @@ class LevelCapture:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        self.found = {}
 
     @property
     def outputs(self) -> List[torch.Tensor]:
@@ -151,7 +162,7 @@ def stage_tails(model: nn.Module, levels: Sequence[int], what: str = 'a branch')
         x = _probe_input(model, reference)
         with LevelCapture(model, paths) as capture:
             final = model.forward_features(x)
-        raw = capture.outputs
+            raw = capture.outputs
         after = [module for _, module in order[last + 1:]]
         post = None
         for count in range(len(after) + 1):

@@ -147,7 +147,8 @@ class MixSKDModule(ModelWrapper):
         n = partner.shape[0]
         with LevelCapture(self.model, self.paths) as capture:
             final = self.model.forward_features(input)
-        maps = [tail(x) for tail, x in zip(self.aux.tails, capture.outputs)] + [final]
+            levels = capture.outputs
+        maps = [tail(x) for tail, x in zip(self.aux.tails, levels)] + [final]
         pooled = [pool_map(m, self.channels_last) for m in maps]
         logits = [head(p) for head, p in zip(self.aux.heads, pooled)] + [self.model.forward_head(final)]
         with float32_region(input):
