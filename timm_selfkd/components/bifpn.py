@@ -27,7 +27,8 @@ FUSION_EPS = 1e-6  # the official code's epsilon of the fast normalised fusion
 
 def pointwise_block(in_chs: int, out_chs: int) -> nn.Sequential:
     """1x1 convolution (no bias), BatchNorm, ReLU: the lateral and resampling projections."""
-    return nn.Sequential(nn.Conv2d(in_chs, out_chs, kernel_size=1, bias=False), nn.BatchNorm2d(out_chs), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(in_chs, out_chs, kernel_size=1, bias=False), nn.BatchNorm2d(out_chs),
+                         nn.ReLU(inplace=True))
 
 
 class SeparableConvs(nn.Sequential):
@@ -38,7 +39,7 @@ class SeparableConvs(nn.Sequential):
     def __init__(self, chs: int, depth: int):
         units = []
         for i in range(depth):
-            unit = [nn.ReLU()] if i else []
+            unit = [nn.ReLU(inplace=True)] if i else []
             unit += [nn.Conv2d(chs, chs, kernel_size=3, padding=1, groups=chs, bias=False),
                      nn.Conv2d(chs, chs, kernel_size=1, bias=False), nn.BatchNorm2d(chs)]
             units.append(nn.Sequential(*unit))
@@ -100,26 +101,29 @@ class BiFPNLayer(nn.Module):
         self.out_chs = chs
 
     def forward(self, feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        # Every map is kept after its ReLU (`r P_i`, `r T_i`), each computed once: the lateral and resampling
+        # projections end in a ReLU already, so the official code's ReLUs of their outputs are identities.
         n = len(feats)
         sizes = [f.shape[-2:] for f in feats]
-        lateral = [block(F.relu(f)) for block, f in zip(self.lateral, feats)]
-        bottom_up_in = [block(F.relu(f)) for block, f in zip(self.lateral_bottom_up, feats[1:])]
-        top_down = [lateral[-1]]  # P_n .. P_1, built coarsest first
+        inputs = [F.relu(f) for f in feats]
+        lateral = [block(x) for block, x in zip(self.lateral, inputs)]
+        bottom_up_in = [block(x) for block, x in zip(self.lateral_bottom_up, inputs[1:])]
+        top_down = [lateral[-1]] * n  # r P_i; P_n = L_n(r F_n)
         for i in range(n - 2, -1, -1):
             w = _fusion_weights(self.up_weight[i])
-            upsampled = self.up_proj[i](resize_up(F.relu(top_down[0]), sizes[i]))
-            top_down.insert(0, self.up_conv[i](w[0] * F.relu(lateral[i]) + w[1] * upsampled))
-        out = [top_down[0]]
+            upsampled = self.up_proj[i](resize_up(top_down[i + 1], sizes[i]))
+            top_down[i] = F.relu(self.up_conv[i](w[0] * lateral[i] + w[1] * upsampled))
+        out = [top_down[0]]  # r T_i; T_1 = P_1
         for i in range(1, n):
             w = _fusion_weights(self.down_weight[i - 1])
-            pooled = self.down_proj[i - 1](resize_down(F.relu(out[-1]), sizes[i]))
-            fused = w[0] * F.relu(bottom_up_in[i - 1])
+            pooled = self.down_proj[i - 1](resize_down(out[-1], sizes[i]))
+            fused = w[0] * bottom_up_in[i - 1]
             if i < n - 1:
-                fused = fused + w[1] * F.relu(top_down[i]) + w[2] * pooled
+                fused = fused + w[1] * top_down[i] + w[2] * pooled
             else:
                 fused = fused + w[1] * pooled
-            out.append(self.down_conv[i - 1](fused))
-        return [F.relu(f) for f in out]
+            out.append(F.relu(self.down_conv[i - 1](fused)))
+        return out
 
 
 class BiFPN(nn.Module):
