@@ -292,3 +292,18 @@ def test_refusals_and_bad_hyper_parameters():
                             (dict(default_rate=1.0), r'default_rate: .* \[0, 1\)')):
         with pytest.raises(ValueError, match=message):
             timm_selfkd.create_task('rdrop', timm.create_model('test_resnet', num_classes=3), **kwargs)
+
+
+def test_recipes_set_the_official_runs_weight_per_image():
+    """The recipes' alpha 19.2 (mean) is the official code's --alpha 0.3 summed over its 32-image micro-batches."""
+    import os
+    from timm_selfkd.cli import method_hparams, parse_args
+    z1, z2, y = _fixed_logits(batch=32, classes=10, seed=2)
+    torch.testing.assert_close(_ours(z1, z2, y, 19.2, 'mean')['loss'], official_vit_loss(z1, z2, y, 0.3, 10),
+                               rtol=1e-5, atol=1e-5)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ('rdrop_cifar100.yaml', 'rdrop_imagenet_vit_b16.yaml'):
+        args = parse_args(['-c', os.path.join(repo, 'configs', name)])
+        hparams = method_hparams(args)
+        assert (hparams.alpha, hparams.kl_reduction, hparams.per_sample) == (19.2, 'mean', True)
+        assert args.model_kwargs == {'img_size': 384, 'pos_drop_rate': 0.1, 'proj_drop_rate': 0.1}

@@ -59,7 +59,8 @@ KL_REDUCTIONS = ('mean', 'sum')
 class RDropHparams:
     alpha: float = field(default=0.6, metadata={
         'help': 'weight alpha of L_KL = (KL(P1||P2) + KL(P2||P1)) / 2 in L = CE1 + CE2 + alpha L_KL (sec. 2.1); '
-                '0.6 is the official ViT code\'s --alpha 0.3, which it puts on the two KLs without the 1/2'})
+                '0.6 is the official ViT code\'s --alpha 0.3, which it puts on the two KLs without the 1/2 (and sums '
+                'over its 32-image micro-batches: 19.2 per image, as the recipes set it)'})
     kl_reduction: str = field(default='mean', metadata={
         'help': 'L_KL over the batch: mean (per image, as the CE terms: the equations) or sum (the official ViT '
                 'code: summed over the step\'s images while the CE terms are averaged, so its weight grows with '
@@ -115,8 +116,9 @@ def rdrop_loss(
 @register_method('rdrop', hparams=RDropHparams, paper='Liang et al., R-Drop: Regularized Dropout for Neural '
                                                     'Networks, NeurIPS 2021')
 class RDropTask(SubnetworkTask):
-    """Two sampled sub-networks of the model on the same images, each learning the labels, pulled together by a
-    symmetric KL (R-Drop, sec. 2.1; see the module docstring for the equations and our choices).
+    """Two sampled sub-networks of the same weights learn the labels and agree with each other (symmetric KL).
+
+    R-Drop, sec. 2.1; see the module docstring for the equations and our choices.
 
     The sub-networks come from the model's own dropout and stochastic depth (timm's `--drop`, `--drop-path` and
     the model's dropout arguments); a model with neither gets stochastic depth (`default_rate`), inserted once (no
