@@ -188,6 +188,10 @@ class FRSKDTask(SelfKDTask):
     L2-normalised channel mean of the squared map (attention transfer, p = 2; computed as the official code,
     `attention_loss`).
 
+    The stage outputs enter the self-teacher through a ReLU, as in the official code (whose ResNet stage outputs are
+    post-ReLU, so there it changes nothing); the attention term squares the stage outputs as they are, so the sign
+    of outputs that are not post-ReLU (EfficientNet's linear bottlenecks, ViT tokens) does not matter to it.
+
     ViT-like models (token maps of one resolution at every block) get a same-resolution BiFPN: the fusions and
     convolutions of the paper need no resampling, and attention over token positions is the spatial attention the
     feature term matches. The self-teacher is training-only: it lives in the trainable module and the task state
