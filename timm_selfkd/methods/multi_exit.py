@@ -131,7 +131,8 @@ def exit_indices(model: nn.Module, indices: str = '', method: str = 'multi_exit'
 
 
 class Exit(nn.Module):
-    """An auxiliary classifier on a stage output (BYOT; seed 4 sec. 3.1): bottleneck -> pooled feature -> fc.
+    """A light auxiliary classifier on a stage output (BYOT; seed 4 sec. 3.1): bottleneck -> pooled feature -> fc.
+    (`DeepExit` is the deep kind: a copy of the model's remaining stages.)
 
     The bottleneck is a 1x1 convolution with BatchNorm and ReLU at the stage's width; after global average
     pooling a linear map gives the exit's feature `F_i` the size of the deepest classifier's pooled feature
