@@ -44,7 +44,13 @@ from timm_selfkd.runtime.batch_stream import seed_everything, seed_host, step_se
 # without its per-sample table, which is reported apart (benchmarks/memory_pskd.py measures it at ImageNet size).
 TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'none+checks': (1.01, 1.01), 'self_guidance': (2.05, None),
            'multi_exit': (1.15, None), **dict.fromkeys(['lsrkd', 'lsrkd_tc', 'tfkd_reg'], (1.01, 1.01)),
-           'mrkd': (1 + 0.4 * 3, None), 'mrkd_tc': (1 + 0.4 * 3, None), 'pskd': (1.02, 1.02)}
+           'mrkd': (1 + 0.4 * 3, None), 'mrkd_tc': (1 + 0.4 * 3, None), 'pskd': (1.02, 1.02),
+           # issue 17, each from the method's design: USKD a linear head and a sort over the classes; Zipf's LS a
+           # no-gradient head pass over the final map's positions; R-Drop two full passes with gradient; DKS two
+           # branches re-running three of resnet18's four stages (+75% FLOPs); FRSKD a BiFPN at twice the stage
+           # widths (~0.6x resnet18's multiply-adds); MixSKD twice the rows through backbone and three branches
+           'uskd': (1.03, 1.02), 'zipfls': (1.05, 1.01), 'rdrop': (2.25, 1.6), 'dks': (2.1, 2.1),
+           'frskd': (2.4, 2.7), 'mixskd': (5.5, 3.5)}
 RUN_EPOCHS, RUN_SAMPLES = 100, 50_000  # the run every task is told about (create_task): a CIFAR-size data set
 POOL_BATCHES = 4  # distinct synthetic batches cycled through by every method
 CHECKED = 'none+checks'  # plain training with the loop's per-step seeding and guard (timm_selfkd.train)
