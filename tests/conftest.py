@@ -1,5 +1,7 @@
 """Shared fixtures: tiny image-folder data sets written to a temporary directory (no network); plain-math
-references shared by the loss tests; the recorder of the compatibility-matrix cells (`--matrix-json`)."""
+references shared by the loss tests; training steps and checkpoint restores shared by the method tests; the recorder
+of the compatibility-matrix cells (`--matrix-json`)."""
+import copy
 import math
 import os
 import sys
@@ -67,6 +69,30 @@ def small_model(family, seed=0, **kwargs):
     name, family_kwargs, size = SMALL_FAMILIES[family]
     torch.manual_seed(seed)
     return timm.create_model(name, num_classes=NUM_CLASSES, **{**family_kwargs, **kwargs}), size
+
+
+def train_steps(task, x, y, steps=2, lr=0.05):
+    """`steps` SGD steps of the task's trainable module on one batch; returns the last step's output."""
+    optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=lr)
+    for _ in range(steps):
+        out = task(x, y)
+        optimizer.zero_grad()
+        out['loss'].backward()
+        optimizer.step()
+    return out
+
+
+def restored_task(method, state, ema_state, seed=1):
+    """A new `method` task on a test_resnet of another seed, with an EMA, loaded from a task's checkpoint state and
+    its EMA checkpoint state (`get_checkpoint_state()`, `get_checkpoint_state(ema=True)`)."""
+    import timm
+    import timm_selfkd
+    torch.manual_seed(seed)
+    task = timm_selfkd.create_task(method, timm.create_model('test_resnet', num_classes=NUM_CLASSES))
+    task.setup_ema(decay=0.5)
+    task.load_checkpoint_state(state['state_dict'], copy.deepcopy(state['task_state']))
+    task.load_checkpoint_state(ema_state['state_dict_ema'], copy.deepcopy(ema_state['task_state_ema']), ema=True)
+    return task
 
 
 def log_softmax_row(row, temperature=1.0):

@@ -10,9 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_selfkd
-from conftest import hand_ce, hand_kd, small_model
+from conftest import hand_ce, hand_kd, restored_task, small_model, train_steps
+from timm_selfkd.components.deep_branch import deep_branches
 from timm_selfkd.methods.dks import DKSHparams, dks_loss, synergy_loss
-from timm_selfkd.methods.multi_exit import DeepExit, Exit, MultiExitModule, exit_indices
+from timm_selfkd.methods.multi_exit import Exit, MultiExitModule, exit_indices
 
 # Three classifiers (two branches, shallow first, then the model's own), three images, four classes.
 BRANCH_LOGITS = [[[1.0, 0.5, -0.5, 2.0], [0.0, 1.5, 0.3, -1.0], [2.5, -0.5, 0.0, 0.4]],
@@ -117,9 +118,11 @@ def test_resnet_branches_are_fresh_copies_of_the_remaining_stages():
     module = task.trainable_module
     assert module.indices == [2, 3] and [b.module_name for b in module.exits] == ['layer2', 'layer3']
     first, second = module.exits
-    assert all(isinstance(getattr(first.model, n), nn.Identity) for n in ('conv1', 'bn1', 'maxpool', 'layer1',
-                                                                          'layer2'))
-    assert isinstance(second.model.layer3, nn.Identity) and not isinstance(first.model.layer3, nn.Identity)
+
+    def cut(m):  # an identity: an empty nn.Sequential
+        return isinstance(m, nn.Sequential) and len(m) == 0
+    assert all(cut(getattr(first.model, n)) for n in ('conv1', 'bn1', 'maxpool', 'layer1', 'layer2'))
+    assert cut(second.model.layer3) and not cut(first.model.layer3)
     model_params = dict(model.named_parameters())
     for branch in (first, second):
         names = [n for n, _ in branch.model.named_parameters()]
@@ -175,18 +178,38 @@ def test_branches_train_on_more_families(family):
 
 def test_light_and_deep_exits_in_one_module():
     """The generalised machinery: BYOT's light exit on a forward_intermediates() output and a deep branch on the raw
-    output of its level's module, from one pass."""
+    output of its level's module, from one pass; the light exit's feature is its F_i, the deep branch's its final
+    map."""
     model = timm.create_model('test_resnet', num_classes=4)
     exits = nn.ModuleList([Exit(model.feature_info[1]['num_chs'], model.num_features, 4),
-                           DeepExit.build(model, 3)])
+                           *deep_branches(model, [3], 'dks')])
     module = MultiExitModule(model, [1, 3], exits).eval()
     x = torch.randn(2, 3, 32, 32)
     logits, features, exit_logits, exit_features = module(x)
-    _, (level1, level3) = model.forward_intermediates(x, indices=[1, 3])
+    final, (level1, level3) = model.forward_intermediates(x, indices=[1, 3])
     torch.testing.assert_close(logits, model(x))
     torch.testing.assert_close(exit_logits[0], exits[0](level1)[0])
     torch.testing.assert_close(exit_logits[1], exits[1](level3)[0])
-    assert [f.shape for f in exit_features] == [features.shape] * 2
+    assert [f.shape for f in exit_features] == [features.shape, final.shape]
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    """A model with timm's gradient checkpointing on (train.py sets it before the task wraps the model): the levels
+    are captured though the stages' blocks are called one by one, the branches checkpoint too, and the loss and
+    gradients are those of the run without it."""
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model('test_resnet', num_classes=4)
+        model.set_grad_checkpointing(checkpointing)
+        task = timm_selfkd.create_task('dks', model).train()
+        assert task.trainable_module.exits[0].model.grad_checkpointing == checkpointing
+        out = task(x, y)
+        stem, branch = model.conv1[0].weight, task.trainable_module.exits[0].model.layer4[0].conv1.weight
+        results.append((out['loss'], *torch.autograd.grad(out['loss'], [stem, branch])))
+    for without, with_checkpointing in zip(*results):
+        torch.testing.assert_close(without, with_checkpointing)
 
 
 def test_families_without_a_chain_from_the_level_are_refused():
@@ -220,10 +243,7 @@ def test_task_state_round_trip_and_ema():
     task = timm_selfkd.create_task('dks', model).train()
     task.setup_ema(decay=0.5)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    optimizer = torch.optim.SGD([p for p in task.trainable_module.parameters() if p.requires_grad], lr=0.05)
-    out = task(x, y)
-    out['loss'].backward()
-    optimizer.step()
+    train_steps(task, x, y, steps=1)
     task.update_ema(step=10)
     state = task.get_checkpoint_state()
     assert not any('exits' in key for key in state['state_dict']) and state['task_state']['exit_indices'] == [2, 3]
@@ -232,11 +252,7 @@ def test_task_state_round_trip_and_ema():
     assert not torch.equal(ema_state['task_state_ema']['exits']['0.model.fc.weight'],
                            state['task_state']['exits']['0.model.fc.weight'])
 
-    torch.manual_seed(1)
-    fresh = timm_selfkd.create_task('dks', timm.create_model('test_resnet', num_classes=4))
-    fresh.setup_ema(decay=0.5)
-    fresh.load_checkpoint_state(state['state_dict'], copy.deepcopy(state['task_state']))
-    fresh.load_checkpoint_state(ema_state['state_dict_ema'], copy.deepcopy(ema_state['task_state_ema']), ema=True)
+    fresh = restored_task('dks', state, ema_state)
     task.eval(), fresh.eval()
     for ema in (False, True):
         got, expected = fresh.eval_forward(ema=ema)(x), task.eval_forward(ema=ema)(x)

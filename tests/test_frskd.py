@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_selfkd
+from conftest import restored_task, train_steps
 from timm_selfkd.components.bifpn import BiFPN, resize_down, resize_up
 from timm_selfkd.methods.frskd import FRSKDHparams, attention_map, frskd_loss, teacher_levels
 
@@ -336,16 +337,6 @@ def test_resampling_to_the_receiving_size():
 
 # ---- The families, bf16, task state
 
-def _train_steps(task, x, y, steps=2):
-    optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=0.05)
-    for _ in range(steps):
-        out = task(x, y)
-        optimizer.zero_grad()
-        out['loss'].backward()
-        optimizer.step()
-    return out
-
-
 @pytest.mark.parametrize('name', ['test_resnet', 'test_efficientnet', 'test_vit'])
 def test_trains_on_three_families(name):
     """One pass gives the model's own logits; training moves the self-teacher; the deployed state_dict is the
@@ -360,7 +351,7 @@ def test_trains_on_three_families(name):
     torch.testing.assert_close(logits, reference(x))
     assert teacher_logits.shape == logits.shape and len(refined) == 4
     before = copy.deepcopy(task.trainable_module.self_teacher.state_dict())
-    out = _train_steps(task, x, y)
+    out = train_steps(task, x, y)
     assert all(torch.isfinite(v) for k, v in out.items() if k.startswith('loss'))
     after = task.trainable_module.self_teacher.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in before.items())
@@ -384,7 +375,7 @@ def test_task_state_round_trip_and_ema(tmp_path):
     task = timm_selfkd.create_task('frskd', model)
     task.setup_ema(decay=0.5)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    _train_steps(task.train(), x, y, steps=1)
+    train_steps(task.train(), x, y, steps=1)
     task.update_ema(step=10)
     state = task.get_checkpoint_state()
     ema_state = task.get_checkpoint_state(ema=True)
@@ -395,11 +386,7 @@ def test_task_state_round_trip_and_ema(tmp_path):
     plain = timm.create_model('test_resnet', num_classes=4, checkpoint_path=str(tmp_path / 'model.pth'))
     torch.testing.assert_close(plain.fc.weight, model.fc.weight)
 
-    torch.manual_seed(1)
-    fresh = timm_selfkd.create_task('frskd', timm.create_model('test_resnet', num_classes=4))
-    fresh.setup_ema(decay=0.5)
-    fresh.load_checkpoint_state(state['state_dict'], copy.deepcopy(state['task_state']))
-    fresh.load_checkpoint_state(ema_state['state_dict_ema'], copy.deepcopy(ema_state['task_state_ema']), ema=True)
+    fresh = restored_task('frskd', state, ema_state)
     task.eval(), fresh.eval()
     for ema in (False, True):  # the live and the EMA model with their self-teachers give the same outputs
         got, want = fresh.get_trainable_module(ema=ema), task.get_trainable_module(ema=ema)
@@ -418,7 +405,7 @@ def test_task_state_round_trip_and_ema(tmp_path):
     (dict(width=0), 'frskd width must be >= 1'),
     (dict(indices='3'), 'at least two levels'),
     (dict(indices='a,b'), 'comma-separated integers'),
-    (dict(indices='1,9'), r'level 9 does not exist for test_resnet: valid indices are 0-4'),
+    (dict(indices='1,9'), r'level 9 does not exist for test_resnet: valid levels are 0-4'),
 ])
 def test_bad_input(hparams, message):
     with pytest.raises(ValueError, match=message):

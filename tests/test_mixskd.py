@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 import timm_selfkd
-from conftest import small_model
-from timm_selfkd.components.stage_tails import stage_tails
+from conftest import small_model, train_steps
+from timm_selfkd.components.deep_branch import LevelCapture
 from timm_selfkd.methods.mixskd import MixSKDHparams, grad_reverse, mixskd_loss
 
 N = 4
@@ -193,7 +193,7 @@ def test_discriminators_are_optimised_and_the_network_fools_them():
     out['loss'].backward()
     optimizer.step()
     after = module.aux.state_dict()
-    for part in ('discriminators', 'teacher', 'tails', 'heads'):
+    for part in ('discriminators', 'teacher', 'branches'):
         assert any(not torch.equal(v, after[k]) for k, v in before.items() if k.startswith(part)), part
 
 
@@ -205,18 +205,29 @@ def test_grad_reverse():
     assert torch.equal(x.grad, torch.tensor([-3., -3.]))
 
 
-def test_branches_are_copies_of_the_later_stages():
-    """ResNet: branches after layer1-3 of copies of the remaining stages (the official block_extractor1-3); at
-    creation each reproduces the backbone's final map from its level's output."""
-    model = timm.create_model('test_resnet', num_classes=4).eval()
-    tails = stage_tails(model, [1, 2, 3])
-    assert [[name for name, _ in tail.named_children()] for tail in tails] == [['0', '1', '2'], ['0', '1'], ['0']]
+def test_branches_are_fresh_copies_of_the_later_stages():
+    """ResNet: branches after layer1-3 of copies of the remaining stages and the head (the official
+    block_extractor1-3, avg_pool and fc1-3), freshly initialised as the official separate layers; given the model's
+    weights, a branch reproduces the backbone's final map and logits from its level's output."""
+    task = _task()
+    model, branches = task.get_eval_model(), task.trainable_module.aux.branches
+    assert [branch.module_name for branch in branches] == ['layer1', 'layer2', 'layer3']
+    stages = [{name.split('.')[1] for name, _ in branch.named_parameters()} for branch in branches]
+    assert stages == [{'layer2', 'layer3', 'layer4', 'fc'}, {'layer3', 'layer4', 'fc'}, {'layer4', 'fc'}]
+    for branch in branches:
+        assert not torch.equal(branch.model.fc.weight, model.fc.weight)
+        assert not torch.equal(branch.model.layer4[0].conv1.weight, model.layer4[0].conv1.weight)
+
+    model.eval()
     x = _images()
-    with torch.no_grad():
-        stem = model.maxpool(model.act1(model.bn1(model.conv1(x))))
-        l1 = model.layer1(stem)
-        torch.testing.assert_close(tails[0].eval()(l1), model.forward_features(x))
-    assert all(p.data_ptr() != q.data_ptr() for p in tails[2].parameters() for q in model.parameters())
+    with torch.no_grad(), LevelCapture(model, ['layer1']) as capture:
+        final = model.forward_features(x)
+        level1, = capture.outputs
+        with_model_weights = copy.deepcopy(branches[0]).eval()
+        with_model_weights.model.load_state_dict(model.state_dict(), strict=False)
+        logits, branch_map = with_model_weights(level1)
+    torch.testing.assert_close(branch_map, final)
+    torch.testing.assert_close(logits, model.forward_head(final))
 
 
 def test_users_mixup_and_cutmix_replace_the_own_mix():
@@ -257,28 +268,26 @@ def test_trains_on_other_families(name, size):
     task = timm_selfkd.create_task('mixskd', model).train()
     module = task.trainable_module
     before = copy.deepcopy(module.aux.state_dict())
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
     np.random.seed(0)
-    for _ in range(2):
-        out = task(_images(size=size), Y)
-        optimizer.zero_grad()
-        out['loss'].backward()
-        optimizer.step()
+    out = train_steps(task, _images(size=size), Y, lr=0.01)
     assert all(torch.isfinite(v) for k, v in out.items() if k.startswith('loss'))
     assert out['output'].shape == (N, 4)
     after = module.aux.state_dict()
-    for part in ('discriminators', 'teacher', 'tails', 'heads'):
+    for part in ('discriminators', 'teacher', 'branches'):
         assert any(not torch.equal(v, after[k]) for k, v in before.items() if k.startswith(part)), part
     assert set(task.get_checkpoint_state()['state_dict']) == reference_keys
 
 
 def test_gradient_checkpointing_gives_the_same_step():
-    """timm's checkpointing calls a stage's blocks one by one: the levels are still captured (on the last block),
-    with their gradient, and the loss and gradients are those of the run without it."""
+    """timm's checkpointing (set before the task wraps the model, as train.py does) calls a stage's blocks one by
+    one: the levels are still captured (on the last block), with their gradient, the branches checkpoint too, and
+    the loss and gradients are those of the run without it."""
     grads = []
     for checkpointing in (False, True):
-        task = _task()
-        task.get_eval_model().set_grad_checkpointing(checkpointing)
+        torch.manual_seed(0)
+        net = timm.create_model('test_resnet', num_classes=4)
+        net.set_grad_checkpointing(checkpointing)
+        task = timm_selfkd.create_task('mixskd', net).train()
         np.random.seed(0)
         out = task(_images(), Y)
         stem = task.get_eval_model().conv1[0].weight
@@ -302,11 +311,8 @@ def test_task_state_round_trip_ema_and_mismatch():
     """Branches, self-teacher and discriminators survive a save/load (same next step bit for bit); the EMA's are
     its own; a checkpoint from other levels is refused naming the flag; eval is the plain model."""
     task = _task()
-    optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=0.05)
     np.random.seed(0)
-    out = task(_images(), Y)
-    out['loss'].backward()
-    optimizer.step()
+    train_steps(task, _images(), Y, steps=1)
     task.setup_ema(decay=0.5)
     state = copy.deepcopy(task.get_checkpoint_state())
     assert not any(key.startswith('aux') for key in state['state_dict'])

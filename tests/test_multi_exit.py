@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_selfkd
-from conftest import SMALL_FAMILIES, small_model
+from conftest import SMALL_FAMILIES, small_model, train_steps
 from timm_selfkd.methods.multi_exit import MultiExitEvaluator, MultiExitHparams, exit_indices, multi_exit_loss
 
 # Two images, three classes, features of size four, two exits.
@@ -92,16 +92,6 @@ def test_gradient_directions():
     assert features.grad.abs().sum() > 0 and all(f.grad.abs().sum() > 0 for f in exit_features)
 
 
-def _train_steps(task, x, y, steps=2):
-    optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=0.05)
-    for _ in range(steps):
-        out = task(x, y)
-        optimizer.zero_grad()
-        out['loss'].backward()
-        optimizer.step()
-    return out
-
-
 @pytest.mark.parametrize('family', sorted(SMALL_FAMILIES))
 def test_exits_on_six_families(family):
     """Three exits built on the stage outputs; one pass gives the model's own logits; training moves the exits;
@@ -119,7 +109,7 @@ def test_exits_on_six_families(family):
     assert [z.shape for z in exit_logits] == [logits.shape] * 3
     assert [f.shape for f in exit_features] == [features.shape] * 3
     exits_before = copy.deepcopy(module.exits.state_dict())
-    out = _train_steps(task, x, y)
+    out = train_steps(task, x, y)
     assert all(torch.isfinite(v) for k, v in out.items() if k.startswith('loss'))
     assert any(not torch.equal(v, module.exits.state_dict()[k]) for k, v in exits_before.items())
     assert set(task.get_checkpoint_state()['state_dict']) == set(reference.state_dict())
@@ -129,7 +119,7 @@ def test_checkpoint_loads_in_plain_timm_and_exits_round_trip(tmp_path):
     model, size = small_model('resnet')
     task = timm_selfkd.create_task('multi_exit', model)
     x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
-    _train_steps(task.train(), x, y)
+    train_steps(task.train(), x, y)
     state = task.get_checkpoint_state()
     assert not any('exit' in key for key in state['state_dict'])
     torch.save({'state_dict': state['state_dict']}, tmp_path / 'model.pth')
@@ -153,7 +143,7 @@ def test_ema_exits_are_evaluated_and_saved():
     task = timm_selfkd.create_task('multi_exit', model)
     task.setup_ema(decay=0.5)
     x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
-    _train_steps(task.train(), x, y, steps=1)
+    train_steps(task.train(), x, y, steps=1)
     task.update_ema(step=10)  # timm's EMA copies the weights up to step 1
     live, ema = task.get_task_state()['exits'], task.get_task_state(ema=True)['exits']
     assert not torch.equal(live['0.fc.weight'], ema['0.fc.weight'])

@@ -13,7 +13,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 
 import timm_selfkd
-from conftest import small_model
+from conftest import small_model, train_steps
 from timm_selfkd.methods.uskd import USKDHparams, uskd_level, uskd_loss
 
 
@@ -195,16 +195,6 @@ def test_levels_of_the_families():
         USKDHparams(mu=-1.)
 
 
-def _train_steps(task, x, y, steps=2):
-    optimizer = torch.optim.SGD(task.trainable_module.parameters(), lr=0.05)
-    for _ in range(steps):
-        out = task(x, y)
-        optimizer.zero_grad()
-        out['loss'].backward()
-        optimizer.step()
-    return out
-
-
 @pytest.mark.parametrize('family', ['resnet', 'efficientnet', 'swin', 'vit'])
 def test_families_train_with_a_training_only_weak_head(family):
     """One pass gives the plain model's logits and the weak head's (on the pooled level output; a ViT's class
@@ -226,7 +216,7 @@ def test_families_train_with_a_training_only_weak_head(family):
             else feature.mean((2, 3))
         torch.testing.assert_close(weak, module.head.fc(pooled), rtol=1e-5, atol=1e-5)
     head_before = copy.deepcopy(module.head.state_dict())
-    out = _train_steps(task, x, y)
+    out = train_steps(task, x, y)
     assert all(torch.isfinite(v) for k, v in out.items() if k.startswith('loss'))
     assert set(out) == {'loss', 'output', 'loss_ce', 'loss_target', 'loss_nontarget', 'loss_weak'}
     assert not torch.equal(head_before['fc.weight'], module.head.state_dict()['fc.weight'])
@@ -253,7 +243,7 @@ def test_task_state_round_trip_and_ema(tmp_path):
     task = timm_selfkd.create_task('uskd', model)
     task.setup_ema(decay=0.5)
     x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
-    _train_steps(task.train(), x, y)
+    train_steps(task.train(), x, y)
     task.update_ema(step=10)
     state = task.get_checkpoint_state()
     assert not any('head.fc' in key and not key.startswith('fc') for key in state['state_dict'])

@@ -1,8 +1,9 @@
 """DKS: Deeply-supervised Knowledge Synergy (Sun et al., CVPR 2019; official code sundw2014/DKS, wrn_DKS/).
 
-Deep auxiliary branches, each a fresh copy of the model's remaining stages, norm and head (`DeepExit` of the
-multi-exit machinery, `timm_selfkd.methods.multi_exit`), sit after intermediate stages; every classifier is trained
-on the labels and on the detached class probabilities of every other classifier (the synergy loss, sec. 3).
+Deep auxiliary branches, each a fresh copy of the model's remaining stages, norm and head
+(`components.deep_branch`), sit after intermediate stages as deep exits of the multi-exit machinery
+(`timm_selfkd.methods.multi_exit`); every classifier is trained on the labels and on the detached class
+probabilities of every other classifier (the synergy loss, sec. 3).
 """
 import logging
 from dataclasses import dataclass, field
@@ -11,9 +12,11 @@ from typing import Callable, Dict, Sequence
 import torch
 import torch.nn as nn
 
+from timm_selfkd.components.deep_branch import deep_branches
+from timm_selfkd.components.feature_levels import model_name, parse_levels
 from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.methods.base import Needs, check_range
-from timm_selfkd.methods.multi_exit import DeepExit, ExitsTask, MultiExitModule, exit_indices, parse_indices
+from timm_selfkd.methods.multi_exit import INDICES_EXAMPLE, ExitsTask, MultiExitModule, exit_indices
 from timm_selfkd.registry import register_method
 
 __all__ = ['DKSHparams', 'DKSTask', 'synergy_loss', 'dks_loss']
@@ -43,7 +46,7 @@ class DKSHparams:
         check_range('dks', 'branch_weight', self.branch_weight, 0.)
         check_range('dks', 'synergy_weight', self.synergy_weight, 0.)
         check_range('dks', 'temperature', self.temperature, 1e-6)
-        parse_indices(self.indices, 'dks')
+        parse_levels(self.indices, 'dks', INDICES_EXAMPLE)
 
 
 def synergy_loss(classifier_logits: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
@@ -98,10 +101,10 @@ class DKSTask(ExitsTask):
       detached target, a constant for the gradient; we compute it from log-softmax where the code adds 1e-8 to
       the probabilities before its logarithm (agreement to float32 precision on the test's logits).
     - Branches: a fresh, independently initialised copy of all the model's stages after the level, its norm and
-      head (`DeepExit`), after the ends of the two stages before the last by default (as the code's branches on
-      WRN-28-10, after its first and second of three groups). The code's WRN branches are hand-built variants
-      (the first branch's last group has half the blocks, the second branch's group twice the width); a copy of
-      the model's own stages is the model-agnostic construction.
+      head (`components.deep_branch.DeepBranch`), after the ends of the two stages before the last by default (as
+      the code's branches on WRN-28-10, after its first and second of three groups). The code's WRN branches are
+      hand-built variants (the first branch's last group has half the blocks, the second branch's group twice the
+      width); a copy of the model's own stages is the model-agnostic construction.
 
     With mixup/CutMix (the paper and code have none) every cross-entropy takes the mixed soft targets through the
     criterion, and the synergy matches the classifiers' predictions on the mixed image; with --bce-loss the
@@ -118,12 +121,10 @@ class DKSTask(ExitsTask):
 
     def wrap_model(self, model: nn.Module) -> MultiExitModule:
         indices = exit_indices(model, self.hparams.indices, method='dks', default_exits=DEFAULT_BRANCHES)
-        name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+        name = model_name(model)
         if not getattr(model, 'num_classes', 0):
             raise ValueError(f'dks needs a model with a classifier, and {name} has none')
-        reference = DeepExit.reference_copy(model)
-        branches = nn.ModuleList([DeepExit.build(model, i, 'dks', reference) for i in indices])
-        del reference
+        branches = nn.ModuleList(deep_branches(model, indices, 'dks'))
         trained = sum(p.numel() for p in branches.parameters() if p.requires_grad)
         _logger.info(f'dks: deep branches after forward_intermediates() levels {indices} of {name} '
                      f'({", ".join(b.module_name for b in branches)}; {trained / 1e6:.2f}M training-only parameters)')

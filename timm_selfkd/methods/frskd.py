@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.utils import unwrap_model
 
 from timm_selfkd.components.bifpn import BiFPN
+from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
 from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask, check_range
 from timm_selfkd.registry import register_method
@@ -23,12 +24,7 @@ DEFAULT_LEVELS = 4  # the official code's self-teacher reads all four stages of 
 
 
 def _parse_indices(text: str) -> Tuple[int, ...]:
-    try:
-        indices = tuple(int(item) for item in text.split(',')) if text.strip() else ()
-    except ValueError:
-        raise ValueError(f'frskd indices must be comma-separated integers (e.g. 1,2,3,4), got {text!r}') from None
-    if len(set(indices)) != len(indices):
-        raise ValueError(f'frskd indices must be distinct, got {text!r}')
+    indices = parse_levels(text, 'frskd', '1,2,3,4')
     if len(indices) == 1:
         raise ValueError(f'frskd indices: the self-teacher needs at least two levels, got {text!r}')
     return indices
@@ -64,10 +60,6 @@ class FRSKDHparams:
         _parse_indices(self.indices)
 
 
-def _model_name(model: nn.Module) -> str:
-    return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-
-
 def teacher_levels(model: nn.Module, indices: str = '') -> List[int]:
     """The `forward_intermediates()` levels the self-teacher reads, finest first, checked against the model.
 
@@ -80,29 +72,11 @@ def teacher_levels(model: nn.Module, indices: str = '') -> List[int]:
         ValueError: The model has no `forward_intermediates`/`feature_info`, fewer than two levels, or an index
             outside its levels (the message names the valid range).
     """
-    name = _model_name(model)
-    feature_info = getattr(model, 'feature_info', None)
-    if not callable(getattr(model, 'forward_intermediates', None)) or not feature_info:
-        raise ValueError(f'frskd needs the stage outputs of timm\'s forward_intermediates(), and model {name} has '
-                         'no forward_intermediates()')
+    levels = choose_levels(model, 'frskd', _parse_indices(indices),
+                           lambda: default_levels(model, DEFAULT_LEVELS, with_last=True), with_last=True)
     if not callable(getattr(model, 'forward_head', None)):
-        raise ValueError(f'frskd needs forward_head() for the model\'s logits, and model {name} has none')
-    levels = len(feature_info)
-    if levels < 2:
-        raise ValueError(f'frskd: model {name} has a single forward_intermediates() level; the self-teacher needs '
-                         'two or more')
-    requested = _parse_indices(indices)
-    for index in requested:
-        if not 0 <= index <= levels - 1:
-            raise ValueError(f'frskd: level {index} does not exist for {name}: valid indices are 0-{levels - 1} '
-                             f'(its {levels} forward_intermediates() levels)')
-    if requested:
-        return sorted(requested)
-    reductions = [info['reduction'] for info in feature_info]
-    stage_ends = [i for i in range(levels - 1) if reductions[i + 1] != reductions[i]] + [levels - 1]
-    if len(stage_ends) >= 2:
-        return stage_ends[-DEFAULT_LEVELS:]
-    return sorted({max(round(levels * k / DEFAULT_LEVELS) - 1, 0) for k in range(1, DEFAULT_LEVELS + 1)})
+        raise ValueError(f'frskd needs forward_head() for the model\'s logits, and model {model_name(model)} has none')
+    return levels
 
 
 def attention_map(feature: torch.Tensor) -> torch.Tensor:
@@ -209,14 +183,14 @@ class FRSKDTask(SelfKDTask):
     def wrap_model(self, model: nn.Module) -> FRSKDModule:
         indices = teacher_levels(model, self.hparams.indices)
         if not getattr(model, 'num_classes', 0):
-            raise ValueError(f'frskd needs a model with a classifier, and {_model_name(model)} has none')
+            raise ValueError(f'frskd needs a model with a classifier, and {model_name(model)} has none')
         in_chs = [model.feature_info[i]['num_chs'] for i in indices]
         reference = next(model.parameters())
         teacher = BiFPN(in_chs, model.num_classes, self.hparams.width, self.hparams.depth).to(
             device=reference.device, dtype=reference.dtype)
         if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        _logger.info(f'frskd: self-teacher on forward_intermediates() levels {indices} of {_model_name(model)} '
+        _logger.info(f'frskd: self-teacher on forward_intermediates() levels {indices} of {model_name(model)} '
                      f'({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M training-only parameters)')
         return FRSKDModule(model, indices, teacher)
 

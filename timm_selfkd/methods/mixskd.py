@@ -3,7 +3,7 @@ Image Recognition, ECCV 2022; official code: winycg/Self-KD-Lib, `main_mixskd_im
 `main_mixskd_cifar.py`, `models/resnet_mixskd.py`, `models/resnet_imagenet_mixskd.py`, `methods/adversarial.py`)."""
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from timm.data.mixup import mixup_target
 from timm.utils import unwrap_model
 
+from timm_selfkd.components.deep_branch import DeepBranch, LevelCapture, branch_no_weight_decay, deep_branches
+from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
 from timm_selfkd.components.replayed_mixup import NO_BOX, MixParams, RowMix, SharedMix, mix_block, mix_target
-from timm_selfkd.components.stage_tails import (LevelCapture, channels_last_maps, default_levels, level_paths,
-                                                pool_map, stage_tails)
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
 
@@ -25,16 +25,8 @@ __all__ = ['MixSKDHparams', 'MixSKDModule', 'MixSKDTask', 'SelfTeacher', 'Discri
 _logger = logging.getLogger(__name__)
 
 DISCRIMINATOR_WIDTH = 128  # the official Discriminator: Linear(C, 128) - ReLU - Linear(128, 2)
-
-
-def _parse_indices(text: str) -> List[int]:
-    try:
-        indices = [int(item) for item in text.split(',')] if text.strip() else []
-    except ValueError:
-        raise ValueError(f'mixskd indices must be comma-separated integers (e.g. 1,2,3), got {text!r}') from None
-    if len(set(indices)) != len(indices):
-        raise ValueError(f'mixskd indices must be distinct, got {text!r}')
-    return sorted(indices)
+DEFAULT_BRANCHES = 3  # the official ResNets' branches after layer1-3
+INDICES_EXAMPLE = '1,2,3'
 
 
 @dataclass
@@ -57,9 +49,9 @@ class MixSKDHparams:
         'help': 'weight of the CE on the mixed images of every classifier and of the self-teacher (official '
                 'ImageNet script 1; the CIFAR script computes it and never adds it, i.e. 0)'})
     indices: str = field(default='', metadata={
-        'help': 'forward_intermediates() levels that get an auxiliary branch (copies of the later stages), '
-                'comma-separated; default: the three stage ends before the last (ResNet: after layer1-3 as the '
-                'official code; ViT-like models: blocks at 1/4, 1/2, 3/4 depth)'})
+        'help': 'forward_intermediates() levels that get an auxiliary branch (a fresh copy of the later stages '
+                'and the head), comma-separated; default: the three stage ends before the last (ResNet: after '
+                'layer1-3 as the official code; ViT-like models: blocks at 1/4, 1/2, 3/4 depth)'})
 
     def __post_init__(self):
         check_range('mixskd', 'alpha', self.alpha, 1e-6)
@@ -68,7 +60,7 @@ class MixSKDHparams:
         check_range('mixskd', 'feature_weight', self.feature_weight, 0.)
         check_range('mixskd', 'adv_weight', self.adv_weight, 0.)
         check_range('mixskd', 'mix_ce_weight', self.mix_ce_weight, 0.)
-        _parse_indices(self.indices)
+        parse_levels(self.indices, 'mixskd', INDICES_EXAMPLE)
 
 
 class _GradReverse(torch.autograd.Function):
@@ -115,42 +107,55 @@ class SelfTeacher(nn.Module):
         return self.fc(self.fuse(torch.cat([p.float() for p in pooled], dim=1)))
 
 
+def _pool(feature_map: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Global average of a final map: (B, C, H, W) -> (B, C), (B, H, W, C) with `channels_last` -> (B, C),
+    tokens (B, N, C) -> (B, C) (class and other prefix tokens included), (B, C) as is."""
+    if feature_map.ndim == 4:
+        return feature_map.mean(dim=(1, 2) if channels_last else (2, 3))
+    if feature_map.ndim == 3:
+        return feature_map.mean(dim=1)
+    return feature_map
+
+
 class MixSKDModule(ModelWrapper):
     """A timm model with MixSKD's training-only parts; one forward pass over `[originals; mixed images]`.
 
-    `aux` holds them: `tails[i]` (copies of the stages after level `indices[i]`, `stage_tails`) and
-    `heads[i]` (pooled map -> fc) are the auxiliary branches; `teacher` is the `SelfTeacher`; `discriminators`
-    one `Discriminator` per classifier. The deployed model (`model`) stays the plain timm model.
+    `aux` holds them: `branches` (`DeepBranch`es, fresh copies of the stages after their levels and of the head,
+    the auxiliary classifiers), `teacher` (the `SelfTeacher`), `discriminators` (one `Discriminator` per
+    classifier). The deployed model (`model`) stays the plain timm model.
 
     `forward(input, lam, partner)` takes 2n rows (n originals, then their n mixed images, image i mixed with
     image `partner[i]` under `lam[i]`) and returns a dict of: `logits` (per classifier, branches first, the
-    backbone's own classifier last; (2n, K) each), `maps` (their final maps, 2n rows), `teacher_interp` and
-    `teacher_mixed` (the self-teacher on the interpolated maps `lam F_i + (1 - lam) F_partner(i)` of the
-    originals, and on the mixed images' maps; (n, K)), `disc_interp` and `disc_mixed` (each discriminator's
-    logits on the same pooled maps, behind a gradient reversal, in float32; (n, 2) each).
+    backbone's own classifier last; (2n, K) each), `maps` (their final maps, `forward_features`' output, 2n rows),
+    `teacher_interp` and `teacher_mixed` (the self-teacher on the interpolated pooled maps
+    `lam F_i + (1 - lam) F_partner(i)` of the originals, and on the mixed images' maps; (n, K)), `disc_interp` and
+    `disc_mixed` (each discriminator's logits on the same pooled maps, behind a gradient reversal, in float32;
+    (n, 2) each).
     """
 
-    def __init__(self, model: nn.Module, indices: Sequence[int], tails: Sequence[nn.Module], num_classes: int):
+    def __init__(self, model: nn.Module, branches: Sequence[DeepBranch], num_classes: int):
         super().__init__(model)
-        self.indices = list(indices)
-        self.paths = [level_paths(model)[i] for i in self.indices]
-        self.channels_last = channels_last_maps(model)
+        self.indices = [branch.level for branch in branches]
+        self.channels_last = getattr(model, 'output_fmt', 'NCHW') == 'NHWC'  # e.g. Swin's maps
         channels = model.num_features
-        classifiers = len(self.indices) + 1
+        classifiers = len(branches) + 1
         self.aux = nn.ModuleDict(dict(
-            tails=nn.ModuleList(tails),
-            heads=nn.ModuleList([nn.Linear(channels, num_classes) for _ in self.indices]),
+            branches=nn.ModuleList(branches),
             teacher=SelfTeacher(channels, classifiers, num_classes),
             discriminators=nn.ModuleList([Discriminator(channels) for _ in range(classifiers)])))
 
+    def no_weight_decay(self):
+        return super().no_weight_decay() | branch_no_weight_decay(self)
+
     def forward(self, input: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> Dict[str, Any]:
         n = partner.shape[0]
-        with LevelCapture(self.model, self.paths) as capture:
+        with LevelCapture(self.model, [branch.module_name for branch in self.aux.branches]) as capture:
             final = self.model.forward_features(input)
             levels = capture.outputs
-        maps = [tail(x) for tail, x in zip(self.aux.tails, levels)] + [final]
-        pooled = [pool_map(m, self.channels_last) for m in maps]
-        logits = [head(p) for head, p in zip(self.aux.heads, pooled)] + [self.model.forward_head(final)]
+        branch_outputs = [branch(x) for branch, x in zip(self.aux.branches, levels)]
+        logits = [z for z, _ in branch_outputs] + [self.model.forward_head(final)]
+        maps = [m for _, m in branch_outputs] + [final]
+        pooled = [_pool(m, self.channels_last) for m in maps]
         with float32_region(input):
             weight = lam.float()[:, None]
             interp = [weight * p[:n].float() + (1 - weight) * p[partner].float() for p in pooled]
@@ -229,10 +234,6 @@ def mixskd_loss(
     return terms
 
 
-def _model_name(model: nn.Module) -> str:
-    return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-
-
 @register_method('mixskd', hparams=MixSKDHparams, paper='Yang et al., MixSKD: Self-Knowledge Distillation from Mixup '
                                                         'for Image Recognition, ECCV 2022')
 class MixSKDTask(SelfKDTask):
@@ -240,8 +241,8 @@ class MixSKDTask(SelfKDTask):
 
     Every step trains on `[x; x~]`, the n originals and their mixed images `x~_i = lam x_i + (1 - lam) x_j`, in one
     forward pass (BatchNorm sees both, as in the official code), through the backbone, auxiliary branches on
-    three stage outputs (copies of the remaining stages with their own classifier, as the official ResNets'
-    `block_extractor`s and `fc1-3`) and a self-teacher over all classifiers' final maps. The terms
+    three stage outputs (fresh copies of the remaining stages and the head, as the official ResNets' separately
+    initialised `block_extractor`s and `fc1-3`) and a self-teacher over all classifiers' final maps. The terms
     (`mixskd_loss`): CE of every classifier on the originals; CE on the mixed images (every classifier and the
     self-teacher); KL from the self-teacher to the backbone and, per branch, mutually between the interpolated
     logits `lam z(x_i) + (1 - lam) z(x_j)` and the mixed image's logits; MSE between interpolated and mixed
@@ -259,13 +260,14 @@ class MixSKDTask(SelfKDTask):
       modules (trained, saved, resumed), minimise their BCE, and the network receives its negated gradient
       (gradient reversal): the min-max game in one backward pass.
 
-    Other choices (the official code is ResNet-only): branches on any timm model with `forward_intermediates`
-    (`components.stage_tails`: the modules after a level run in order, checked on a test input; copies start
-    from the model's weights where the official ones are fresh); the final maps are `forward_features`' output
-    (EfficientNet after `conv_head`, ViT/Swin after `norm`, tokens pooled by their mean); the self-teacher pools
-    before its 1x1 convolution (the same function); the partner of image i is image n-1-i (timm's pairing; the
-    official code draws a random permutation: the same on shuffled batches), drawn lambda from NumPy's generator
-    that the loop seeds every step, so a resumed run is bit-identical.
+    Other choices (the official code is ResNet-only): branches on any timm model whose forward from the level is a
+    chain of modules (`components.deep_branch`, the deep branches DKS uses; the branch's classifier is the copied
+    head, the official `avg_pool` and `fc1-3` on ResNets); the final maps are `forward_features`' output
+    (EfficientNet after `conv_head`, ViT/Swin after `norm`; the self-teacher and the discriminators pool them by
+    their mean, tokens included); the self-teacher pools before its 1x1 convolution (the same function); the
+    partner of image i is image n-1-i (timm's pairing; the official code draws a random permutation: the same on
+    shuffled batches), drawn lambda from NumPy's generator that the loop seeds every step, so a resumed run is
+    bit-identical.
 
     Mixup/CutMix: without --mixup/--cutmix the task mixes with its own mixup, `lam ~ Beta(alpha, alpha)` one per
     step (the paper's and official code's). With them, timm's batch-form `Mixup` (`run.mixup`) replaces that draw:
@@ -290,31 +292,20 @@ class MixSKDTask(SelfKDTask):
         self.mixer = SharedMix(run.mixup, 'MixSKD\'s mixed images') if run.mixup is not None else None
 
     def wrap_model(self, model: nn.Module) -> MixSKDModule:
-        name = _model_name(model)
-        if not callable(getattr(model, 'forward_intermediates', None)) or not getattr(model, 'feature_info', None):
-            raise ValueError(f'mixskd needs the stage outputs of timm\'s forward_intermediates(), and model {name} has '
-                             'no forward_intermediates()')
+        name = model_name(model)
+        indices = choose_levels(model, 'mixskd', parse_levels(self.hparams.indices, 'mixskd', INDICES_EXAMPLE),
+                                lambda: default_levels(model, DEFAULT_BRANCHES), noun='branch index')
         if not has_pooled_features(model):
             raise ValueError(f'mixskd needs forward_features/forward_head, and model {name} has none')
         if not getattr(model, 'num_classes', 0):
             raise ValueError(f'mixskd needs a model with a classifier, and {name} has none')
-        levels = len(model.feature_info)
-        if levels < 2:
-            raise ValueError(f'mixskd: model {name} has a single forward_intermediates() level, no room for branches')
-        indices = _parse_indices(self.hparams.indices) or default_levels(model)
-        for index in indices:
-            if not 0 <= index <= levels - 2:
-                raise ValueError(f'mixskd: branch index {index} does not exist for {name}: valid indices are '
-                                 f'0-{levels - 2} (of its {levels} forward_intermediates() levels; the last is the '
-                                 'backbone\'s own)')
-        tails = stage_tails(model, indices, what='mixskd')
         reference = next(model.parameters())
-        module = MixSKDModule(model, indices, tails, model.num_classes)
+        branches = deep_branches(model, indices, 'mixskd')
+        module = MixSKDModule(model, branches, model.num_classes)
         module.aux.to(device=reference.device, dtype=reference.dtype)
-        if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-            module.aux = nn.SyncBatchNorm.convert_sync_batchnorm(module.aux)
         _logger.info(f'mixskd: branches on forward_intermediates() levels {indices} of {name} '
-                     f'({sum(p.numel() for p in module.aux.parameters()) / 1e6:.2f}M training-only parameters)')
+                     f'({sum(p.numel() for p in module.aux.parameters() if p.requires_grad) / 1e6:.2f}M '
+                     'training-only parameters)')
         return module
 
     def _mix(self, input: torch.Tensor, target: torch.Tensor):

@@ -4,10 +4,10 @@ Distillation with Mutual Learning, sec. 3.1, eq. 2-3, after Zhang et al., Be You
 Kim et al., PS-KD, ICCV 2021).
 
 The exits machinery is shared with the methods whose exits are deep (`dks`): an exit is either BYOT's light
-`Exit` (on a `forward_intermediates()` output) or a `DeepExit`, a fresh copy of the model's remaining stages,
-norm and head (on the raw output of the level's module); `MultiExitModule` runs both kinds from one pass of the
-model, and `ExitsTask` gives their tasks validation (`MultiExitEvaluator`) and task state."""
-import copy
+`Exit` (on a `forward_intermediates()` output) or a deep branch (`components.deep_branch.DeepBranch`, a fresh copy
+of the model's remaining stages, norm and head, on the raw output of the level's module); `MultiExitModule` runs
+both kinds from one pass of the model, and `ExitsTask` gives their tasks validation (`MultiExitEvaluator`) and task
+state."""
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,31 +16,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.models import checkpoint_seq
 from timm.utils import unwrap_model
 
+from timm_selfkd.components.deep_branch import DeepBranch, LevelCapture, branch_no_weight_decay
+from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits, soft_target_ce
 from timm_selfkd.components.progressive_targets import BCE_REFUSAL, RUN_FACTS, ProgressiveTargets
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
 
-__all__ = ['MultiExitHparams', 'Exit', 'DeepExit', 'MultiExitModule', 'MultiExitEvaluator', 'ExitsTask',
-           'MultiExitTask', 'exit_indices', 'parse_indices', 'multi_exit_loss']
+__all__ = ['MultiExitHparams', 'Exit', 'MultiExitModule', 'MultiExitEvaluator', 'ExitsTask', 'MultiExitTask',
+           'exit_indices', 'multi_exit_loss']
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_EXITS = 3  # BYOT and seed 4 table 2: three exits plus the model's own classifier
-
-
-def parse_indices(text: str, method: str = 'multi_exit') -> Tuple[int, ...]:
-    """The levels of an `indices` hyper-parameter ('2,5,8'); a ValueError naming `method` if malformed."""
-    try:
-        indices = tuple(int(item) for item in text.split(',')) if text.strip() else ()
-    except ValueError:
-        raise ValueError(f'{method} indices must be comma-separated integers (e.g. 2,5,8), got {text!r}') from None
-    if len(set(indices)) != len(indices):
-        raise ValueError(f'{method} indices must be distinct, got {text!r}')
-    return indices
+INDICES_EXAMPLE = '2,5,8'
 
 
 @dataclass
@@ -77,22 +68,17 @@ class MultiExitHparams:
         check_range('multi_exit', 'pskd_topk', self.pskd_topk, 0)
         if not (self.byot or self.dmfl or self.pskd):
             raise ValueError('multi_exit needs byot or dmfl or pskd (or several); without them it is plain training')
-        parse_indices(self.indices)
-
-
-def _model_name(model: nn.Module) -> str:
-    return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+        parse_levels(self.indices, 'multi_exit', INDICES_EXAMPLE)
 
 
 def exit_indices(model: nn.Module, indices: str = '', method: str = 'multi_exit',
                  default_exits: int = DEFAULT_EXITS) -> List[int]:
-    """The `forward_intermediates()` levels that get an exit, checked against the model.
+    """The `forward_intermediates()` levels that get an exit, checked against the model (`choose_levels`).
 
-    Levels are the model's `feature_info` entries; the last one feeds the model's own classifier (the
-    deepest exit, N) and gets no auxiliary exit. By default: the ends of the `default_exits` stages before the
-    last (levels followed by a change of resolution), or, for models whose levels all share one resolution (ViT,
-    MLP-Mixer, ...), the blocks at 1/(n+1), ..., n/(n+1) of the depth for n = `default_exits` (1/4, 1/2, 3/4 for
-    three exits).
+    The last level feeds the model's own classifier (the deepest exit, N) and gets no auxiliary exit. By default:
+    the ends of the `default_exits` stages before the last, or, for models whose levels all share one resolution
+    (ViT, MLP-Mixer, ...), the blocks at 1/(n+1), ..., n/(n+1) of the depth for n = `default_exits` (1/4, 1/2, 3/4
+    for three exits).
 
     Args:
         model: A timm model.
@@ -101,38 +87,20 @@ def exit_indices(model: nn.Module, indices: str = '', method: str = 'multi_exit'
         default_exits: Number of exits by default.
 
     Raises:
-        ValueError: The model has no `forward_intermediates`, or an index does not exist (the message names the
-            valid range).
+        ValueError: The model has no `forward_intermediates` or no `forward_head(pre_logits=True)`, or an index does
+            not exist (the message names the valid range).
     """
-    name = _model_name(model)
-    feature_info = getattr(model, 'feature_info', None)
-    if not callable(getattr(model, 'forward_intermediates', None)) or not feature_info:
-        raise ValueError(f'{method} needs the stage outputs of timm\'s forward_intermediates(), and model {name} '
-                         'has no forward_intermediates()')
+    levels = choose_levels(model, method, parse_levels(indices, method, INDICES_EXAMPLE),
+                           lambda: default_levels(model, default_exits), noun='exit index')
     if not has_pooled_features(model):
-        raise ValueError(f'{method} needs forward_head(pre_logits=True) for the deepest feature, and model {name} '
-                         'has none')
-    levels = len(feature_info)
-    if levels < 2:
-        raise ValueError(f'{method}: model {name} has a single forward_intermediates() level, no room for exits')
-    requested = parse_indices(indices, method)
-    for index in requested:
-        if not 0 <= index <= levels - 2:
-            raise ValueError(f'{method}: exit index {index} does not exist for {name}: valid indices are '
-                             f'0-{levels - 2} (of its {levels} forward_intermediates() levels, the last feeds the '
-                             'model\'s own classifier)')
-    if requested:
-        return sorted(requested)
-    reductions = [info['reduction'] for info in feature_info]
-    stage_ends = [i for i in range(levels - 1) if reductions[i + 1] != reductions[i]]
-    if stage_ends:
-        return stage_ends[-default_exits:]
-    return sorted({max(round(levels * k / (default_exits + 1)) - 1, 0) for k in range(1, default_exits + 1)})
+        raise ValueError(f'{method} needs forward_head(pre_logits=True) for the deepest feature, and model '
+                         f'{model_name(model)} has none')
+    return levels
 
 
 class Exit(nn.Module):
     """A light auxiliary classifier on a stage output (BYOT; seed 4 sec. 3.1): bottleneck -> pooled feature -> fc.
-    (`DeepExit` is the deep kind: a copy of the model's remaining stages.)
+    (`components.deep_branch.DeepBranch` is the deep kind: a copy of the model's remaining stages.)
 
     The bottleneck is a 1x1 convolution with BatchNorm and ReLU at the stage's width; after global average
     pooling a linear map gives the exit's feature `F_i` the size of the deepest classifier's pooled feature
@@ -162,207 +130,17 @@ class Exit(nn.Module):
         return self.fc(feature.detach() if self.detach_classifier else feature), feature
 
 
-def _probe_inputs(model: nn.Module) -> List[torch.Tensor]:
-    """Probe batches of two seeded images (drawn without touching the global RNG), float32 on the CPU, to try in
-    turn: at the size of the model's patch embedding where it has one (ViT, Swin, MLP-Mixer: fixed sizes); else
-    a small one (twice the largest reduction, at least 64 px: cheap) and the model's default input size (for CNNs
-    that need more, e.g. Inception)."""
-    size = next((m.img_size for m in model.modules()
-                 if hasattr(m, 'patch_size') and getattr(m, 'img_size', None) is not None), None)
-    if size is not None:
-        sizes = [(size, size) if isinstance(size, int) else tuple(size)]
-    else:
-        side = max(64, 2 * max(info['reduction'] for info in model.feature_info))
-        sizes = [(side, side), tuple(getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224)))[1:]]
-    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
-    return [torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0)) for size in sizes]
-
-
-def _run_probe(reference: nn.Module, captured: list) -> torch.Tensor:
-    """The reference's logits on the first probe batch it accepts (`captured`, filled by a hook, is emptied before
-    each try)."""
-    *smaller, last = _probe_inputs(reference)
-    for probe in smaller:
-        captured.clear()
-        try:
-            return reference(probe)
-        except Exception:  # noqa: BLE001  too small for this model: the next size
-            pass
-    captured.clear()
-    return reference(last)
-
-
-def _cut_before(branch: nn.Module, module_name: str) -> None:
-    """Replace by `nn.Identity` every module of `branch` that runs before `module_name` (a dotted path), and that
-    module: at each depth of the path, the children registered before it (the stem, the earlier stages and
-    blocks), so that the copy's forward starts from the module's output."""
-    parent, parts = branch, module_name.split('.')
-    for depth, part in enumerate(parts):
-        names = [name for name, _ in parent.named_children()]
-        if part not in names:
-            raise ValueError(f'no module {module_name}')
-        last = depth == len(parts) - 1
-        for name in names[:names.index(part) + last]:
-            setattr(parent, name, nn.Identity())
-        if not last:
-            parent = getattr(parent, part)
-
-
-class DeepExit(ModelWrapper):
-    """A deep auxiliary branch (DKS; Sun et al., Deeply-supervised Knowledge Synergy, CVPR 2019, sec. 3): a
-    fresh, independently initialised copy of the model's stages after a `forward_intermediates()` level, with the
-    model's final norm, pooling and classifier, on the raw output of that level's module.
-
-    `DeepExit.build(model, level)` deep-copies the model, cuts it before the level (`nn.Identity` in place of the
-    stem and of every stage or block up to the level's module, `feature_info[level]['module']`), and runs the
-    rest as the model does: `forward_head(forward_features(x))` where the model's forward is a chain of modules
-    (ResNet layer{i+1}..layer4; EfficientNet and MobileNet blocks[i+1:], conv_head, bn2; ConvNeXt, RegNet, Swin
-    stages[i+1:] and their norm), and `forward_head(norm(blocks(x)))` on the token sequence (prefix tokens
-    included) for ViT-like models (those with `_pos_embed`, whose embedding step is no module). The cut copy is
-    checked before it is re-initialised: on two probe images its output from the captured level output must equal
-    the model's own logits, else the family is refused in one line (a forward that is no chain of modules from
-    that level, e.g. blocks that take rotary embeddings or masks). Parameters that the cut copy never uses (ViT's
-    position embedding and class token) are frozen (no gradient, so DDP and the optimizer skip them).
-
-    Re-initialisation: every module's `reset_parameters()` (PyTorch's defaults), then the model family's own
-    initialisation where timm exposes one (`init_weights()`: ResNet, ViT, Swin, ...; `efficientnet_init_weights`:
-    EfficientNet, MobileNetV3). Parameters neither re-draws (e.g. layer-scale constants, Swin's relative position
-    tables) keep the values the model had when the branch was built (their initial values in a run from scratch).
-
-    Args:
-        branch: The cut copy of the model.
-        level: Its `forward_intermediates()` level.
-        module_name: The module whose output the branch takes (`feature_info[level]['module']`).
-        tokens: Run `blocks`, `norm` and the head (ViT-like models) rather than `forward_features`.
-    """
-
-    def __init__(self, branch: nn.Module, level: int, module_name: str, tokens: bool = False):
-        super().__init__(branch)
-        self.level = level
-        self.module_name = module_name
-        self.tokens = tokens
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.tokens:
-            return self.model.forward_features(x)
-        if getattr(self.model, 'grad_checkpointing', False) and torch.is_grad_enabled():
-            x = checkpoint_seq(self.model.blocks, x)
-        else:
-            x = self.model.blocks(x)
-        return self.model.norm(x)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns `(logits, pooled pre-logit feature)` of the level module's output."""
-        return self.logits_and_features(self.forward_features(x))
-
-    @staticmethod
-    def reference_copy(model: nn.Module) -> nn.Module:
-        """A float32 CPU copy of the model, against which `build` checks its branches (on the CPU the copy run from
-        a level repeats the model's own arithmetic, so the check can ask for bit-identical logits)."""
-        return copy.deepcopy(model).to(device='cpu', dtype=torch.float32)
-
-    @classmethod
-    def build(cls, model: nn.Module, level: int, method: str = 'dks',
-              reference: Optional[nn.Module] = None) -> 'DeepExit':
-        """A checked, re-initialised deep branch after `level` of `model`, on the model's device and dtype (see
-        the class docstring).
-
-        Args:
-            model: The timm model.
-            level: The `forward_intermediates()` level.
-            method: The method named in the error message.
-            reference: `reference_copy(model)`, to share between the levels (made here if None).
-
-        Raises:
-            ValueError: (one line, naming `method`, the level and the model) the model cannot be run from that level.
-        """
-        reference = cls.reference_copy(model) if reference is None else reference
-        module_name = model.feature_info[level]['module']
-        where = (f'{method}: no deep branch after forward_intermediates() level {level} ({module_name}) of '
-                 f'{_model_name(model)}')
-        try:
-            level_module = reference.get_submodule(module_name)
-            branch = copy.deepcopy(reference)
-            _cut_before(branch, module_name)
-        except (AttributeError, ValueError) as e:
-            raise ValueError(f'{where}: {e}') from None
-        tokens = callable(getattr(model, '_pos_embed', None)) and module_name.startswith('blocks.')
-        deep_exit = cls(branch, level, module_name, tokens)
-        captured = deep_exit._check(reference, level_module, where)
-        deep_exit._freeze_unused(captured)
-        deep_exit._reinitialise()
-        param = next(model.parameters())
-        return deep_exit.to(device=param.device, dtype=param.dtype)
-
-    @torch.no_grad()
-    def _check(self, reference: nn.Module, level_module: nn.Module, where: str) -> torch.Tensor:
-        """Run the reference copy on probe images and the branch (still holding the model's weights) on the
-        captured output of the level module, both in eval mode on the CPU; the logits must be bit-identical (a
-        step the cut left out, e.g. a position embedding added to the tokens, can change a freshly initialised
-        model's logits by less than any tolerance). Returns the captured output."""
-        captured = []
-        handle = level_module.register_forward_hook(lambda module, args, output: captured.append(output))
-        reference.eval(), self.eval()
-        try:
-            expected = _run_probe(reference, captured)
-            if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
-                raise ValueError(f'{type(level_module).__name__} gives no single tensor')
-            got = self(captured[0])[0]
-            if got.shape != expected.shape:
-                raise ValueError(f'logits of shape {tuple(got.shape)} instead of {tuple(expected.shape)}')
-            if not torch.equal(got, expected):
-                raise ValueError(f'its logits differ from the model\'s by up to {(got - expected).abs().max():.3g}')
-        except Exception as e:  # noqa: BLE001  any failure of the cut copy means no branch: one line
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f'{where}: a copy of the model run from that module does not reproduce the model '
-                             f'(its forward is not a chain of modules from there: {reason})') from None
-        finally:
-            handle.remove()
-            self.train()
-        return captured[0]
-
-    def _freeze_unused(self, captured: torch.Tensor) -> None:
-        """Take the gradient off the copy's parameters that the branch does not use (found by one backward pass on
-        the probe in eval mode), e.g. ViT's position embedding and class token."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        training = self.training
-        self.eval()
-        try:
-            with torch.enable_grad():
-                logits = self(captured.detach())[0]
-                grads = torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
-        finally:
-            self.train(training)
-        for param, grad in zip(params, grads):
-            if grad is None:
-                param.requires_grad_(False)
-
-    @torch.no_grad()
-    def _reinitialise(self) -> None:
-        """Fresh weights, independent of the model's: every module's `reset_parameters()`, then the family's init."""
-        from timm.models import EfficientNet, MobileNetV3
-        from timm.models._efficientnet_builder import efficientnet_init_weights
-        for module in self.model.modules():
-            reset = getattr(module, 'reset_parameters', None)
-            if callable(reset):
-                reset()
-        if isinstance(self.model, (EfficientNet, MobileNetV3)):
-            efficientnet_init_weights(self.model)
-        elif callable(getattr(self.model, 'init_weights', None)):
-            self.model.init_weights()
-
-
 class MultiExitModule(ModelWrapper):
     """A timm model with auxiliary exits on some `forward_intermediates()` levels; one pass gives all outputs.
 
     `forward` returns `(logits, features, exit_logits, exit_features)`: the model's logits and pooled
-    pre-logit features (`F_N`) and, per exit in depth order, its logits and feature `F_i`. The exits are
-    parameters of this module (trained, averaged by EMA) but not of the wrapped model, so the deployed
-    checkpoint stays the plain timm model.
+    pre-logit features (`F_N`) and, per exit in depth order, its logits and feature (a light exit's `F_i`, a deep
+    branch's final map). The exits are parameters of this module (trained, averaged by EMA) but not of the wrapped
+    model, so the deployed checkpoint stays the plain timm model.
 
-    Light exits (`Exit`) take the model's `forward_intermediates()` outputs (NCHW); deep exits (`DeepExit`) take
-    the raw output of their level's module, captured by a forward hook during the same pass (for ViT-like models
-    the token sequence, prefix tokens included). With deep exits only, the pass is `forward_features`.
+    Light exits (`Exit`) take the model's `forward_intermediates()` outputs (NCHW); deep branches (`DeepBranch`)
+    take the raw output of their level's module, captured during the same pass (`LevelCapture`; for ViT-like models
+    the token sequence, prefix tokens included). With deep branches only, the pass is `forward_features`.
     """
 
     def __init__(self, model: nn.Module, indices: Sequence[int], exits: nn.ModuleList):
@@ -371,31 +149,20 @@ class MultiExitModule(ModelWrapper):
         self.exits = exits
 
     def no_weight_decay(self):
-        names = super().no_weight_decay()
-        for j, exit_head in enumerate(self.exits):
-            if isinstance(exit_head, DeepExit):  # e.g. a copied Swin's relative position tables
-                names |= {f'exits.{j}.{name}' for name in exit_head.no_weight_decay()}
-        return names
+        return super().no_weight_decay() | branch_no_weight_decay(self)  # e.g. a copied Swin's position tables
 
     def _exit_inputs(self, input: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The final feature map and each exit's input, from one pass of the model."""
-        light = [i for i, exit_head in zip(self.indices, self.exits) if not isinstance(exit_head, DeepExit)]
-        captured, handles = {}, []
-        for j, exit_head in enumerate(self.exits):
-            if isinstance(exit_head, DeepExit):
-                store = lambda module, args, output, j=j: captured.__setitem__(j, output)
-                handles.append(self.model.get_submodule(exit_head.module_name).register_forward_hook(store))
-        try:
+        light = [i for i, exit_head in zip(self.indices, self.exits) if not isinstance(exit_head, DeepBranch)]
+        deep = [exit_head.module_name for exit_head in self.exits if isinstance(exit_head, DeepBranch)]
+        with LevelCapture(self.model, deep) as capture:
             if light:
                 final, intermediates = self.model.forward_intermediates(input, indices=light)
             else:
                 final, intermediates = self.model.forward_features(input), []
-        finally:
-            for handle in handles:
-                handle.remove()
+            raw = iter(capture.outputs)
         intermediates = iter(intermediates)
-        return final, [captured[j] if isinstance(exit_head, DeepExit) else next(intermediates)
-                       for j, exit_head in enumerate(self.exits)]
+        return final, [next(raw if isinstance(exit_head, DeepBranch) else intermediates) for exit_head in self.exits]
 
     def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
         final, exit_inputs = self._exit_inputs(input)
@@ -623,7 +390,7 @@ class MultiExitTask(ExitsTask):
     def wrap_model(self, model: nn.Module) -> MultiExitModule:
         indices = exit_indices(model, self.hparams.indices)
         if not getattr(model, 'num_classes', 0):
-            raise ValueError(f'multi_exit needs a model with a classifier, and {_model_name(model)} has none')
+            raise ValueError(f'multi_exit needs a model with a classifier, and {model_name(model)} has none')
         feature_dim = getattr(model, 'head_hidden_size', None) or model.num_features
         reference = next(model.parameters())
         exits = nn.ModuleList([
@@ -632,7 +399,7 @@ class MultiExitTask(ExitsTask):
             for i in indices]).to(device=reference.device, dtype=reference.dtype)
         if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
             exits = nn.SyncBatchNorm.convert_sync_batchnorm(exits)
-        _logger.info(f'multi_exit: exits on forward_intermediates() levels {indices} of {_model_name(model)} '
+        _logger.info(f'multi_exit: exits on forward_intermediates() levels {indices} of {model_name(model)} '
                      f'({sum(p.numel() for p in exits.parameters()) / 1e6:.2f}M training-only parameters)')
         return MultiExitModule(model, indices, exits)
 

@@ -8,13 +8,14 @@ out below (`uskd_loss`) as the official code computes them, which the tests chec
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import unwrap_model
 
+from timm_selfkd.components.feature_levels import choose_levels, model_name, stage_ends
 from timm_selfkd.components.losses import float32_region, known_label_smoothing, mixed_label_weights
 from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask, check_range
 from timm_selfkd.registry import register_method
@@ -55,10 +56,6 @@ class USKDHparams:
         check_range('uskd', 'level', self.level, -1)
 
 
-def _model_name(model: nn.Module) -> str:
-    return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-
-
 def uskd_level(model: nn.Module, level: int = -1) -> int:
     """The `forward_intermediates()` level whose output feeds the weak head, checked against the model.
 
@@ -71,25 +68,15 @@ def uskd_level(model: nn.Module, level: int = -1) -> int:
         ValueError: The model has no `forward_intermediates`/`feature_info`, or `level` does not exist (the message
             names the valid range).
     """
-    name = _model_name(model)
-    feature_info = getattr(model, 'feature_info', None)
-    if not callable(getattr(model, 'forward_intermediates', None)) or not feature_info:
-        raise ValueError(f'uskd needs an intermediate feature from timm\'s forward_intermediates() for its weak head, '
-                         f'and model {name} has no forward_intermediates()')
+    def last_stage_end_or_half_depth() -> List[int]:
+        ends = stage_ends(model)
+        return [ends[-1] if ends else max(len(model.feature_info) // 2 - 1, 0)]
+
+    chosen, = choose_levels(model, 'uskd', [level] if level >= 0 else [], last_stage_end_or_half_depth)
     if not callable(getattr(model, 'forward_head', None)):
-        raise ValueError(f'uskd needs forward_head() for the logits after forward_intermediates(), and model {name} '
-                         'has none')
-    levels = len(feature_info)
-    if levels < 2:
-        raise ValueError(f'uskd: model {name} has a single forward_intermediates() level, none before its classifier')
-    if level >= 0:
-        if level > levels - 2:
-            raise ValueError(f'uskd: level {level} does not exist for {name}: valid levels are 0-{levels - 2} (of its '
-                             f'{levels} forward_intermediates() levels, the last feeds the model\'s own classifier)')
-        return level
-    reductions = [info['reduction'] for info in feature_info]
-    stage_ends = [i for i in range(levels - 1) if reductions[i + 1] != reductions[i]]
-    return stage_ends[-1] if stage_ends else max(levels // 2 - 1, 0)
+        raise ValueError(f'uskd needs forward_head() for the logits after forward_intermediates(), and model '
+                         f'{model_name(model)} has none')
+    return chosen
 
 
 class WeakHead(nn.Module):
@@ -268,12 +255,12 @@ class USKDTask(SelfKDTask):
         level = uskd_level(model, self.hparams.level)
         num_classes = getattr(model, 'num_classes', 0)
         if not num_classes:
-            raise ValueError(f'uskd needs a model with a classifier, and {_model_name(model)} has none')
+            raise ValueError(f'uskd needs a model with a classifier, and {model_name(model)} has none')
         token = _uses_class_token(model)
         reference = next(model.parameters())
         head = WeakHead(model.feature_info[level]['num_chs'], num_classes, norm=self.hparams.weak_norm, token=token)
         head = head.to(device=reference.device, dtype=reference.dtype)
-        _logger.info(f'uskd: weak head on forward_intermediates() level {level} of {_model_name(model)} '
+        _logger.info(f'uskd: weak head on forward_intermediates() level {level} of {model_name(model)} '
                      f'({"class token" if token else "pooled map"}, '
                      f'{sum(p.numel() for p in head.parameters()) / 1e6:.2f}M training-only parameters)')
         return USKDModule(model, level, head)
