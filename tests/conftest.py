@@ -95,6 +95,20 @@ def restored_task(method, state, ema_state, seed=1):
     return task
 
 
+def runs_without_and_with_checkpointing(method, step):
+    """`step(task)` for a `method` task on a seeded test_resnet without, then with timm's gradient checkpointing, set
+    before the task wraps the model (as train.py does)."""
+    import timm
+    import timm_selfkd
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model('test_resnet', num_classes=NUM_CLASSES)
+        model.set_grad_checkpointing(checkpointing)
+        results.append(step(timm_selfkd.create_task(method, model).train()))
+    return results
+
+
 def log_softmax_row(row, temperature=1.0):
     """log softmax(row / T) of a list of floats, in plain math."""
     scaled = [v / temperature for v in row]

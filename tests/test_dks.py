@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_selfkd
-from conftest import hand_ce, hand_kd, restored_task, small_model, train_steps
+from conftest import hand_ce, hand_kd, restored_task, runs_without_and_with_checkpointing, small_model, train_steps
 from timm_selfkd.components.deep_branch import deep_branches
 from timm_selfkd.methods.dks import DKSHparams, dks_loss, synergy_loss
 from timm_selfkd.methods.multi_exit import Exit, MultiExitModule, exit_indices
@@ -198,18 +198,15 @@ def test_gradient_checkpointing_gives_the_same_step():
     are captured though the stages' blocks are called one by one, the branches checkpoint too, and the loss and
     gradients are those of the run without it."""
     x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
-    results = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = timm.create_model('test_resnet', num_classes=4)
-        model.set_grad_checkpointing(checkpointing)
-        task = timm_selfkd.create_task('dks', model).train()
-        assert task.trainable_module.exits[0].model.grad_checkpointing == checkpointing
+
+    def step(task):
+        model, branch = task.get_eval_model(), task.trainable_module.exits[0].model
+        assert branch.grad_checkpointing == model.grad_checkpointing
         out = task(x, y)
-        stem, branch = model.conv1[0].weight, task.trainable_module.exits[0].model.layer4[0].conv1.weight
-        results.append((out['loss'], *torch.autograd.grad(out['loss'], [stem, branch])))
-    for without, with_checkpointing in zip(*results):
-        torch.testing.assert_close(without, with_checkpointing)
+        return (out['loss'], *torch.autograd.grad(out['loss'], [model.conv1[0].weight, branch.layer4[0].conv1.weight]))
+    without, with_checkpointing = runs_without_and_with_checkpointing('dks', step)
+    for a, b in zip(without, with_checkpointing):
+        torch.testing.assert_close(a, b)
 
 
 def test_families_without_a_chain_from_the_level_are_refused():

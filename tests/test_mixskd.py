@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 import timm_selfkd
-from conftest import small_model, train_steps
+from conftest import runs_without_and_with_checkpointing, small_model, train_steps
 from timm_selfkd.components.deep_branch import LevelCapture
 from timm_selfkd.methods.mixskd import MixSKDHparams, grad_reverse, mixskd_loss
 
@@ -282,19 +282,14 @@ def test_gradient_checkpointing_gives_the_same_step():
     """timm's checkpointing (set before the task wraps the model, as train.py does) calls a stage's blocks one by
     one: the levels are still captured (on the last block), with their gradient, the branches checkpoint too, and
     the loss and gradients are those of the run without it."""
-    grads = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        net = timm.create_model('test_resnet', num_classes=4)
-        net.set_grad_checkpointing(checkpointing)
-        task = timm_selfkd.create_task('mixskd', net).train()
+    def step(task):
         np.random.seed(0)
         out = task(_images(), Y)
-        stem = task.get_eval_model().conv1[0].weight
-        grads.append((out['loss'], torch.autograd.grad(out['loss_branch_ce'], stem)[0]))
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    torch.testing.assert_close(grads[0][1], grads[1][1])
-    assert grads[1][1].abs().sum() > 0
+        return out['loss'], torch.autograd.grad(out['loss_branch_ce'], task.get_eval_model().conv1[0].weight)[0]
+    (loss, grad), (loss_checkpointed, grad_checkpointed) = runs_without_and_with_checkpointing('mixskd', step)
+    torch.testing.assert_close(loss, loss_checkpointed)
+    torch.testing.assert_close(grad, grad_checkpointed)
+    assert grad_checkpointed.abs().sum() > 0
 
 
 def test_bf16_terms_are_float32_and_finite():

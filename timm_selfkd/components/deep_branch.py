@@ -10,6 +10,7 @@ from timm.models import EfficientNet, MobileNetV3, checkpoint_seq
 from timm.models._efficientnet_builder import efficientnet_init_weights
 
 from timm_selfkd.components.feature_levels import model_name
+from timm_selfkd.components.training_parts import like_model
 
 __all__ = ['LevelCapture', 'DeepBranch', 'deep_branches', 'branch_no_weight_decay']
 
@@ -223,7 +224,6 @@ def deep_branches(model: nn.Module, levels: Sequence[int], method: str) -> List[
         ValueError: (one line, naming `method`, the level and the model) the model cannot be run from a level.
     """
     reference = copy.deepcopy(model).to(device='cpu', dtype=torch.float32)
-    param = next(model.parameters())
     branches = []
     for level in levels:
         module_name = model.feature_info[level]['module']
@@ -239,7 +239,7 @@ def deep_branches(model: nn.Module, levels: Sequence[int], method: str) -> List[
         captured = branch._check(reference, where)
         branch._freeze_unused(captured)
         branch._reinitialise()
-        branches.append(branch.to(device=param.device, dtype=param.dtype))
+        branches.append(like_model(branch, model))
     return branches
 
 

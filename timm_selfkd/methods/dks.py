@@ -15,6 +15,7 @@ import torch.nn as nn
 from timm_selfkd.components.deep_branch import deep_branches
 from timm_selfkd.components.feature_levels import model_name, parse_levels
 from timm_selfkd.components.losses import kd_kl_from_logits
+from timm_selfkd.components.training_parts import training_only_parameters
 from timm_selfkd.methods.base import Needs, check_range
 from timm_selfkd.methods.multi_exit import INDICES_EXAMPLE, ExitsTask, MultiExitModule, exit_indices
 from timm_selfkd.registry import register_method
@@ -125,9 +126,8 @@ class DKSTask(ExitsTask):
         if not getattr(model, 'num_classes', 0):
             raise ValueError(f'dks needs a model with a classifier, and {name} has none')
         branches = nn.ModuleList(deep_branches(model, indices, 'dks'))
-        trained = sum(p.numel() for p in branches.parameters() if p.requires_grad)
         _logger.info(f'dks: deep branches after forward_intermediates() levels {indices} of {name} '
-                     f'({", ".join(b.module_name for b in branches)}; {trained / 1e6:.2f}M training-only parameters)')
+                     f'({", ".join(b.module_name for b in branches)}; {training_only_parameters(branches)})')
         return MultiExitModule(model, indices, branches)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from timm.utils import unwrap_model
 from timm_selfkd.components.bifpn import BiFPN
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
+from timm_selfkd.components.training_parts import like_model, training_only_parameters
 from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask, check_range
 from timm_selfkd.registry import register_method
 
@@ -185,13 +186,9 @@ class FRSKDTask(SelfKDTask):
         if not getattr(model, 'num_classes', 0):
             raise ValueError(f'frskd needs a model with a classifier, and {model_name(model)} has none')
         in_chs = [model.feature_info[i]['num_chs'] for i in indices]
-        reference = next(model.parameters())
-        teacher = BiFPN(in_chs, model.num_classes, self.hparams.width, self.hparams.depth).to(
-            device=reference.device, dtype=reference.dtype)
-        if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        teacher = like_model(BiFPN(in_chs, model.num_classes, self.hparams.width, self.hparams.depth), model)
         _logger.info(f'frskd: self-teacher on forward_intermediates() levels {indices} of {model_name(model)} '
-                     f'({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M training-only parameters)')
+                     f'({training_only_parameters(teacher)})')
         return FRSKDModule(model, indices, teacher)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from timm_selfkd.components.deep_branch import DeepBranch, LevelCapture, branch_
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
 from timm_selfkd.components.replayed_mixup import NO_BOX, MixParams, RowMix, SharedMix, mix_block, mix_target
+from timm_selfkd.components.training_parts import like_model, training_only_parameters
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
 
@@ -299,13 +300,10 @@ class MixSKDTask(SelfKDTask):
             raise ValueError(f'mixskd needs forward_features/forward_head, and model {name} has none')
         if not getattr(model, 'num_classes', 0):
             raise ValueError(f'mixskd needs a model with a classifier, and {name} has none')
-        reference = next(model.parameters())
-        branches = deep_branches(model, indices, 'mixskd')
-        module = MixSKDModule(model, branches, model.num_classes)
-        module.aux.to(device=reference.device, dtype=reference.dtype)
+        module = MixSKDModule(model, deep_branches(model, indices, 'mixskd'), model.num_classes)
+        module.aux = like_model(module.aux, model)
         _logger.info(f'mixskd: branches on forward_intermediates() levels {indices} of {name} '
-                     f'({sum(p.numel() for p in module.aux.parameters() if p.requires_grad) / 1e6:.2f}M '
-                     'training-only parameters)')
+                     f'({training_only_parameters(module.aux)})')
         return module
 
     def _mix(self, input: torch.Tensor, target: torch.Tensor):

@@ -22,6 +22,7 @@ from timm_selfkd.components.deep_branch import DeepBranch, LevelCapture, branch_
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits, soft_target_ce
 from timm_selfkd.components.progressive_targets import BCE_REFUSAL, RUN_FACTS, ProgressiveTargets
+from timm_selfkd.components.training_parts import like_model, training_only_parameters
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
 
@@ -392,15 +393,12 @@ class MultiExitTask(ExitsTask):
         if not getattr(model, 'num_classes', 0):
             raise ValueError(f'multi_exit needs a model with a classifier, and {model_name(model)} has none')
         feature_dim = getattr(model, 'head_hidden_size', None) or model.num_features
-        reference = next(model.parameters())
-        exits = nn.ModuleList([
+        exits = like_model(nn.ModuleList([
             Exit(model.feature_info[i]['num_chs'], feature_dim, model.num_classes,
                  detach_classifier=not self.hparams.byot)
-            for i in indices]).to(device=reference.device, dtype=reference.dtype)
-        if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-            exits = nn.SyncBatchNorm.convert_sync_batchnorm(exits)
+            for i in indices]), model)
         _logger.info(f'multi_exit: exits on forward_intermediates() levels {indices} of {model_name(model)} '
-                     f'({sum(p.numel() for p in exits.parameters()) / 1e6:.2f}M training-only parameters)')
+                     f'({training_only_parameters(exits)})')
         return MultiExitModule(model, indices, exits)
 
     def _cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from timm.utils import unwrap_model
 
 from timm_selfkd.components.feature_levels import choose_levels, model_name, stage_ends
 from timm_selfkd.components.losses import float32_region, known_label_smoothing, mixed_label_weights
+from timm_selfkd.components.training_parts import like_model, training_only_parameters
 from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask, check_range
 from timm_selfkd.registry import register_method
 
@@ -257,12 +258,10 @@ class USKDTask(SelfKDTask):
         if not num_classes:
             raise ValueError(f'uskd needs a model with a classifier, and {model_name(model)} has none')
         token = _uses_class_token(model)
-        reference = next(model.parameters())
-        head = WeakHead(model.feature_info[level]['num_chs'], num_classes, norm=self.hparams.weak_norm, token=token)
-        head = head.to(device=reference.device, dtype=reference.dtype)
+        head = like_model(WeakHead(model.feature_info[level]['num_chs'], num_classes, norm=self.hparams.weak_norm,
+                                   token=token), model)
         _logger.info(f'uskd: weak head on forward_intermediates() level {level} of {model_name(model)} '
-                     f'({"class token" if token else "pooled map"}, '
-                     f'{sum(p.numel() for p in head.parameters()) / 1e6:.2f}M training-only parameters)')
+                     f'({"class token" if token else "pooled map"}, {training_only_parameters(head)})')
         return USKDModule(model, level, head)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
