@@ -169,7 +169,7 @@ def test_task_state_holds_exits_and_memory_and_round_trips():
     other.load_task_state(state)
     assert torch.equal(other.progressive.memory.values, task.progressive.memory.values)
     assert other.progressive.memory.values[2].sum() > 0
-    for name, value in other._exit_module().exits.state_dict().items():
+    for name, value in other.unwrapped_module().exits.state_dict().items():
         assert torch.equal(value, state['exits'][name]), name
     with pytest.raises(ValueError, match=r'PS-KD \(--multi-exit-pskd\) memory is for 4 training images, this run '
                                          'has 6'):

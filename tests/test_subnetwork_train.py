@@ -58,7 +58,7 @@ def test_multi_exit_bf16_ema_per_exit_metrics(image_folder, tmp_path, caplog):
 
 
 def _exits(task, ema=False):
-    return task._exit_module(ema=ema).exits.state_dict()
+    return task.unwrapped_module(ema=ema).exits.state_dict()
 
 
 def test_resume_restores_the_exits(image_folder, tmp_path):

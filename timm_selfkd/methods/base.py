@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Sampler
 from timm.models import group_parameters
+from timm.utils import unwrap_model
 from timm.task import TrainingTask, resolve_classification_loss
 
 from timm_selfkd.components.losses import float32_region
@@ -323,6 +324,12 @@ class SelfKDTask(TrainingTask):
     def layout_terms(cls, hparams: Any, output: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The layout's weighted loss on a method's logits, and its named terms."""
         raise NotImplementedError(f'{cls.__name__} is not a batch layout')
+
+    def unwrapped_module(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        """`module`, or the trainable module (of the EMA model with `ema`), without its DDP/compile/EMA wrappers:
+        the `ModelWrapper` whose training-only parts a task saves and loads as task state. None before setup."""
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        return None if module is None else unwrap_model(module)
 
     def sync_task_state(self) -> None:
         """Collective run on every rank before rank 0 saves a checkpoint, for per-rank task state."""

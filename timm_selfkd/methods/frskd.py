@@ -7,7 +7,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.utils import unwrap_model
 
 from timm_selfkd.components.bifpn import BiFPN
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
@@ -197,13 +196,9 @@ class FRSKDTask(SelfKDTask):
         out['output'] = logits
         return out
 
-    def _module(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[FRSKDModule]:
-        module = module if module is not None else self.get_trainable_module(ema=ema)
-        return None if module is None else unwrap_model(module)
-
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The self-teacher (of the EMA model with `ema`), with the levels and shape it was built for."""
-        module = self._module(module, ema)
+        module = self.unwrapped_module(module, ema)
         if module is None:
             return {}
         return {'levels': list(module.indices), 'width': self.hparams.width, 'depth': self.hparams.depth,
@@ -212,7 +207,7 @@ class FRSKDTask(SelfKDTask):
     def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
         if not state or 'self_teacher' not in state:
             return
-        module = self._module()
+        module = self.unwrapped_module()
         built = {'levels': module.indices, 'width': self.hparams.width, 'depth': self.hparams.depth}
         saved = {key: state.get(key) for key in built}
         if saved != built:
@@ -220,7 +215,7 @@ class FRSKDTask(SelfKDTask):
                              f'{built} (set --frskd-indices/--frskd-width/--frskd-depth to match)')
 
     def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
-        module = self._module(module, ema)
+        module = self.unwrapped_module(module, ema)
         if module is None:
             raise RuntimeError('cannot load the frskd self-teacher before setup_ema()' if ema else
                                'cannot load the frskd self-teacher without a trainable module')

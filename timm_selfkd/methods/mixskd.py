@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data.mixup import mixup_target
-from timm.utils import unwrap_model
 
 from timm_selfkd.components.deep_branch import DeepBranch, LevelCapture, branch_no_weight_decay, deep_branches
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
@@ -345,13 +344,9 @@ class MixSKDTask(SelfKDTask):
         terms['output'] = out['logits'][-1][:n]
         return terms
 
-    def _module(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[MixSKDModule]:
-        module = module if module is not None else self.get_trainable_module(ema=ema)
-        return None if module is None else unwrap_model(module)
-
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The branches, self-teacher and discriminators (of the EMA model with `ema`) and their levels."""
-        module = self._module(module, ema)
+        module = self.unwrapped_module(module, ema)
         if module is None:
             return {}
         return dict(branch_indices=list(module.indices),
@@ -363,12 +358,12 @@ class MixSKDTask(SelfKDTask):
                              f'run\'s on {module.indices} (set --mixskd-indices to match)')
 
     def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
-        module = self._module()
+        module = self.unwrapped_module()
         if module is not None:
             self._check_indices(state, module)
 
     def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
-        module = self._module(module, ema)
+        module = self.unwrapped_module(module, ema)
         if module is None:
             raise RuntimeError('cannot load the mixskd branches before setup_ema()' if ema else
                                'cannot load the mixskd branches without a trainable module')

@@ -16,7 +16,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.utils import unwrap_model
 
 from timm_selfkd.components.deep_branch import DeepBranch, LevelCapture, branch_no_weight_decay
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
@@ -307,30 +306,26 @@ class ExitsTask(SelfKDTask):
     model and of every exit (`MultiExitEvaluator`, through `eval_forward`), and the exits as task state (saved and
     resumed, of the EMA model too; the checkpoint's `state_dict` stays the plain timm model)."""
 
-    def _exit_module(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[MultiExitModule]:
-        module = module if module is not None else self.get_trainable_module(ema=ema)
-        return None if module is None else unwrap_model(module)
-
     def eval_forward(self, ema: bool = False) -> Callable[[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        module = self._exit_module(ema=ema)
+        module = self.unwrapped_module(ema=ema)
         module.eval()
         return module.classifier_logits
 
     def create_evaluator(self, **kwargs) -> MultiExitEvaluator:
         main = super().create_evaluator(**kwargs)
-        module = self._exit_module()
+        module = self.unwrapped_module()
         return MultiExitEvaluator(main, len(module.exits), self.device, max_samples=kwargs.get('max_samples'))
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The exits (of the EMA model with `ema`): their levels and weights."""
-        module = self._exit_module(module, ema)
+        module = self.unwrapped_module(module, ema)
         if module is None:
             return {}
         return dict(exit_indices=list(module.indices),
                     exits={k: v.detach().cpu() for k, v in module.exits.state_dict().items()})
 
     def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
-        module = self._exit_module(module, ema)
+        module = self.unwrapped_module(module, ema)
         if module is None:
             raise RuntimeError(f'cannot load the {self.method} exits before setup_ema()' if ema else
                                f'cannot load the {self.method} exits without a trainable module')

@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.utils import unwrap_model
 
 from timm_selfkd.components.feature_levels import choose_levels, model_name, stage_ends
 from timm_selfkd.components.losses import float32_region, known_label_smoothing, mixed_label_weights
@@ -272,20 +271,16 @@ class USKDTask(SelfKDTask):
         loss = loss_ce + h.alpha * terms['loss_target'] + h.beta * terms['loss_nontarget'] + h.mu * terms['loss_weak']
         return {'loss': loss, 'output': logits, 'loss_ce': loss_ce, **terms}
 
-    def _uskd_module(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[USKDModule]:
-        module = module if module is not None else self.get_trainable_module(ema=ema)
-        return None if module is None else unwrap_model(module)
-
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The weak head (of the EMA model with `ema`) and the level it reads."""
-        module = self._uskd_module(module, ema)
+        module = self.unwrapped_module(module, ema)
         if module is None:
             return {}
         return {'weak_level': module.level,
                 'weak_head': {k: v.detach().cpu() for k, v in module.head.state_dict().items()}}
 
     def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
-        module = self._uskd_module(module, ema)
+        module = self.unwrapped_module(module, ema)
         if module is None:
             raise RuntimeError('cannot load the uskd weak head before setup_ema()' if ema else
                                'cannot load the uskd weak head without a trainable module')
