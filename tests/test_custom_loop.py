@@ -29,6 +29,9 @@ def test_the_script_uses_neither_our_loop_nor_the_adapter():
 
 LOOP_METHODS = timm_selfkd.list_methods() + ['ddgsd+dlb']
 
+# the README's test command runs the tests on two workers: this module's one training run stays on one of them
+pytestmark = pytest.mark.xdist_group('custom_loop')
+
 # Runs the README's script as `python loop.py METHOD` once per method, in one interpreter (one start of torch and
 # timm instead of one per method); a method that fails prints its traceback's last line and the others go on.
 DRIVER = """
