@@ -431,6 +431,29 @@ def test_a_worker_killed_otherwise_is_a_one_line_error(long_folder, tmp_path):
     assert not any('Traceback' in line for line in lines)
 
 
+
+INJECTED_ERROR = """
+import sys
+from timm_selfkd import train
+step = train.Run._optimizer_step
+def failing_third_update(self, calls=[]):
+    calls.append(1)
+    if len(calls) == 3:
+        raise ValueError('injected at the third update')
+    step(self)
+train.Run._optimizer_step = failing_third_update
+train.main(sys.argv[1:])
+"""
+
+
+def test_an_error_escaping_the_loop_ends_the_process_despite_live_workers(long_folder, tmp_path):
+    """An exception out of the loop mid-epoch ends the process (status 1, its traceback) instead of leaving it
+    waiting at exit for its two DataLoader workers: they ignore SIGTERM, which multiprocessing's exit hook sends."""
+    result = subprocess.run([sys.executable, '-c', INJECTED_ERROR, *run_args(long_folder, tmp_path, 'run', workers=2)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.rstrip().endswith('ValueError: injected at the third update'), result.stderr[-2000:]
+
 # --- resuming on another number of processes ------------------------------------------------------------------
 
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py')

@@ -1,9 +1,14 @@
 """Data sets and loaders: timm's `create_dataset`/`create_loader`, Fashion-MNIST from local files, and the
 injection of a method's batches (through a `BatchStream`) into timm's loader."""
+import atexit
+import functools
 import gzip
 import logging
+import multiprocessing
+import multiprocessing.util  # its exit hook, registered on import, must run after ours
 import os
 import signal
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -15,13 +20,15 @@ from timm.utils.misc import natural_key
 from timm.data.loader import PrefetchLoader
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
+from torch.utils.data._utils import signal_handling
 
 from timm_selfkd.errors import UsageError
 from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
            'class_count', 'dataset_labels', 'dataset_class_map', 'symmetric_label_noise', 'with_label_noise',
-           'index_sampler', 'read_through', 'workers_ignore_stop_signals']
+           'index_sampler', 'read_through', 'workers_ignore_stop_signals', 'is_worker_failure',
+           'worker_failures_found_by_the_loader']
 
 _logger = logging.getLogger(__name__)
 
@@ -275,7 +282,8 @@ class _IgnoreStopSignals:
     Schedulers (Slurm on preemption, scancel and the time limit), `timeout`, container runtimes and Ctrl-C signal
     the whole process group. The main process stops the run cleanly (a recovery checkpoint at the next step);
     a worker must not die of the same signal first, which the main process would report as a crashed worker. The
-    main process ends its workers itself when it exits; a worker that dies of anything else is still an error.
+    main process ends its workers itself when it exits (`_end_workers`); a worker that dies of anything else is
+    still an error.
     A class, not a closure, so that it pickles for the spawn and forkserver start methods."""
 
     def __init__(self, init_fn: Optional[Callable[[int], None]]):
@@ -288,7 +296,26 @@ class _IgnoreStopSignals:
             self.init_fn(worker_id)
 
 
+def _end_workers() -> None:
+    """Kill the daemonic children still alive at exit (DataLoader workers whose iterator an escaping exception
+    kept alive). multiprocessing's own exit hook would SIGTERM them and wait, forever for workers that ignore
+    SIGTERM; torch's SIGCHLD check is switched off first, as these deaths are no failure."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join()
+
+
+@functools.cache
+def _end_workers_at_exit() -> None:
+    atexit.register(_end_workers)  # after multiprocessing's hook, so it runs before it
+
+
 def _ignoring_stop_signals(init_fn):
+    _end_workers_at_exit()
     return init_fn if isinstance(init_fn, _IgnoreStopSignals) else _IgnoreStopSignals(init_fn)
 
 
@@ -298,6 +325,28 @@ def workers_ignore_stop_signals(loader):
     inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
     inner.worker_init_fn = _ignoring_stop_signals(inner.worker_init_fn)
     return loader
+
+
+def is_worker_failure(error: BaseException) -> bool:
+    """Whether `error` is torch's report of a DataLoader worker that died (OOM killer, SIGKILL, a crash)."""
+    return isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker')
+
+
+@contextmanager
+def worker_failures_found_by_the_loader():
+    """Within this context a dead DataLoader worker is found by the loader itself, at its next batch (its liveness
+    check every 5 s, as torch does for loaders iterated outside the main thread), not by torch's SIGCHLD handler,
+    which raises the error in whatever line the main process is running: inside a log call (`logging` prints it
+    with a traceback and goes on) or mid-transfer of a batch (the surviving worker then prints a broken
+    connection). Main thread only, as any signal handler."""
+    installed, handler = signal_handling._SIGCHLD_handler_set, signal.getsignal(signal.SIGCHLD)
+    signal_handling._SIGCHLD_handler_set = True  # torch installs its handler only while this is False
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, handler)
+        signal_handling._SIGCHLD_handler_set = installed
 
 
 def read_through(loader, stream: BatchStream):
