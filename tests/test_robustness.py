@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import pytest
@@ -375,16 +376,21 @@ def start_in_own_group(argv, launcher=(sys.executable, 'train.py')):
                             text=True, start_new_session=True)
 
 
-def run_until(process, after, action):
-    """Read the run's output until a line holds `after`, call `action()`, then read to the end: (status, lines)."""
+def run_until(process, after, action, timeout_s=300):
+    """Read the run's output until a line holds `after`, call `action()`, read on to the end: (status, lines). A
+    run still going after `timeout_s` is killed (its lines then end the failure message)."""
     lines = []
-    for line in process.stdout:
-        lines.append(line.rstrip('\n'))
-        if after in line:
-            action()
-            break
-    rest, _ = process.communicate(timeout=300)
-    return process.returncode, lines + rest.splitlines()
+    deadline = threading.Timer(timeout_s, os.killpg, (process.pid, signal.SIGKILL))
+    deadline.start()
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip('\n'))
+            if action is not None and after in line:
+                action()
+                action = None
+    finally:
+        deadline.cancel()
+    return process.wait(), lines
 
 
 def children(pid):
@@ -421,14 +427,23 @@ def test_signal_to_the_process_group_stops_cleanly_and_resumes_exactly(long_fold
 
 def test_a_worker_killed_otherwise_is_a_one_line_error(long_folder, tmp_path):
     """A worker that dies of something else (here SIGKILL, as from the OOM killer) is still an error: exit 1 and one
-    line naming the worker, no traceback."""
+    line naming the worker and the last checkpoint, no traceback. The loader finds the death when it next needs
+    that worker's batch: at once, or after the batches the worker had already sent (then past a checkpoint)."""
     process = start_in_own_group(run_args(long_folder, tmp_path, 'run', workers=2))
-    status, lines = run_until(process, 'Train 0 [   2/', lambda: os.kill(children(process.pid)[0], signal.SIGKILL))
+    killed = []
+
+    def kill_a_worker():
+        killed.append(children(process.pid)[0])
+        os.kill(killed[0], signal.SIGKILL)
+
+    status, lines = run_until(process, 'Train 0 [   2/', kill_a_worker)
     assert status == 1, '\n'.join(lines[-20:])
     errors = [line for line in lines if line.startswith('train.py')]
-    assert len(errors) == 1 and re.match(r'train\.py: error: DataLoader worker \(pid.*\) .*; last checkpoint: none$',
-                                         errors[0]), '\n'.join(lines[-20:])
-    assert not any('Traceback' in line for line in lines)
+    assert len(errors) == 1, '\n'.join(lines[-20:])
+    named = re.match(r'train\.py: error: DataLoader worker \(pid\(?s?\)? (\d+)\) .*; last checkpoint: (.*)$', errors[0])
+    assert named and int(named[1]) == killed[0], errors[0]
+    assert named[2] == 'none' or os.path.isfile(named[2]), errors[0]
+    assert not any('Traceback' in line for line in lines), '\n'.join(lines[-20:])
 
 
 

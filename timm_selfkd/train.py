@@ -44,8 +44,8 @@ from timm_selfkd.attach import attach, check_method, create_mixup, mixup_active
 from timm_selfkd.cli import format_methods, parse_args, recipe_values
 from timm_selfkd.runtime.checkpoint import (AMP_SCALER_KEY, CheckpointWriteError, RunSaver, check_same_run,
                                              load_error, read_checkpoint)
-from timm_selfkd.runtime.data import (build_dataset, class_count, dataset_class_map, is_worker_failure,
-                                       with_label_noise, worker_failures_found_by_the_loader,
+from timm_selfkd.runtime.data import (build_dataset, class_count, dataset_class_map, with_label_noise,
+                                       worker_failure, worker_failures_found_by_the_loader,
                                        workers_ignore_stop_signals)
 from timm_selfkd.runtime.run_guard import RunGuard, Verdict
 from timm_selfkd.runtime.metrics import LOWER_IS_BETTER
@@ -679,11 +679,12 @@ def main(argv: Optional[list] = None) -> None:
         if args.rank == 0:
             print(f'train.py: {stop}', file=sys.stderr, flush=True)
         sys.exit(stop.status)
-    except RuntimeError as e:  # a worker killed (OOM killer, SIGKILL, a crash): not a stop request, an error
-        if not is_worker_failure(e):
+    except (RuntimeError, ConnectionError, EOFError) as e:  # a worker killed (OOM killer, SIGKILL): an error
+        failure = worker_failure(e)
+        if failure is None:
             raise
-        print(f'train.py: error: {str(e).strip().splitlines()[0].strip()}; last checkpoint: '
-              f'{run.last_checkpoint or "none"}', file=sys.stderr, flush=True)
+        print(f'train.py: error: {failure}; last checkpoint: {run.last_checkpoint or "none"}', file=sys.stderr,
+              flush=True)
         sys.exit(1)
     finally:
         s.guard.uninstall()

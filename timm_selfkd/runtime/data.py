@@ -8,6 +8,7 @@ import multiprocessing
 import multiprocessing.util  # its exit hook, registered on import, must run after ours
 import os
 import signal
+import time
 from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -27,7 +28,7 @@ from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
            'class_count', 'dataset_labels', 'dataset_class_map', 'symmetric_label_noise', 'with_label_noise',
-           'index_sampler', 'read_through', 'workers_ignore_stop_signals', 'is_worker_failure',
+           'index_sampler', 'read_through', 'workers_ignore_stop_signals', 'worker_failure',
            'worker_failures_found_by_the_loader']
 
 _logger = logging.getLogger(__name__)
@@ -327,9 +328,28 @@ def workers_ignore_stop_signals(loader):
     return loader
 
 
-def is_worker_failure(error: BaseException) -> bool:
-    """Whether `error` is torch's report of a DataLoader worker that died (OOM killer, SIGKILL, a crash)."""
-    return isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker')
+def worker_failure(error: BaseException, wait_s: float = 5.0) -> Optional[str]:
+    """One line on the DataLoader worker whose death caused `error`, or None if `error` has another cause.
+
+    torch reports a dead worker as a RuntimeError. A batch in transfer from a worker being killed can fail first,
+    with a broken connection (the worker's file-descriptor sharer is gone) before the worker can be reaped, so
+    that torch finds every worker alive; then this waits up to `wait_s` for the dead child to show."""
+    if isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker'):
+        return str(error).strip().splitlines()[0].strip()
+    if not isinstance(error, (ConnectionError, EOFError)):
+        return None
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:  # WNOWAIT: leave the child to be reaped by its multiprocessing.Process
+            dead = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return None
+        if dead is not None:
+            how = (f'is killed by signal: {signal.strsignal(dead.si_status)}' if dead.si_code != os.CLD_EXITED
+                   else f'exited with status {dead.si_status}')
+            return f'DataLoader worker (pid {dead.si_pid}) {how} ({type(error).__name__} receiving its batch)'
+        time.sleep(0.05)
+    return None
 
 
 @contextmanager
