@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import timm
@@ -63,18 +64,29 @@ def _tensors(tree, prefix=''):
     return {k: v for key, value in items for k, v in _tensors(value, f'{prefix}/{key}').items()}
 
 
+def run_until(process, after, action, timeout_s=300):
+    """Read the output of `process` (the leader of its own process group) until a line holds `after`, call
+    `action()`, read on to the end: (status, lines). A run still going after `timeout_s` is killed, its whole group
+    (its lines then end the failure message)."""
+    lines = []
+    deadline = threading.Timer(timeout_s, os.killpg, (process.pid, signal.SIGKILL))
+    deadline.start()
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip('\n'))
+            if action is not None and after in line:
+                action()
+                action = None
+    finally:
+        deadline.cancel()
+    return process.wait(), lines
+
+
 def signal_run(argv, sig, after='Train 0 [   2/', launcher=(sys.executable, 'train.py')):
     """Start train.py, send `sig` once the log shows `after`; return (exit status, output lines)."""
     process = subprocess.Popen([*launcher, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line.rstrip('\n'))
-        if after in line:
-            process.send_signal(sig)
-            break
-    rest, _ = process.communicate(timeout=300)
-    return process.returncode, lines + rest.splitlines()
+                               text=True, start_new_session=True)
+    return run_until(process, after, lambda: process.send_signal(sig))
 
 
 @pytest.mark.parametrize('method, workers, sig', [
@@ -290,19 +302,17 @@ def test_torchrun_sigterm_to_every_process_stops_cleanly_and_resumes_exactly(fol
     torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py')
     process = subprocess.Popen([*torchrun, *run_args(folder, tmp_path, 'run', 'dlb', 2)], cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    lines, signalled = [], []
-    for line in process.stdout:
-        lines.append(line.rstrip('\n'))
-        if 'Train 0 [   2/' in line:
-            signalled = [process.pid] + descendants(process.pid)
-            for pid in signalled:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            break
-    rest, _ = process.communicate(timeout=300)
-    lines += rest.splitlines()
+    signalled = []
+
+    def signal_every_process():
+        signalled.extend([process.pid] + descendants(process.pid))
+        for pid in signalled:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    _, lines = run_until(process, 'Train 0 [   2/', signal_every_process)
     assert len(signalled) >= 1 + 2 + 4, signalled  # launcher, two ranks, two workers each
     stopped = [STOPPED.match(line) for line in lines if STOPPED.match(line)]
     assert len(stopped) == 1, '\n'.join(lines[-40:])

@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 
 import pytest
@@ -23,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import write_image_folder
-from test_preemption import STOPPED, assert_same_run
+from test_preemption import STOPPED, assert_same_run, run_until
 from timm_selfkd.runtime import checkpoint
 from timm_selfkd.runtime.checkpoint import is_temporary, read_checkpoint
 from timm_selfkd.runtime.run_guard import REPEAT_WINDOW_S
@@ -374,23 +373,6 @@ def start_in_own_group(argv, launcher=(sys.executable, 'train.py')):
     """train.py as the leader of a new process group (as a batch job's step is): its workers are in it too."""
     return subprocess.Popen([*launcher, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-
-
-def run_until(process, after, action, timeout_s=300):
-    """Read the run's output until a line holds `after`, call `action()`, read on to the end: (status, lines). A
-    run still going after `timeout_s` is killed (its lines then end the failure message)."""
-    lines = []
-    deadline = threading.Timer(timeout_s, os.killpg, (process.pid, signal.SIGKILL))
-    deadline.start()
-    try:
-        for line in process.stdout:
-            lines.append(line.rstrip('\n'))
-            if action is not None and after in line:
-                action()
-                action = None
-    finally:
-        deadline.cancel()
-    return process.wait(), lines
 
 
 def children(pid):

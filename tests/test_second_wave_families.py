@@ -11,7 +11,7 @@ import pytest
 import timm
 
 from conftest import NUM_CLASSES
-from test_upstream import SNAPSHOT, fresh_log_handlers, script  # noqa: F401  (the fixture, for the adapter's runs)
+from test_upstream import SNAPSHOT, fresh_log_handlers, needs_upstream, script  # noqa: F401  (the fixture, for the adapter's runs)
 from timm_selfkd import upstream
 from timm_selfkd.train import main
 
@@ -45,6 +45,7 @@ def test_trains_a_vit_through_train_py(image_folder, tmp_path, method):
     check_run(tmp_path, method, model, kwargs)
 
 
+@needs_upstream
 @pytest.mark.parametrize('method', SECOND_WAVE)
 def test_trains_an_efficientnet_through_the_users_script(image_folder, tmp_path, method):
     model, kwargs = EFFICIENTNET

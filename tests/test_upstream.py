@@ -32,8 +32,9 @@ from timm_selfkd.registry import build_hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPSTREAM = os.path.normpath(os.path.join(REPO, '..', 'shared', 'upstream-timm'))
-pytestmark = pytest.mark.skipif(not os.path.isdir(UPSTREAM),
-                                reason=f'the upstream timm train.py fixtures are not in {UPSTREAM} (../shared)')
+needs_upstream = pytest.mark.skipif(not os.path.isdir(UPSTREAM),
+                                    reason=f'the upstream timm train.py fixtures are not in {UPSTREAM} (../shared)')
+pytestmark = needs_upstream
 
 V1_0_28, SNAPSHOT, V1_0_22 = 'train_v1.0.28.py', 'train_main_aa4b5850.py', 'train_v1.0.22.py'
 BATCH = 8
