@@ -298,9 +298,9 @@ class _IgnoreStopSignals:
 
 
 def _end_workers() -> None:
-    """Kill the daemonic children still alive at exit (DataLoader workers whose iterator an escaping exception
-    kept alive). multiprocessing's own exit hook would SIGTERM them and wait, forever for workers that ignore
-    SIGTERM; torch's SIGCHLD check is switched off first, as these deaths are no failure."""
+    """Kill the daemonic children still alive at exit (in a run: the DataLoader workers of an iterator that an
+    escaping exception kept alive). multiprocessing's own exit hook would SIGTERM them and wait, forever for
+    workers that ignore SIGTERM; torch's SIGCHLD check is switched off first, as these deaths are no failure."""
     workers = [child for child in multiprocessing.active_children() if child.daemon]
     if workers:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
