@@ -64,6 +64,12 @@ def _tensors(tree, prefix=''):
     return {k: v for key, value in items for k, v in _tensors(value, f'{prefix}/{key}').items()}
 
 
+def start_in_own_group(argv, launcher=(sys.executable, 'train.py')):
+    """train.py as the leader of a new process group (as a batch job's step is): its workers are in it too."""
+    return subprocess.Popen([*launcher, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
 def run_until(process, after, action, timeout_s=300):
     """Read the output of `process` (the leader of its own process group) until a line holds `after`, call
     `action()`, read on to the end: (status, lines). A run still going after `timeout_s` is killed, its whole group
@@ -84,8 +90,7 @@ def run_until(process, after, action, timeout_s=300):
 
 def signal_run(argv, sig, after='Train 0 [   2/', launcher=(sys.executable, 'train.py')):
     """Start train.py, send `sig` once the log shows `after`; return (exit status, output lines)."""
-    process = subprocess.Popen([*launcher, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = start_in_own_group(argv, launcher)
     return run_until(process, after, lambda: process.send_signal(sig))
 
 
@@ -300,8 +305,7 @@ def test_torchrun_sigterm_to_every_process_stops_cleanly_and_resumes_exactly(fol
     also forwards its own to the ranks). The ranks stop after the same step with one recovery checkpoint and one
     resume line, no worker turns it into a crash, and the resumed run matches the uninterrupted one."""
     torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py')
-    process = subprocess.Popen([*torchrun, *run_args(folder, tmp_path, 'run', 'dlb', 2)], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_in_own_group(run_args(folder, tmp_path, 'run', 'dlb', 2), torchrun)
     signalled = []
 
     def signal_every_process():

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import write_image_folder
-from test_preemption import STOPPED, assert_same_run, run_until
+from test_preemption import STOPPED, assert_same_run, run_until, start_in_own_group
 from timm_selfkd.runtime import checkpoint
 from timm_selfkd.runtime.checkpoint import is_temporary, read_checkpoint
 from timm_selfkd.runtime.run_guard import REPEAT_WINDOW_S
@@ -369,12 +369,6 @@ def long_folder(tmp_path_factory):
     return str(root)
 
 
-def start_in_own_group(argv, launcher=(sys.executable, 'train.py')):
-    """train.py as the leader of a new process group (as a batch job's step is): its workers are in it too."""
-    return subprocess.Popen([*launcher, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
 def children(pid):
     """The DataLoader workers of process `pid` (its forked children; not multiprocessing's resource tracker)."""
     with open(f'/proc/{pid}/task/{pid}/children') as f:
@@ -428,7 +422,6 @@ def test_a_worker_killed_otherwise_is_a_one_line_error(long_folder, tmp_path):
     assert not any('Traceback' in line for line in lines), '\n'.join(lines[-20:])
 
 
-
 INJECTED_ERROR = """
 import sys
 from timm_selfkd import train
@@ -450,6 +443,7 @@ def test_an_error_escaping_the_loop_ends_the_process_despite_live_workers(long_f
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.rstrip().endswith('ValueError: injected at the third update'), result.stderr[-2000:]
+
 
 # --- resuming on another number of processes ------------------------------------------------------------------
 

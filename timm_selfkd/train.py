@@ -679,7 +679,7 @@ def main(argv: Optional[list] = None) -> None:
         if args.rank == 0:
             print(f'train.py: {stop}', file=sys.stderr, flush=True)
         sys.exit(stop.status)
-    except (RuntimeError, ConnectionError, EOFError) as e:  # a worker killed (OOM killer, SIGKILL): an error
+    except Exception as e:  # a worker killed (OOM killer, SIGKILL) is one error line; anything else propagates
         failure = worker_failure(e)
         if failure is None:
             raise
