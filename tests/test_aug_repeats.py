@@ -8,11 +8,7 @@ import sys
 import pytest
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from timm_selfkd.attach import check_method
 from timm_selfkd.components.samplers import ClassGroupBatchSampler, LastBatchSampler
-from timm_selfkd.errors import UsageError
-from timm_selfkd.methods.base import Needs
-from timm_selfkd.registry import build_hparams, get_method
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,16 +28,6 @@ def test_dlb_batches_over_repeated_indices_keep_the_repeated_half(repeats):
         # every index of the repeated order is new exactly once, in order (epoch 0 starts with two new halves)
         new = ([batches[0][:4]] if epoch == 0 else []) + [batch[4:] for batch in batches]
         assert [i for half in new for i in half] == order
-
-
-def test_own_batches_not_drawn_from_the_index_sampler_are_refused(monkeypatch):
-    for name in ('dlb', 'bake', 'cskd', 'ddgsd', 'ddgsd+dlb'):  # every method that chooses its batches takes it
-        spec = get_method(name)
-        check_method(spec, build_hparams(spec, {}), batch_size=8, aug_repeats=3)
-    spec = get_method('bake')
-    monkeypatch.setattr(spec.task_cls, 'requirements', classmethod(lambda cls, hparams: Needs(own_batches=True)))
-    with pytest.raises(UsageError, match='^--aug-repeats cannot combine with --selfkd bake, which chooses its own'):
-        check_method(spec, build_hparams(spec, {}), batch_size=8, aug_repeats=3)
 
 
 @pytest.mark.parametrize('method', ['dlb', 'bake', 'cskd', 'ddgsd+dlb'])

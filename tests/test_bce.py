@@ -2,7 +2,7 @@
 criterion, and its one-line refusal where the loss is defined only for softmax (PS-KD, multi_exit's PS-KD switch).
 
 The BCE terms are compared on fixed tensors with timm's `BinaryCrossEntropy` built by hand; the refusals go through
-`check_method`, train.py and the upstream adapter."""
+`MethodWiring.check`, train.py, the upstream adapter and `create_task`."""
 import csv
 import logging
 import math
@@ -16,7 +16,7 @@ from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
 import timm_selfkd
-from timm_selfkd.attach import check_method
+from timm_selfkd.wiring import MethodWiring
 from timm_selfkd.components.losses import soft_target_ce
 from timm_selfkd.components.progressive_targets import BCE_REFUSAL
 from timm_selfkd.errors import UsageError
@@ -71,7 +71,7 @@ def test_bce_replaces_the_hard_label_term(method):
     """Hard labels, label smoothing 0.1 and a target threshold: `loss_ce` is timm's BinaryCrossEntropy on the
     method's logits and labels (the smoothed one-hot binarised at 0.2), not the softmax cross-entropy."""
     spec = timm_selfkd.get_method(method)
-    check_method(spec, spec.hparams_cls(**HPARAMS.get(method, {})), batch_size=BATCH, bce=True)
+    MethodWiring(spec, spec.hparams_cls(**HPARAMS.get(method, {}))).check(batch_size=BATCH, bce=True)
     task = _task(method, dict(loss_type='bce', smoothing=0.1, bce_target_thresh=THRESH))
     assert isinstance(task.criterion, BinaryCrossEntropy) and task.criterion.target_threshold == THRESH
     x, y = _batch()
@@ -146,13 +146,14 @@ def test_multi_exit_pskd_keeps_its_soft_target_ce():
 
 
 @pytest.mark.parametrize('method, hparams, reason', REFUSED, ids=[r[0] for r in REFUSED])
-def test_check_method_refuses_bce_in_one_line(method, hparams, reason):
+def test_the_wiring_refuses_bce_in_one_line(method, hparams, reason):
     spec = timm_selfkd.get_method(method)
     values = spec.hparams_cls(**hparams)
-    check_method(spec, values, batch_size=BATCH, bce=False)
+    wiring = MethodWiring(spec, values)
+    wiring.check(batch_size=BATCH, bce=False)
     with pytest.raises(UsageError) as exc:
-        check_method(spec, values, batch_size=BATCH, bce=True)
-    assert str(exc.value) == f'--bce-loss is not supported with --selfkd {method}: {reason}'
+        wiring.check(batch_size=BATCH, bce=True)
+    assert str(exc.value) == f'{method} cannot train with a BCE loss (--bce-loss): {reason}'
     assert '\n' not in str(exc.value)
 
 
@@ -161,12 +162,12 @@ def test_every_other_method_takes_bce():
         spec = timm_selfkd.get_method(method)
         values = spec.hparams_cls(**HPARAMS.get(method, {}))
         assert spec.task_cls.requirements(values).bce_refusal == ''
-        check_method(spec, values, batch_size=BATCH, bce=True, mixup=True)
+        MethodWiring(spec, values).check(batch_size=BATCH, bce=True)
 
 
 @pytest.mark.parametrize('extra, expected', [
-    (['--selfkd', 'pskd'], f'--bce-loss is not supported with --selfkd pskd: {BCE_REFUSAL}'),
-    (['--selfkd', 'multi_exit', '--multi-exit-pskd'], '--bce-loss is not supported with --selfkd multi_exit: '
+    (['--selfkd', 'pskd'], f'pskd cannot train with a BCE loss (--bce-loss): {BCE_REFUSAL}'),
+    (['--selfkd', 'multi_exit', '--multi-exit-pskd'], 'multi_exit cannot train with a BCE loss (--bce-loss): '
                                                       "--multi-exit-pskd trains every classifier on PS-KD's targets"),
 ])
 def test_train_py_refuses_bce_in_one_line(image_folder, tmp_path, capsys, extra, expected):
@@ -201,7 +202,7 @@ def test_the_adapter_refuses_bce_with_train_py_s_wording(image_folder, tmp_path,
         logging.root.handlers[:] = [h for h in logging.root.handlers if type(h) is not logging.StreamHandler]
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f'timm_selfkd.upstream: error: --bce-loss is not supported with --selfkd pskd: {BCE_REFUSAL}']
+    assert err == [f'timm_selfkd.upstream: error: pskd cannot train with a BCE loss (--bce-loss): {BCE_REFUSAL}']
     assert not output.exists()
 
 
@@ -230,6 +231,6 @@ def test_train_py_with_bce_threshold_and_mixup(image_folder, tmp_path, monkeypat
 
 
 def test_create_task_refuses_a_bce_criterion_for_a_softmax_only_method():
-    with pytest.raises(ValueError, match=r'^pskd cannot train with a BCE criterion: PS-KD'):
+    with pytest.raises(ValueError, match=r'^pskd cannot train with a BCE loss \(--bce-loss\): PS-KD'):
         timm_selfkd.create_task('pskd', timm.create_model('resnet18', num_classes=4), num_epochs=2, num_samples=8,
                                 criterion_kwargs=dict(loss_type='bce'))

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 import timm_selfkd
-from timm_selfkd.attach import REFUSED_OPTIONS, attach, check_method
+from timm_selfkd.options import REFUSED_OPTIONS
+from timm_selfkd.wiring import MethodWiring
 from timm_selfkd.cli import _build_parser, parse_args
 from timm_selfkd.errors import UsageError
 from timm_selfkd.runtime.data import index_sampler
@@ -104,17 +105,6 @@ def test_validation_interval(image_folder, tmp_path):
     assert [bool(r['eval_top1']) for r in rows] == [False, True, True]  # epoch 2 is the last: always validated
 
 
-def test_aug_repeats_with_a_method_drawing_batches_of_its_own(image_folder, tmp_path, capsys, monkeypatch):
-    """Refused where the method's batches do not come from the run's index sampler (no built-in method now)."""
-    from timm_selfkd.methods.base import Needs
-    from timm_selfkd.methods.cskd import CSKDTask
-    monkeypatch.setattr(CSKDTask, 'requirements', classmethod(lambda cls, hparams: Needs(own_batches=True)))
-    with pytest.raises(SystemExit) as exc:
-        main(common(image_folder, tmp_path / 'out', '--selfkd', 'cskd', '--aug-repeats', '3', '-b', '8'))
-    assert exc.value.code == 2 and '--aug-repeats cannot combine with --selfkd cskd' in capsys.readouterr().err
-    assert not (tmp_path / 'out').exists()
-
-
 class Streamed(IterableDataset):
     def __iter__(self):
         yield from ()
@@ -124,16 +114,16 @@ class Streamed(IterableDataset):
 def test_streamed_data_sets_only_for_methods_that_need_no_sampler_or_indices(method):
     task = timm_selfkd.create_task(method, timm.create_model('test_resnet', num_classes=10),  # TC's gamma > 1/K
                                    num_epochs=1, steps_per_epoch=4, num_samples=32, batch_size=8)
-    spec = timm_selfkd.get_method(method)
+    wiring = MethodWiring(method, task.method_hparams)
     loader = [object()]  # timm's loader of the streamed set: one batch
     if task.needs.streamed_data:
-        check_method(spec, task.hparams, batch_size=8, dataset=Streamed())
-        attached = attach(task, loader=loader, dataset=Streamed(), batch_size=8, num_epochs=1, seed=0)
+        wiring.check(batch_size=8, dataset=Streamed())
+        attached = wiring.attach(task, loader=loader, dataset=Streamed(), batch_size=8, num_epochs=1, seed=0)
         assert attached.loader is loader and attached.stream is None and attached.steps_per_epoch == 1
         assert task.run.num_samples is None and task.run.batch_info is None
     else:
-        with pytest.raises(UsageError, match=f'--selfkd {method} chooses its batches or reads sample indices'):
-            check_method(spec, task.hparams, batch_size=8, dataset=Streamed())
+        with pytest.raises(UsageError, match=f'^{method} chooses its batches or reads sample indices'):
+            wiring.check(batch_size=8, dataset=Streamed())
     if method in ('none', 'dlb', 'bake'):
         assert task.needs.streamed_data == (method == 'none')
 

@@ -19,7 +19,6 @@ from timm.data.mixup import mixup_target
 
 import timm_selfkd
 from conftest import log_softmax_row
-from timm_selfkd.attach import check_method
 from timm_selfkd.components.losses import mixed_label_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -318,8 +317,7 @@ def test_methods_take_mixup_from_the_loader(method):
     spec = timm_selfkd.get_method(method)
     hparams = spec.hparams_cls()
     needs = spec.task_cls.requirements(hparams)
-    assert needs.mixup == 'loader' and needs.mixup_refusal == ''
-    check_method(spec, hparams, batch_size=8, mixup=True)
+    assert needs.mixup == 'loader'
 
 
 METHOD_ARGS = {'lsrkd_tc': ['--lsrkd-tc-gamma', '0.5']}  # the default 2.5 / K is 0.625 for 4 classes; any > 1/K

@@ -18,7 +18,7 @@ import timm_selfkd
 import test_trajectory_distributed as ddp
 from test_multi_exit import EXIT_FEATURES, EXIT_LOGITS, FEATURES, LOGITS, TARGET, _hint, _kl, _softmax
 from test_preemption import _tensors
-from timm_selfkd.attach import attach, check_method
+from timm_selfkd.wiring import MethodWiring
 from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.base import RunInfo
 from timm_selfkd.registry import build_hparams
@@ -187,15 +187,15 @@ class Streamed(IterableDataset):
 
 def test_streamed_data_sets_are_refused_with_pskd_only():
     model = timm.create_model('test_resnet', num_classes=4)
-    spec = timm_selfkd.get_method('multi_exit')
     loader = [object()]  # timm's loader of the streamed set: one batch
     plain = timm_selfkd.create_task('multi_exit', model)
-    check_method(spec, plain.hparams, batch_size=8, dataset=Streamed())
-    attached = attach(plain, loader=loader, dataset=Streamed(), batch_size=8, num_epochs=2, seed=0)
+    wiring = MethodWiring('multi_exit', plain.hparams)
+    wiring.check(batch_size=8, dataset=Streamed())
+    attached = wiring.attach(plain, loader=loader, dataset=Streamed(), batch_size=8, num_epochs=2, seed=0)
     assert attached.loader is loader and attached.stream is None and attached.steps_per_epoch == 1
     task = timm_selfkd.create_task('multi_exit', model, pskd=True, num_epochs=2, num_samples=8)
-    with pytest.raises(UsageError, match='--selfkd multi_exit chooses its batches or reads sample indices'):
-        check_method(spec, task.hparams, batch_size=8, dataset=Streamed())
+    with pytest.raises(UsageError, match='^multi_exit chooses its batches or reads sample indices'):
+        MethodWiring('multi_exit', task.hparams).check(batch_size=8, dataset=Streamed())
     with pytest.raises(ValueError, match=r'PS-KD \(--multi-exit-pskd\) needs the dataset index'):
         task.bind_run(RunInfo(num_epochs=2, steps_per_epoch=1, num_samples=None, num_classes=4, batch_size=8))
 

@@ -11,7 +11,7 @@ from torch.utils.data import DistributedSampler
 
 import timm_selfkd
 from conftest import hand_ce, hand_kd
-from timm_selfkd.attach import check_method
+from timm_selfkd.wiring import MethodWiring
 from timm_selfkd.components.samplers import ClassGroupBatchSampler, ViewsBatchSampler
 
 # Six rows of logits over 3 classes
@@ -82,14 +82,13 @@ def test_cskd_defaults_and_sampler():
 def test_batch_must_hold_whole_pairs(name, batch_size):
     spec = timm_selfkd.get_method(name)
     spec.task_cls.check_setup(spec.hparams_cls(), batch_size=batch_size + 1)
-    check_method(spec, spec.hparams_cls(), batch_size=batch_size + 1, mixup=False)
+    MethodWiring(spec, spec.hparams_cls()).check(batch_size=batch_size + 1)
     with pytest.raises(ValueError, match='multiple of 2'):
         spec.task_cls.check_setup(spec.hparams_cls(), batch_size=batch_size)
     with pytest.raises(ValueError, match='multiple of 2'):
-        check_method(spec, spec.hparams_cls(), batch_size=batch_size, mixup=False)
+        MethodWiring(spec, spec.hparams_cls()).check(batch_size=batch_size)
     needs = spec.task_cls.requirements(spec.hparams_cls())
-    assert needs.mixup == 'task' and not needs.mixup_refusal  # the pairs are mixed alike (test_mixup_pairs.py)
-    check_method(spec, spec.hparams_cls(), batch_size=batch_size + 1, mixup=True)
+    assert needs.mixup == 'task'  # the pairs are mixed alike (test_mixup_pairs.py)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from torch.utils.data import SequentialSampler
 
 import timm_selfkd
 from conftest import hand_ce, hand_kd
-from timm_selfkd.attach import check_method
+from timm_selfkd.wiring import MethodWiring
 from timm_selfkd.cli import method_hparams, parse_args
 from timm_selfkd.methods.base import RunInfo
 from timm_selfkd.methods.dlb import DLBTask
@@ -58,7 +58,7 @@ def test_stacks_that_cannot_work(name, expected):
 def test_check_setup_of_both_parts():
     spec = timm_selfkd.get_method('ddgsd+dlb')
     spec.task_cls.check_setup(spec.hparams_cls(), batch_size=8)
-    check_method(spec, spec.hparams_cls(), batch_size=8, mixup=False)
+    MethodWiring(spec, spec.hparams_cls()).check(batch_size=8)
     with pytest.raises(ValueError, match='-b 6 gives dlb batches of 3 images .* even batch size'):
         spec.task_cls.check_setup(spec.hparams_cls(), batch_size=6)
     with pytest.raises(ValueError, match='multiple of 2'):
@@ -66,7 +66,6 @@ def test_check_setup_of_both_parts():
     # DLB mixes the stack's batches itself, both views of an image alike (test_mixup_pairs.py)
     needs = spec.task_cls.requirements(spec.hparams_cls())
     assert needs.mixup == 'task' and needs.own_batches
-    check_method(spec, spec.hparams_cls(), batch_size=8, mixup=True)
     with_mmd = timm_selfkd.registry.build_hparams(spec, {'ddgsd': {'mmd_weight': 0.1}})
     with pytest.raises(ValueError, match='mmd_weight must be 0 when DDGSD is stacked'):
         spec.task_cls.check_setup(with_mmd, batch_size=8)

@@ -11,7 +11,7 @@ from timm.data import create_loader
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 import timm_selfkd
-from timm_selfkd.attach import attach
+from timm_selfkd.wiring import MethodWiring
 from timm_selfkd.runtime.data import build_dataset, dataset_labels
 from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset, SampleKey, step_seed
 
@@ -107,8 +107,8 @@ def test_batch_info_indices_match_the_labels_that_arrive(image_folder, method, w
     task = timm_selfkd.create_task(method, timm.create_model('resnet18', num_classes=4), batch_size=8)
     needs = dataclasses.replace(task.needs, sample_indices=True)  # any method's task can read the channel
     monkeypatch.setattr(type(task), 'requirements', classmethod(lambda cls, hparams: needs))
-    attached = attach(task, loader=loader, dataset=dataset, batch_size=8, num_epochs=2, seed=0, rank=0,
-                      world_size=1)
+    attached = MethodWiring(method).attach(task, loader=loader, dataset=dataset, batch_size=8, num_epochs=2,
+                                           seed=0)
     loader, s = attached.loader, attached.stream
     assert s.record and task.run.batch_info == s.pop
     for epoch in range(2):

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.data import DistributedSampler, SequentialSampler
 
 import timm_selfkd
-from timm_selfkd.attach import check_method
+from timm_selfkd.wiring import MethodWiring
 from timm_selfkd.components.losses import bake_targets
 from timm_selfkd.components.samplers import ClassGroupBatchSampler, EpochBatchSampler, LastBatchSampler
 
@@ -379,7 +379,6 @@ def test_check_setup_mixup(name):
     spec = timm_selfkd.get_method(name)
     hparams = spec.hparams_cls()
     spec.task_cls.check_setup(hparams, batch_size=8)
-    check_method(spec, hparams, batch_size=8, mixup=False)
+    MethodWiring(spec, hparams).check(batch_size=8)
     needs = spec.task_cls.requirements(hparams)
     assert needs.mixup == {'dlb': 'task', 'bake': 'loader', 'none': 'loader'}[name]
-    check_method(spec, hparams, batch_size=8, mixup=True)

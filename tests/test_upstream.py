@@ -22,12 +22,12 @@ from timm.data import FastCollateMixup, IterableImageDataset, Mixup
 from conftest import NUM_CLASSES, write_image_folder
 from test_train import METHOD_ARGS
 from timm_selfkd import get_method, list_methods, register_method, registry, upstream
-from timm_selfkd.attach import check_method
 from timm_selfkd.cli import format_methods
 from timm_selfkd.errors import UsageError
 from timm_selfkd.runtime.data import dataset_labels
 from timm_selfkd.methods import PlainTask
 from timm_selfkd.methods.base import Needs
+from timm_selfkd.wiring import MethodWiring
 from timm_selfkd.registry import build_hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,13 +298,15 @@ def test_every_method_trains_with_the_script_s_mixup(image_folder, tmp_path, mon
     needs = get_method(method).task_cls.requirements(build_hparams(get_method(method), {}))
     assert needs.mixup in ('loader', 'task')  # no built-in method refuses mixup
     seen = {}
-    real_attach = upstream.attach
+    real_attach = MethodWiring.attach
 
-    def recording_attach(task, **kwargs):
-        seen.update(mixup=kwargs['mixup'], collate=kwargs['loader'].loader.collate_fn)
-        return real_attach(task, **kwargs)
+    def recording_attach(self, task, **kwargs):
+        mixing = kwargs['mixing']
+        seen.update(mixup=mixing.task_mixup if mixing is not None else None,
+                    collate=kwargs['loader'].loader.collate_fn)
+        return real_attach(self, task, **kwargs)
 
-    monkeypatch.setattr(upstream, 'attach', recording_attach)
+    monkeypatch.setattr(MethodWiring, 'attach', recording_attach)
     upstream.main([script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method, '--mixup', '0.2',
                                                  '--cutmix', '1.0', '--mixup-mode', 'batch')])
     (row,) = read_summary(tmp_path)
@@ -338,30 +340,6 @@ def test_a_self_mixing_method_without_prefetcher_mixes_once_and_stops_at_the_off
                                                  '--no-prefetcher', '--mixup-off-epoch', '1', '--epochs', '2')])
     assert enabled == [True, False]
     assert all(math.isfinite(float(row['train_loss'])) for row in read_summary(tmp_path))
-
-
-AUG_REPEATS_REFUSAL = '--aug-repeats cannot combine with --selfkd {}, which chooses its own batches'
-
-
-@pytest.mark.parametrize('method', list_methods())
-def test_aug_repeats_passes_the_adapter_s_checks_for_every_method(method):
-    """Every built-in method draws its batches from the run's index sampler (`Needs`): --aug-repeats passes the
-    adapter's checks (the runs train: `test_aug_repeats_...gloo`; timm's loader takes it only distributed)."""
-    spec = get_method(method)
-    hparams = build_hparams(spec, {})
-    needs = spec.task_cls.requirements(hparams)
-    assert not needs.own_batches or needs.batches_over_index_sampler
-    check_method(spec, hparams, batch_size=BATCH, aug_repeats=3)
-
-
-def test_aug_repeats_refused_for_a_method_drawing_batches_of_its_own(image_folder, tmp_path, capsys, monkeypatch):
-    """A method whose batches do not come from the run's index sampler is refused before anything runs, with
-    train.py's wording."""
-    from timm_selfkd.methods.bake import BAKETask
-    monkeypatch.setattr(BAKETask, 'requirements', classmethod(lambda cls, hparams: Needs(own_batches=True)))
-    expected = '--aug-repeats cannot combine with --selfkd bake, which chooses its own batches'
-    _refused(capsys, tmp_path, [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', 'bake',
-                                                              '--aug-repeats', '3')], expected, exact=True)
 
 
 # a method that keeps timm's batches and writes, per rank, the dataset indices and labels of every batch it trains on
@@ -467,7 +445,7 @@ def test_streamed_data_sets_where_the_method_allows(tmp_path, image_folder, caps
     argv = [script(V1_0_28), *script_args(image_folder, tmp_path, '--selfkd', method, '--epochs', '2')]
     if not needs.streamed_data:
         _refused(capsys, tmp_path, argv,
-                 f'--selfkd {method} chooses its batches or reads sample indices, which a streamed data set (wds/, '
+                 f'{method} chooses its batches or reads sample indices, which a streamed data set (wds/, '
                  'hfids/, tfds/) cannot give; use a map-style data set', logged_before=True, exact=True)
         return
     caplog.set_level('INFO', logger='train')

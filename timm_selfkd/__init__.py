@@ -10,7 +10,7 @@ A loop of one's own: see `create_task` and `batch_sampler` (README, "Your own tr
 """
 from timm_selfkd.registry import MethodSpec, get_method, list_methods, register_method
 from timm_selfkd import methods  # noqa: F401  (registers the built-in methods)
-from timm_selfkd.attach import batch_sampler, create_task
+from timm_selfkd.wiring import batch_sampler, create_task
 from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask
 
 __all__ = ['create_task', 'batch_sampler', 'register_method', 'list_methods', 'get_method', 'MethodSpec',

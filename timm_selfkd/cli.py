@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from timm.utils import ParseKwargs
 
-from timm_selfkd.attach import REFUSED_OPTIONS, read_recipe, read_recipe_path
+from timm_selfkd.options import REFUSED_OPTIONS, read_recipe, read_recipe_path
 from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.stack import is_layout
 from timm_selfkd.registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods, method_parts

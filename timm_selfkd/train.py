@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 import yaml
-from timm.data import FastCollateMixup, create_loader, resolve_data_config
+from timm.data import create_loader, resolve_data_config
 from timm.data.random_erasing import RandomErasing
 from timm.layers import convert_sync_batchnorm, set_fast_norm
 from timm.models import clean_state_dict, create_model, load_checkpoint
@@ -40,8 +40,8 @@ from timm.utils import (dispatch_clip_grad, distribute_bn, init_distributed_devi
                         setup_default_logging)
 
 from timm_selfkd.errors import UsageError
-from timm_selfkd.attach import attach, check_method, create_mixup, mixup_active
 from timm_selfkd.cli import format_methods, parse_args, recipe_values
+from timm_selfkd.options import mixup_arguments
 from timm_selfkd.runtime.checkpoint import (AMP_SCALER_KEY, CheckpointWriteError, RunSaver, check_same_run,
                                              load_error, read_checkpoint)
 from timm_selfkd.runtime.data import (build_dataset, class_count, dataset_class_map, with_label_noise,
@@ -49,10 +49,10 @@ from timm_selfkd.runtime.data import (build_dataset, class_count, dataset_class_
                                        workers_ignore_stop_signals)
 from timm_selfkd.runtime.run_guard import RunGuard, Verdict
 from timm_selfkd.runtime.metrics import LOWER_IS_BETTER
-from timm_selfkd.registry import get_method
 from timm_selfkd.runtime.batch_stream import seed_everything, step_seed
 from timm_selfkd.runtime.loss_ledger import LossLedger
 from timm_selfkd.runtime.transforms import with_cutout, with_pad_crop
+from timm_selfkd.wiring import MethodWiring
 
 _logger = logging.getLogger('train')
 
@@ -151,9 +151,10 @@ class ConstantLR:
         pass
 
 
-def _criterion_kwargs(args, soft_targets: bool) -> dict:
-    """timm's `create_classification_loss` arguments: cross-entropy (label smoothing, mixup targets) or BCE."""
-    kwargs = dict(smoothing=args.smoothing, soft_targets=soft_targets)
+def _criterion_kwargs(args) -> dict:
+    """timm's `create_classification_loss` arguments: cross-entropy (label smoothing) or BCE (soft targets of
+    mixed batches: `MethodWiring.create_task`)."""
+    kwargs = dict(smoothing=args.smoothing)
     if args.bce_loss:
         kwargs.update(loss_type='bce', bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum,
                       pos_weight=args.bce_pos_weight)
@@ -177,7 +178,7 @@ class Setup:
     def __init__(self, args):
         self.args = args
         # built once by parse_args; taken off `args`, which checkpoints pickle (a plain timm checkpoint's entries)
-        self.spec, self.hparams = get_method(args.selfkd), vars(args).pop('selfkd_hparams')
+        self.wiring = MethodWiring(args.selfkd, vars(args).pop('selfkd_hparams'))
         if args.resume and args.initial_checkpoint:
             raise UsageError('--resume and --initial-checkpoint exclude each other (resume restores the weights)')
         checkpoint = read_checkpoint(args.resume) if args.resume else None
@@ -200,25 +201,22 @@ class Setup:
         if args.in_chans is None and args.input_size:
             args.in_chans = args.input_size[0]
         self.train_dataset, self.eval_dataset = self._datasets()
-        check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
-                     aug_repeats=args.aug_repeats, dataset=self.train_dataset, bce=args.bce_loss)
+        self.wiring.check(batch_size=args.batch_size, dataset=self.train_dataset, bce=args.bce_loss)
         self.model = self._create_model(class_count(self.train_dataset))
         self.data_config = resolve_data_config(vars(args), model=self.model)
-        in_task = self.spec.task_cls.requirements(self.hparams).mixup == 'task'
-        self.mixup = create_mixup(args, self.model.num_classes, collate=not (args.no_prefetcher or in_task))
-        self.loop_mixes = self.mixup is not None and not in_task and args.no_prefetcher  # else the collate mixes
+        self.mixing = self.wiring.mixing(mixup_arguments(args, self.model.num_classes),
+                                         prefetcher=not args.no_prefetcher, off_epoch=args.mixup_off_epoch)
         self.train_loader, self.eval_loader = self._loaders()
         # the loop erases on the batch, under the step's seed (the prefetcher would draw it a step early)
         self.random_erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount,
                                             device=self.device) if args.reprob > 0 and not args.no_prefetcher \
             and not args.no_aug else None
 
-        self.task = self.spec.task_cls(self.model, self.hparams, device=self.device,
-                                       criterion_kwargs=_criterion_kwargs(args, self.mixup is not None))
-        attached = attach(self.task, loader=self.train_loader, dataset=self.train_dataset,
-                          batch_size=args.batch_size, num_epochs=args.epochs, seed=args.seed, rank=args.rank,
-                          world_size=args.world_size, local_rank=args.local_rank,
-                          aug_repeats=args.aug_repeats, mixup=self.mixup if in_task else None)
+        self.task = self.wiring.create_task(self.model, mixed=self.mixing is not None, device=self.device,
+                                            criterion_kwargs=_criterion_kwargs(args))
+        attached = self.wiring.attach(self.task, loader=self.train_loader, dataset=self.train_dataset,
+                                      batch_size=args.batch_size, num_epochs=args.epochs, seed=args.seed,
+                                      aug_repeats=args.aug_repeats, mixing=self.mixing)
         self.train_loader, self.stream = attached.loader, attached.stream
         self.steps_per_epoch = attached.steps_per_epoch  # nominal: DLB's first epoch is one step shorter
         _resolve_lr(args)
@@ -322,7 +320,7 @@ class Setup:
             color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
             gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa,
             train_crop_mode=None if args.train_crop_mode == 'pad' else args.train_crop_mode,
-            collate_fn=self.mixup if isinstance(self.mixup, FastCollateMixup) else None,
+            collate_fn=self.mixing.collate_fn if self.mixing is not None else None,
             **{**common, 'interpolation': args.train_interpolation})
         if args.train_crop_mode == 'pad':
             train_loader.dataset.transform = with_pad_crop(train_loader.dataset.transform, cfg['input_size'][-2:],
@@ -332,7 +330,7 @@ class Setup:
         eval_loader = create_loader(self.eval_dataset, batch_size=args.validation_batch_size or args.batch_size,
                                     is_training=False, crop_pct=cfg['crop_pct'], **common)
         # stop signals sent to the process group are the main process's to act on (a streamed training set's
-        # loader stays this one; `attach` rebuilds the others, keeping the workers' init)
+        # loader stays this one; `MethodWiring.attach` rebuilds the others, keeping the workers' init)
         return workers_ignore_stop_signals(train_loader), workers_ignore_stop_signals(eval_loader)
 
     def _resume(self, checkpoint: dict, path: str) -> None:
@@ -408,8 +406,8 @@ class Run:
         """Train the rest of the current epoch. Loss terms stay on the device between log intervals."""
         s, args, task, p = self.s, self.s.args, self.s.task, self.s.position
         task.train()
-        if s.mixup is not None and args.mixup_off_epoch and p.epoch >= args.mixup_off_epoch:
-            s.mixup.mixup_enabled = False  # the loader's collate mixup, the loop's or the task's: the same object
+        if s.mixing is not None:
+            s.mixing.set_epoch(p.epoch)
         if s.stream is not None:
             s.stream.start_at(p.epoch, p.step)
         elif hasattr(s.train_dataset, 'set_epoch'):  # a streamed data set shuffles per epoch itself
@@ -421,8 +419,8 @@ class Run:
             seed_everything(step_seed(args.seed, args.rank, p.epoch, p.step))
             if args.no_prefetcher:
                 input, target = input.to(s.device), target.to(s.device)
-                if s.loop_mixes:
-                    input, target = s.mixup(input, target)
+                if s.mixing is not None:
+                    input, target = s.mixing.mix(input, target)
             if s.random_erasing is not None:
                 input = s.random_erasing(input)
             if args.channels_last:
@@ -668,7 +666,7 @@ def main(argv: Optional[list] = None) -> None:
                          loop_state=s.loop_state)
         if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
             saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking the checkpoints of this folder
-        _logger.info(f'{args.selfkd}: {s.hparams}; data {s.data_config}; '
+        _logger.info(f'{args.selfkd}: {s.wiring.hparams}; data {s.data_config}; '
                      f'{s.steps_per_epoch} steps per epoch; output {output_dir}')
     run = Run(s, saver, output_dir, _resume_command(argv, args, output_dir) if args.rank == 0 else [])
     s.guard.install()

@@ -31,13 +31,12 @@ import torch.distributed as dist
 import yaml
 from timm.data import FastCollateMixup
 
-from timm_selfkd.attach import (REFUSED_OPTIONS, attach, check_method, create_mixup, mixup_active, read_recipe,
-                                refused_options_set)
 from timm_selfkd.errors import UsageError
 from timm_selfkd.cli import add_selfkd_arguments, format_methods, resolve_selfkd_args
 from timm_selfkd.methods.base import SelfKDTask
-from timm_selfkd.registry import get_method
+from timm_selfkd.options import REFUSED_OPTIONS, mixup_active, mixup_arguments, read_recipe, refused_options_set
 from timm_selfkd.runtime.loss_ledger import LossLedger
+from timm_selfkd.wiring import Mixing, MethodWiring
 
 __all__ = ['IncompatibleScript', 'check_script', 'load_script', 'Injection', 'run', 'main']
 
@@ -228,14 +227,13 @@ class Injection:
     def __init__(self, module: ModuleType):
         self.module = module
         self.args: Optional[argparse.Namespace] = None
-        self.spec = None
-        self.hparams = None
+        self.wiring: Optional[MethodWiring] = None
         self.task: Optional[SelfKDTask] = None
         self.loader: Optional[_LoaderSlot] = None
         self.dataset = None
         self.batch_size = 0
         self.stream = None
-        self.task_mixup = None  # the batch-form Mixup of a method that mixes its batches itself
+        self.mixing: Optional[Mixing] = None  # the batch-form Mixup of a method that mixes its batches itself
         self.in_epoch = False
         self.ledger = LossLedger()
         self.log_filter = _TermsInLog(self)
@@ -269,12 +267,10 @@ class Injection:
                 sys.exit(0)
             before = dict(vars(args))
             try:
-                self.hparams = resolve_selfkd_args(args, read_recipe(sys.argv[1:]), sys.argv[1:])
-                self.spec = get_method(args.selfkd)
+                self.wiring = MethodWiring(args.selfkd,
+                                           resolve_selfkd_args(args, read_recipe(sys.argv[1:]), sys.argv[1:]))
                 refused_options_set(args, self.refused_defaults)
-                check_method(self.spec, self.hparams, batch_size=args.batch_size, mixup=mixup_active(args),
-                             aug_repeats=getattr(args, 'aug_repeats', 0) or 0,
-                             bce=bool(getattr(args, 'bce_loss', False)))
+                self.wiring.check(batch_size=args.batch_size, bce=bool(getattr(args, 'bce_loss', False)))
             except ValueError as e:
                 raise UsageError(str(e)) from e
             self.args = args
@@ -296,7 +292,7 @@ class Injection:
                                      'loader from timm.data.create_loader(is_training=True), whose batches the '
                                      'method must choose')
         try:
-            task = self.spec.task_cls(model, self.hparams, **bound)
+            task = self.wiring.create_task(model, mixed=mixup_active(self.args), **bound)
             self._attach(task)
         except ValueError as e:  # a model or data set the method cannot train, e.g. a class with one image for BAKE
             raise UsageError(str(e)) from e
@@ -312,7 +308,7 @@ class Injection:
             call.apply_defaults()
             if not call.arguments.get('is_training'):
                 return create_loader(dataset, *a, **kw)
-            check_method(self.spec, self.hparams, batch_size=call.arguments['batch_size'], dataset=dataset)
+            self.wiring.check(batch_size=call.arguments['batch_size'], dataset=dataset)
             self.dataset, self.batch_size = dataset, call.arguments['batch_size']
             if self._task_mixes() and isinstance(call.arguments.get('collate_fn'), FastCollateMixup):
                 call.arguments['collate_fn'] = None  # unmixed batches: the method mixes them (`_attach`)
@@ -325,16 +321,16 @@ class Injection:
         """The method's batches into the training loader and the run's facts into the task (`attach`)."""
         args = self.args
         if self._task_mixes():
-            self.task_mixup = create_mixup(args, task.get_eval_model().num_classes, collate=False)
-        attached = attach(task, loader=self.loader.loader, dataset=self.dataset, batch_size=self.batch_size,
-                          num_epochs=args.epochs, seed=args.seed, rank=args.rank, world_size=args.world_size,
-                          local_rank=args.local_rank, aug_repeats=getattr(args, 'aug_repeats', 0) or 0,
-                          mixup=self.task_mixup)
+            self.mixing = self.wiring.mixing(mixup_arguments(args, task.get_eval_model().num_classes),
+                                             prefetcher=False, off_epoch=getattr(args, 'mixup_off_epoch', 0))
+        attached = self.wiring.attach(task, loader=self.loader.loader, dataset=self.dataset,
+                                      batch_size=self.batch_size, num_epochs=args.epochs, seed=args.seed,
+                                      aug_repeats=getattr(args, 'aug_repeats', 0) or 0, mixing=self.mixing)
         self.loader.swap(attached.loader)
         self.stream = attached.stream
         if args.rank == 0:
             batches = type(self.stream.batch_sampler).__name__ if self.stream is not None else 'the data set\'s stream'
-            self.module._logger.info(f'timm_selfkd: --selfkd {task.method}: {type(task).__name__} ({self.hparams}) in '
+            self.module._logger.info(f'timm_selfkd: --selfkd {task.method}: {type(task).__name__} ({self.wiring.hparams}) in '
                                      f'place of ClassificationTask; batches from {batches}, {attached.steps_per_epoch} '
                                      'per epoch')
 
@@ -345,7 +341,7 @@ class Injection:
 
     def _task_mixes(self) -> bool:
         """Mixup is on and the method mixes its batches itself: the script's collate or loop must not."""
-        return mixup_active(self.args) and self.spec.task_cls.requirements(self.hparams).mixup == 'task'
+        return mixup_active(self.args) and self.wiring.task_mixes
 
     def _wrap_train_one_epoch(self, train_one_epoch: Callable) -> Callable:
         signature = inspect.signature(train_one_epoch)
@@ -353,13 +349,12 @@ class Injection:
         def wrapped(epoch, *a, **kw):
             if self.task is None:
                 raise RuntimeError(f'{PROG}: the script trains without building its ClassificationTask')
-            if self.task_mixup is not None:
+            if self.mixing is not None:
                 call = signature.bind(epoch, *a, **kw)
                 if 'mixup_fn' in call.arguments:
                     call.arguments['mixup_fn'] = None  # the method mixes (the script's loop would mix again)
                 epoch, a, kw = call.args[0], call.args[1:], call.kwargs
-                off = getattr(self.args, 'mixup_off_epoch', 0)
-                self.task_mixup.mixup_enabled = not (off and epoch >= off)  # as the script's own switch
+                self.mixing.set_epoch(epoch)  # as the script's own switch
             if self.stream is not None:
                 self.stream.set_epoch(epoch)  # v1.0.28 does not tell a batch sampler the epoch
             self.ledger = LossLedger()

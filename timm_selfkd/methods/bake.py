@@ -58,7 +58,7 @@ class BAKETask(SelfKDTask):
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return Needs(mixup='loader', own_batches=True, batches_over_index_sampler=True)
+        return Needs(mixup='loader', own_batches=True)
 
     def wrap_model(self, model):
         return LogitsAndFeatures(model)

@@ -12,10 +12,11 @@ from timm.utils import unwrap_model
 from timm.task import TrainingTask, resolve_classification_loss
 
 from timm_selfkd.components.losses import float32_region
+from timm_selfkd.methods.layout import BatchLayout
 from timm_selfkd.runtime.metrics import CalibrationEvaluator
 from timm_selfkd.runtime.batch_stream import BatchInfo
 
-__all__ = ['Needs', 'refuse_mixup', 'RunInfo', 'SelfKDTask', 'ModelWrapper', 'LogitsAndFeatures', 'has_pooled_features',
+__all__ = ['Needs', 'RunInfo', 'SelfKDTask', 'ModelWrapper', 'LogitsAndFeatures', 'has_pooled_features',
            'check_range', 'world_size']
 
 
@@ -23,55 +24,45 @@ __all__ = ['Needs', 'refuse_mixup', 'RunInfo', 'SelfKDTask', 'ModelWrapper', 'Lo
 class Needs:
     """What a method needs from the run that trains it: its one record, computed from its hyper-parameters by
     `SelfKDTask.requirements(hparams)`. The training loop, the upstream adapter, `create_task` and stacks read
-    this record and the hooks of `SelfKDTask`, nothing else (`timm_selfkd.attach` wires it).
+    this record and the hooks of `SelfKDTask`, nothing else (`timm_selfkd.wiring` wires it).
 
     ======================  =========  ==========================================================  ===========
-    field                   default    the method ...                                              read by
+    field                   default    the method ...                                              used by
     ======================  =========  ==========================================================  ===========
-    `run_facts`             {}         needs these `RunInfo` facts in `bind_run` (name -> why)     create_task
-    `own_batches`           False      chooses which images share a batch (`batch_sampler`)        attach, stack
-    `batches_over_index_    False      draws its own batches from the run's index sampler, so      attach
-     sampler`                          timm's repeated augmentation (--aug-repeats) composes
-    `sample_indices`        False      reads each row's dataset index and epoch (`batch_info()`)   attach
-                                       in every training forward
-    `mixup`                 'loader'   takes mixup/CutMix as 'loader' (mixed batches, soft         attach
-                                       targets), 'task' (unmixed batches, hard labels; it mixes
-                                       them with `RunInfo.mixup`) or 'refused'
-    `mixup_refusal`         ''         cannot train on mixed images, for this one-line reason      attach
-    `bce_refusal`           ''         cannot train with --bce-loss, for this one-line reason (a   attach
+    `run_facts`             {}         needs these `RunInfo` facts in `bind_run` (name -> why)     DLB, MrKD,
+                                                                                                   PS-KD, BYOT
+    `own_batches`           False      chooses which images share a batch (`batch_sampler`, drawn  DLB, BAKE,
+                                       from the run's index sampler, so that --aug-repeats         CS-KD, DDGSD
+                                       composes)
+    `sample_indices`        False      reads each row's dataset index and epoch (`batch_info()`)   PS-KD, BYOT
+                                       in every training forward                                   + PS-KD
+    `mixup`                 'loader'   takes mixup/CutMix as 'loader' (mixed batches, soft         DLB, CS-KD,
+                                       targets) or 'task' (unmixed batches, hard labels; it mixes  DDGSD, PS-KD,
+                                       them with `RunInfo.mixup`)                                  MixSKD: task
+    `bce_refusal`           ''         cannot train with --bce-loss, for this one-line reason (a   PS-KD
                                        loss defined only for softmax); '': its hard-label term is
                                        the criterion (`cross_entropy`), which BCE then replaces
-    `row_aligned_output`    True       returns `output` with one row per input row, in order       stack
-    `rows_per_image`        0          is a batch layout making each image this many rows (the     stack, cli
-                                       layout hooks of `SelfKDTask`); 0: a method
+    `row_aligned_output`    True       returns `output` with one row per input row, in order, so   CS-KD: False
+                                       that a batch layout can stack on it
     ======================  =========  ==========================================================  ===========
 
     Derived: `streamed_data` (a streamed data set, which has neither sampler nor indices, can train the method).
+    A batch layout (DDGSD) declares its layout on the task class (`SelfKDTask.layout`), not here.
     """
     run_facts: Mapping[str, str] = field(default_factory=dict)
     own_batches: bool = False
-    batches_over_index_sampler: bool = False
     sample_indices: bool = False
     mixup: str = 'loader'
-    mixup_refusal: str = ''
     bce_refusal: str = ''
     row_aligned_output: bool = True
-    rows_per_image: int = 0
 
     def __post_init__(self):
-        if self.mixup not in ('loader', 'task', 'refused'):
-            raise ValueError(f"Needs.mixup must be 'loader', 'task' or 'refused', got {self.mixup!r}")
-        if (self.mixup == 'refused') != bool(self.mixup_refusal):
-            raise ValueError("Needs.mixup_refusal gives the reason of mixup='refused', and only then")
+        if self.mixup not in ('loader', 'task'):
+            raise ValueError(f"Needs.mixup must be 'loader' or 'task', got {self.mixup!r}")
 
     @property
     def streamed_data(self) -> bool:
         return not (self.own_batches or self.sample_indices)
-
-
-def refuse_mixup(reason: str, **kwargs) -> Needs:
-    """The record of a method that cannot train on mixed images, for `reason`."""
-    return Needs(mixup='refused', mixup_refusal=reason, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -187,23 +178,28 @@ class SelfKDTask(TrainingTask):
     """Base class of every method: returns `loss`, `output` and named loss terms from `forward`.
 
     A method declares what it needs from a run in one record, `requirements(hparams) -> Needs` (see `Needs`),
-    and implements `forward`. The hooks, each optional, and who calls them:
+    and implements `forward`. The hooks, each optional, who calls them (`timm_selfkd.wiring` for the three ways
+    of running) and which methods define them:
 
-    ==============================================  ============================================  ==============
-    hook                                            what it is for                                called by
-    ==============================================  ============================================  ==============
-    `requirements(hparams)` (class method)          the method's `Needs`                          attach, stack
-    `check_setup(hparams, batch_size=)` (class)     refuse what cannot train at this batch size   attach
-    `wrap_model(model)`                             the trainable module (default: the model)     `__init__`
-    `batch_sampler(index_sampler, labels, ...)`     the batches, for `Needs.own_batches`          attach
-    `bind_run(run)`                                 the run's facts (`RunInfo`: length, data-set  attach
-                                                    size, mixup, batch-information source)
-    `get/load/check/sync_task_state`                state that survives `--resume` (gathered      checkpoints
-                                                    from every rank before a save)
-    `eval_forward(ema)`, `create_evaluator()`       what validation calls and measures            the loops
-    `check_stack`, `wrap_batch_sampler`,            a batch layout (`Needs.rows_per_image > 0`)   stack
-    `layout_terms` (class methods)                  under a stack
-    ==============================================  ============================================  ==============
+    ===========================================  ===================================  ===========  =================
+    hook                                         what it is for                       called by    defined by
+    ===========================================  ===================================  ===========  =================
+    `requirements(hparams)` (class method)       the method's `Needs`                 wiring,      every method
+                                                                                      stack
+    `check_setup(hparams, batch_size=)` (class)  refuse what cannot train at this     wiring       batch choosers,
+                                                 batch size                                        stack
+    `wrap_model(model)`                          the trainable module (default: the   `__init__`   most methods
+                                                 model)
+    `batch_sampler(index_sampler, labels, ...)`  the batches, for `Needs.own_batches` wiring       batch choosers,
+                                                                                                   stack
+    `bind_run(run)`                              the run's facts (`RunInfo`: length,  wiring       most methods
+                                                 data-set size, mixup, batch records)
+    `get/load/check/sync_task_state`             state that survives `--resume`       checkpoints  stateful methods
+                                                 (gathered from every rank first)
+    `eval_forward(ema)`, `create_evaluator()`    what validation calls and measures   the loops    exits (BYOT, DKS)
+    `layout` (class attribute)                   a `BatchLayout` that can lead a      stack        DDGSD
+                                                 stack (`methods/layout.py`)
+    ===========================================  ===================================  ===========  =================
 
     A task with `Needs.sample_indices` calls `batch_info()` once per training `forward`. The method's name and
     hyper-parameters travel with the task (`task.method`, `task.hparams`, `task.needs`).
@@ -215,6 +211,8 @@ class SelfKDTask(TrainingTask):
         criterion_kwargs: e.g. `dict(smoothing=0.1)`.
         device: Device of the task's tensors.
     """
+
+    layout: Optional[BatchLayout] = None  # a batch layout's hooks (`methods/layout.py`); None: not a layout
 
     def __init__(
             self,
@@ -308,22 +306,6 @@ class SelfKDTask(TrainingTask):
         if batch_size is not None and info.indices.numel() != batch_size:
             raise RuntimeError(f'batch information of {info.indices.numel()} images for a batch of {batch_size}')
         return BatchInfo(info.epoch, info.step, info.indices.to(self.device, non_blocking=True))
-
-    # The hooks of a batch layout (`Needs.rows_per_image > 0`), read by `timm_selfkd.methods.stack`.
-
-    @classmethod
-    def check_stack(cls, hparams: Any) -> None:
-        """Raise a ValueError for layout hyper-parameters that cannot stack on a method."""
-
-    @classmethod
-    def wrap_batch_sampler(cls, hparams: Any, sampler: Sampler) -> Sampler:
-        """The layout's batches made from a method's batch sampler (exposed again as `.batch_sampler`)."""
-        raise NotImplementedError(f'{cls.__name__} is not a batch layout')
-
-    @classmethod
-    def layout_terms(cls, hparams: Any, output: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """The layout's weighted loss on a method's logits, and its named terms."""
-        raise NotImplementedError(f'{cls.__name__} is not a batch layout')
 
     def unwrapped_module(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
         """`module`, or the trainable module (of the EMA model with `ema`), without its DDP/compile/EMA wrappers:

@@ -50,8 +50,7 @@ class CSKDTask(SelfKDTask):
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return Needs(own_batches=True, batches_over_index_sampler=True, mixup='task',
-                     row_aligned_output=False)  # logits of the anchors only
+        return Needs(own_batches=True, mixup='task', row_aligned_output=False)  # logits of the anchors only
 
     def bind_run(self, run) -> None:
         super().bind_run(run)

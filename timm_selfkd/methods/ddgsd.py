@@ -9,6 +9,7 @@ from timm_selfkd.components.replayed_mixup import SharedMix
 from timm_selfkd.registry import register_method
 from timm_selfkd.components.samplers import EpochBatchSampler, ViewsBatchSampler
 from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, check_range
+from timm_selfkd.methods.layout import BatchLayout
 
 VIEWS = 2
 
@@ -28,6 +29,52 @@ class DDGSDHparams:
         check_range('ddgsd', 'mmd_weight', self.mmd_weight, 0.)
 
 
+class ViewsLayout(BatchLayout):
+    """DDGSD's batch layout: every image as `VIEWS` consecutive rows (views), made to agree (the class
+    docstring of `DDGSDTask` gives the terms and the mixing)."""
+
+    rows_per_image = VIEWS
+
+    def check_stack(self, hparams: DDGSDHparams) -> None:
+        """Refuse what a stack cannot do: the other method's forward gives logits only, no pooled features."""
+        if hparams.mmd_weight > 0:
+            raise ValueError('ddgsd mmd_weight must be 0 when DDGSD is stacked on another method (that method\'s '
+                             'forward gives no pooled features; DLB\'s comparison also drops the MMD)')
+
+    def wrap_batch_sampler(self, hparams: DDGSDHparams, batch_sampler) -> ViewsBatchSampler:
+        """Every image of `batch_sampler`'s batches as two consecutive rows (views)."""
+        return ViewsBatchSampler(batch_sampler, VIEWS)
+
+    def terms(self, hparams: DDGSDHparams, output: torch.Tensor, features: Optional[torch.Tensor] = None):
+        """The view terms of a batch of view pairs: (their weighted sum, {'kd': ..., 'mmd': ...})."""
+        view_a, view_b = output[0::VIEWS], output[1::VIEWS]
+        temperature = hparams.temperature
+        terms = {'kd': kd_kl_from_logits(view_a, view_b, temperature) + kd_kl_from_logits(view_b, view_a, temperature)}
+        total = hparams.weight * terms['kd']
+        if features is not None:
+            terms['mmd'] = linear_mmd(features[0::VIEWS], features[1::VIEWS])
+            total = total + hparams.mmd_weight * terms['mmd']
+        return total, terms
+
+    def mixer(self, mixup) -> 'ViewsMix':
+        return ViewsMix(mixup)
+
+
+class ViewsMix:
+    """Mixes a batch of view pairs in place, each view block (rows v::VIEWS) with one shared mix (`shared`) of
+    timm's batch-form `mixup`; returns the rows' mixed targets (B, K)."""
+
+    def __init__(self, mixup):
+        self.shared = SharedMix(mixup, 'DDGSD\'s mix of view pairs')
+
+    def __call__(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        soft = self.shared([input[v::VIEWS] for v in range(VIEWS)], [target[v::VIEWS] for v in range(VIEWS)])
+        out = soft[0].new_empty((input.shape[0], soft[0].shape[1]))
+        for v in range(VIEWS):
+            out[v::VIEWS] = soft[v]
+        return out
+
+
 @register_method('ddgsd', hparams=DDGSDHparams, paper='Xu & Liu, Data-Distortion Guided Self-Distillation for '
                                                       'Deep Neural Networks, AAAI 2019')
 class DDGSDTask(SelfKDTask):
@@ -40,7 +87,7 @@ class DDGSDTask(SelfKDTask):
     (features from the same forward pass, `LogitsAndFeatures`).
 
     Mixup/CutMix (no source says, the paper has none; the natural extension, issue 15): the task mixes each batch
-    itself (`mix_views`, timm's parameters and draws) so that the two views of an image stay two views of one
+    itself (`ViewsLayout.mixer`, timm's parameters and draws) so that the two views of an image stay two views of one
     mixed image: with n images, the first views (rows 0::2) are mixed image i with image n-1-i, and the second
     views (rows 1::2) with the same partner image and the same lambda/box; both rows of image i get the target
     `lam y_i + (1 - lam) y_(n-1-i)` (smoothed), and the view terms compare the two views of that mixed image.
@@ -48,37 +95,23 @@ class DDGSDTask(SelfKDTask):
     getting it. Stacked on DLB, DLB's replayed mix does the mixing (`methods/stack.py`; batch mode only).
 
     DDGSD is also a batch layout that stacks on another method (`--selfkd ddgsd+dlb`, `methods/stack.py`): it
-    expands that method's batches into views (`wrap_batch_sampler`) and adds its view terms (`layout_terms`)
-    to that method's loss.
+    expands that method's batches into views and adds its view terms to that method's loss (`ViewsLayout`, the
+    hooks of `methods/layout.py`).
     """
+
+    layout = ViewsLayout()
 
     def __init__(self, model, hparams: DDGSDHparams, **kwargs):
         super().__init__(model, hparams, **kwargs)
-        self.mixer: Optional[SharedMix] = None
+        self.mix: Optional[ViewsMix] = None
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return Needs(own_batches=True, batches_over_index_sampler=True, mixup='task', rows_per_image=VIEWS)
+        return Needs(own_batches=True, mixup='task')
 
     def bind_run(self, run) -> None:
         super().bind_run(run)
-        self.mixer = self.views_mixer(run.mixup)
-
-    @classmethod
-    def views_mixer(cls, mixup) -> Optional[SharedMix]:
-        """The mixer of `mix_views` for timm's batch-form `mixup` (None: no mixing)."""
-        return SharedMix(mixup, 'DDGSD\'s mix of view pairs') if mixup is not None else None
-
-    @classmethod
-    def mix_views(cls, mixer: SharedMix, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mix a batch of view pairs in place, each view block (rows v::VIEWS) with one shared mix; return the
-        rows' mixed targets (B, K)."""
-        views = [input[v::VIEWS] for v in range(VIEWS)]
-        soft = mixer(views, [target[v::VIEWS] for v in range(VIEWS)])
-        out = soft[0].new_empty((input.shape[0], soft[0].shape[1]))
-        for v in range(VIEWS):
-            out[v::VIEWS] = soft[v]
-        return out
+        self.mix = self.layout.mixer(run.mixup) if run.mixup is not None else None
 
     def wrap_model(self, model):
         return LogitsAndFeatures(model) if self.hparams.mmd_weight > 0 else model
@@ -87,39 +120,15 @@ class DDGSDTask(SelfKDTask):
     def check_setup(cls, hparams, *, batch_size):
         ViewsBatchSampler.check_batch_size(batch_size, VIEWS)
 
-    @classmethod
-    def check_stack(cls, hparams) -> None:
-        """Refuse what a stack cannot do: the other method's forward gives logits only, no pooled features."""
-        if hparams.mmd_weight > 0:
-            raise ValueError('ddgsd mmd_weight must be 0 when DDGSD is stacked on another method (that method\'s '
-                             'forward gives no pooled features; DLB\'s comparison also drops the MMD)')
-
     def batch_sampler(self, *, index_sampler, batch_size, **_):
-        return self.wrap_batch_sampler(self.hparams, EpochBatchSampler(index_sampler, batch_size // VIEWS))
-
-    @classmethod
-    def wrap_batch_sampler(cls, hparams, batch_sampler) -> ViewsBatchSampler:
-        """Every image of `batch_sampler`'s batches as two consecutive rows (views)."""
-        return ViewsBatchSampler(batch_sampler, VIEWS)
-
-    @classmethod
-    def layout_terms(cls, hparams, output: torch.Tensor, features: Optional[torch.Tensor] = None):
-        """The view terms of a batch of view pairs: (their weighted sum, {'kd': ..., 'mmd': ...})."""
-        view_a, view_b = output[0::VIEWS], output[1::VIEWS]
-        temperature = hparams.temperature
-        terms = {'kd': kd_kl_from_logits(view_a, view_b, temperature) + kd_kl_from_logits(view_b, view_a, temperature)}
-        total = hparams.weight * terms['kd']
-        if features is not None:
-            terms['mmd'] = linear_mmd(features[0::VIEWS], features[1::VIEWS])
-            total = total + hparams.mmd_weight * terms['mmd']
-        return total, terms
+        return self.layout.wrap_batch_sampler(self.hparams, EpochBatchSampler(index_sampler, batch_size // VIEWS))
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if self.mixer is not None and self.training:
-            target = self.mix_views(self.mixer, input, target)
+        if self.mix is not None and self.training:
+            target = self.mix(input, target)
         result = self.trainable_module(input)
         output, features = result if isinstance(result, tuple) else (result, None)
         loss_ce = self.cross_entropy(output, target)
-        extra, terms = self.layout_terms(self.hparams, output, features)
+        extra, terms = self.layout.terms(self.hparams, output, features)
         return {'loss': loss_ce + extra, 'output': output, 'loss_ce': loss_ce,
                 **{f'loss_{name}': value for name, value in terms.items()}}

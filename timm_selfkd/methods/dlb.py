@@ -49,7 +49,7 @@ class DLBTask(SelfKDTask):
 
     @classmethod
     def requirements(cls, hparams) -> Needs:
-        return Needs(own_batches=True, batches_over_index_sampler=True, mixup='task',
+        return Needs(own_batches=True, mixup='task',
                      run_facts={'batch_size': 'the rows of each step, half of which the next step repeats'})
 
     @classmethod

@@ -1,29 +1,28 @@
 """Stacks: a batch-layout method on top of another method, selected as `--selfkd LAYOUT+METHOD`.
 
-A batch layout changes which rows a batch holds and adds loss terms that read that layout; DDGSD is one (every
-image as two views, and the agreement of the views). Stacked on a method, e.g. `ddgsd+dlb` (DLB paper, sec.
-4.3: "distilling the last mini-batch for both two predictions from different augmented versions"):
+A batch layout (`methods/layout.py`: the protocol and the table of its hooks) changes which rows a batch holds and
+adds loss terms that read that layout; DDGSD is one (every image as two views, and the agreement of the views).
+Stacked on a method, e.g. `ddgsd+dlb` (DLB paper, sec. 4.3: "distilling the last mini-batch for both two
+predictions from different augmented versions"):
 
-- batches: the method's own batch sampler, built for `-b / rows_per_image` images, expanded by the layout
-  (`wrap_batch_sampler`). A layout that keeps the order of the images (views of an image are consecutive rows)
-  keeps the method's structure: DLB's repeated part still heads the batch, now as both views of each image.
+- batches: the method's own batch sampler (or plain batches from the run's index sampler), built for
+  `-b / rows_per_image` images, expanded by the layout (`wrap_batch_sampler`). A layout that keeps the order of
+  the images (rows of an image are consecutive) keeps the method's structure: DLB's repeated part still heads
+  the batch, now as both views of each image.
 - loss: the method's `forward` on the expanded batch (its cross-entropy covers every row, so every view), plus
-  the layout's weighted terms on the method's logits (`layout_terms`), logged as `loss_<layout>_<term>`.
-- needs: the method's `Needs`, with its own batches, and mixup refused when either part refuses it.
-- mixup/CutMix, when the layout mixes its batches itself (`Needs.mixup == 'task'`, DDGSD: the views of an image
-  must get one mix): a method that mixes itself (DLB's `ReplayMixup`, PS-KD) mixes the expanded batch, and
-  pairs row r of each block it mixes with row n-1-r of that block, one lambda/box per block; its blocks hold whole
-  images (DLB's halves), so the views of image i all go with the views of one partner image (in reversed view
-  order) under one lambda/box and stay views of one mixed image. That holds in `--mixup-mode batch` only (in
-  'pair'/'elem' the views of an image would be in different pairs, under different lambdas): other modes are
-  refused there. A method that takes mixed batches from the loader gets them mixed by the layout instead
-  (`mix_views`, every mode), as the layout alone would mix them.
+  the layout's weighted `terms` on the method's logits, logged as `loss_<layout>_<term>`.
+- needs: the method's `Needs`, with its own batches, and mixing in the task.
+- mixup/CutMix: a method that mixes itself (DLB's `ReplayMixup`, PS-KD) mixes the expanded batch, and pairs row
+  r of each block it mixes with row n-1-r of that block, one lambda/box per block; its blocks hold whole images
+  (DLB's halves), so the rows of image i all go with the rows of one partner image (in reversed order) under one
+  lambda/box and stay rows of one mixed image. That holds in `--mixup-mode batch` only (in 'pair'/'elem' the rows
+  of an image would be in different pairs, under different lambdas): other modes are refused there. A method
+  that takes mixed batches from the loader gets them mixed by the layout instead (its `mixer`, every mode), as
+  the layout alone would mix them.
 - everything else (state, resume, `bind_run` with the batch size in rows) is the method's.
 
-A layout is a method whose `Needs.rows_per_image` is above 0 and which implements the layout hooks of
-`SelfKDTask` (`check_stack`, `wrap_batch_sampler`, `layout_terms`). The method must give logits for every row of
-its batch (`Needs.row_aligned_output`; not CS-KD, whose partners are only a teacher). Each part keeps its own
-flags and YAML keys (`--ddgsd-weight`, `--dlb-alpha`).
+The method must give logits for every row of its batch (`Needs.row_aligned_output`; not CS-KD, whose partners are
+only a teacher). Each part keeps its own flags and YAML keys (`--ddgsd-weight`, `--dlb-alpha`).
 """
 import dataclasses
 from typing import Tuple, Type
@@ -36,8 +35,8 @@ __all__ = ['is_layout', 'build_stack']
 
 
 def is_layout(spec: MethodSpec) -> bool:
-    """Whether a method is a batch layout that stacks on other methods (at its default hyper-parameters)."""
-    return spec.task_cls.requirements(spec.hparams_cls()).rows_per_image > 0
+    """Whether a method is a batch layout that can lead a stack."""
+    return spec.task_cls.layout is not None
 
 
 def build_stack(layout: MethodSpec, base: MethodSpec) -> Tuple[Type, Type]:
@@ -59,8 +58,8 @@ def build_stack(layout: MethodSpec, base: MethodSpec) -> Tuple[Type, Type]:
 
 
 def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
-    layout_cls, base_cls = layout.task_cls, base.task_cls
-    rows = layout_cls.requirements(layout.hparams_cls()).rows_per_image
+    layout_cls, base_cls, hooks = layout.task_cls, base.task_cls, layout.task_cls.layout
+    name, rows = f'{layout.name}{STACK_SEPARATOR}{base.name}', hooks.rows_per_image
 
     class StackedTask(base_cls):
         __doc__ = f'{layout.name} batch layout stacked on {base.name} (see timm_selfkd.methods.stack).'
@@ -68,7 +67,7 @@ def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
         def __init__(self, model, hparams, **kwargs):
             super().__init__(model, getattr(hparams, base.name), **kwargs)
             self.stack_hparams, self.layout_hparams = hparams, getattr(hparams, layout.name)
-            self.layout_mixer = None  # the layout's own mix of the views, when the method takes mixed batches
+            self.layout_mix = None  # the layout's own mix of its rows, when the method takes mixed batches
 
         @property
         def method_hparams(self):
@@ -78,49 +77,39 @@ def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
         def requirements(cls, hparams) -> Needs:
             layout_needs = layout_cls.requirements(getattr(hparams, layout.name))
             base_needs = base_cls.requirements(getattr(hparams, base.name))
-            refusing = next((needs for needs in (layout_needs, base_needs) if needs.mixup == 'refused'), None)
-            if refusing is not None:
-                return dataclasses.replace(base_needs, own_batches=True, mixup='refused',
-                                           mixup_refusal=refusing.mixup_refusal)
-            mixup = 'task' if 'task' in (layout_needs.mixup, base_needs.mixup) else base_needs.mixup
-            # the layout expands the method's batches, or plain ones drawn from the run's index sampler
-            over_index_sampler = base_needs.batches_over_index_sampler or not base_needs.own_batches
-            return dataclasses.replace(base_needs, own_batches=True, mixup=mixup,
-                                       batches_over_index_sampler=over_index_sampler,
+            return dataclasses.replace(base_needs, own_batches=True, mixup='task',
                                        bce_refusal=base_needs.bce_refusal or layout_needs.bce_refusal)
 
         def bind_run(self, run) -> None:
             base_mixes = base_cls.requirements(self.hparams).mixup == 'task'
             if base_mixes and run.mixup is not None and run.mixup.mode != 'batch':
-                raise ValueError(f'{layout.name}{STACK_SEPARATOR}{base.name} with --mixup-mode {run.mixup.mode}: '
-                                 f'{base.name} mixes the batch itself, which keeps the {rows} rows of an image under '
-                                 'one mix only in --mixup-mode batch')
-            super().bind_run(run)
-            layout_mixes = base_cls.requirements(self.hparams).mixup == 'loader' and run.mixup is not None
-            self.layout_mixer = layout_cls.views_mixer(run.mixup) if layout_mixes else None
+                raise ValueError(f'{name} with --mixup-mode {run.mixup.mode}: {base.name} mixes the batch itself, '
+                                 f'which keeps the {rows} rows of an image under one mix only in --mixup-mode batch')
+            super().bind_run(run if base_mixes else dataclasses.replace(run, mixup=None))
+            self.layout_mix = hooks.mixer(run.mixup) if not base_mixes and run.mixup is not None else None
 
         @classmethod
         def check_setup(cls, hparams, *, batch_size):
             layout_hparams, base_hparams = getattr(hparams, layout.name), getattr(hparams, base.name)
             layout_cls.check_setup(layout_hparams, batch_size=batch_size)
-            layout_cls.check_stack(layout_hparams)
+            hooks.check_stack(layout_hparams)
             try:
                 base_cls.check_setup(base_hparams, batch_size=batch_size // rows)
             except ValueError as e:
-                raise ValueError(f'{layout.name}{STACK_SEPARATOR}{base.name} with -b {batch_size} gives {base.name} '
-                                 f'batches of {batch_size // rows} images ({rows} rows each): {e}') from e
+                raise ValueError(f'{name} with -b {batch_size} gives {base.name} batches of {batch_size // rows} '
+                                 f'images ({rows} rows each): {e}') from e
 
         def batch_sampler(self, *, index_sampler, batch_size, **kwargs):
             images = batch_size // rows
             inner = super().batch_sampler(index_sampler=index_sampler, batch_size=images, **kwargs) \
                 if base_cls.requirements(self.hparams).own_batches else EpochBatchSampler(index_sampler, images)
-            return layout_cls.wrap_batch_sampler(self.layout_hparams, inner)
+            return hooks.wrap_batch_sampler(self.layout_hparams, inner)
 
         def forward(self, input, target):
-            if self.layout_mixer is not None and self.training:
-                target = layout_cls.mix_views(self.layout_mixer, input, target)
+            if self.layout_mix is not None and self.training:
+                target = self.layout_mix(input, target)
             out = super().forward(input, target)
-            extra, terms = layout_cls.layout_terms(self.layout_hparams, out['output'])
+            extra, terms = hooks.terms(self.layout_hparams, out['output'])
             out['loss'] = out['loss'] + extra
             out.update({f'loss_{layout.name}_{term}': value for term, value in terms.items()})
             return out
