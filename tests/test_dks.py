@@ -260,7 +260,8 @@ def test_task_state_round_trip_and_ema():
     assert {'exit1_top1', 'exit2_top1', 'ensemble_top1'} <= set(evaluator.compute())
 
     other = timm_selfkd.create_task('dks', timm.create_model('test_resnet', num_classes=4), indices='3')
-    with pytest.raises(ValueError, match=r'exits sit on levels \[2, 3\], this run\'s on \[3\] \(set --dks-indices'):
+    with pytest.raises(ValueError, match=r"part 'exits' was built for \{'exit_indices': \[2, 3\]\}, this run's for "
+                                         r"\{'exit_indices': \[3\]\} \(set --dks-indices to match\)"):
         other.load_task_state(state['task_state'])
 
 

@@ -396,7 +396,9 @@ def test_task_state_round_trip_and_ema(tmp_path):
                 torch.testing.assert_close(p, q)
 
     other = timm_selfkd.create_task('frskd', timm.create_model('test_resnet', num_classes=4), width=1)
-    with pytest.raises(ValueError, match=r"self-teacher was built with .*'width': 2.*this run's with .*'width': 1"):
+    with pytest.raises(ValueError, match=r"frskd: the checkpoint's training-only part 'self_teacher' was built for "
+                                         r".*'width': 2.*this run's for .*'width': 1.* "
+                                         r"\(set --frskd-indices/--frskd-width/--frskd-depth to match\)"):
         other.load_checkpoint_state(state['state_dict'], copy.deepcopy(state['task_state']))
 
 

@@ -330,7 +330,8 @@ def test_task_state_round_trip_ema_and_mismatch():
                        task.get_task_state(ema=True)['aux']['teacher.fc.weight'])
 
     other = _task(indices='2,3')
-    with pytest.raises(ValueError, match=r'levels \[1, 2, 3\], this run\'s on \[2, 3\] \(set --mixskd-indices'):
+    with pytest.raises(ValueError, match=r"part 'aux' was built for \{'branch_indices': \[1, 2, 3\]\}, this run's "
+                                         r"for \{'branch_indices': \[2, 3\]\} \(set --mixskd-indices to match\)"):
         other.load_checkpoint_state(state['state_dict'], state['task_state'])
 
     task.eval()

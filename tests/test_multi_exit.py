@@ -134,7 +134,8 @@ def test_checkpoint_loads_in_plain_timm_and_exits_round_trip(tmp_path):
         torch.testing.assert_close(a, b)
 
     other = timm_selfkd.create_task('multi_exit', small_model('resnet')[0], indices='2,3')
-    with pytest.raises(ValueError, match=r'exits sit on levels \[1, 2, 3\], this run\'s on \[2, 3\]'):
+    with pytest.raises(ValueError, match=r"part 'exits' was built for \{'exit_indices': \[1, 2, 3\]\}, this run's "
+                                         r"for \{'exit_indices': \[2, 3\]\} \(set --multi-exit-indices to match\)"):
         other.load_task_state(state['task_state'])
 
 

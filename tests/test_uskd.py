@@ -264,5 +264,6 @@ def test_task_state_round_trip_and_ema(tmp_path):
         torch.testing.assert_close(a, b)
 
     other = timm_selfkd.create_task('uskd', small_model('resnet')[0], level=2)
-    with pytest.raises(ValueError, match='weak head reads level 3, this run\'s level 2'):
+    with pytest.raises(ValueError, match=r"part 'weak_head' was built for \{'weak_level': 3\}, this run's for "
+                                         r"\{'weak_level': 2\} \(set --uskd-level to match\)"):
         other.load_task_state(live)

@@ -13,7 +13,8 @@ from timm.utils import ParseKwargs
 from timm_selfkd.options import REFUSED_OPTIONS, read_recipe, read_recipe_path
 from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.stack import is_layout
-from timm_selfkd.registry import build_hparams, did_you_mean, get_method, hparam_fields, list_methods, method_parts
+from timm_selfkd.registry import (build_hparams, did_you_mean, get_method, hparam_fields, hparam_flag, list_methods,
+                                  method_parts)
 from timm_selfkd.runtime.transforms import TRAIN_CROP_MODES
 
 __all__ = ['UsageError', 'parse_args', 'add_selfkd_arguments', 'resolve_selfkd_args', 'method_hparams', 'recipe_values',
@@ -25,10 +26,6 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message}\n')
-
-
-def _flag(method: str, field_name: str) -> str:
-    return f'--{method}-{field_name}'.replace('_', '-')
 
 
 def _dest(method: str, field_name: str) -> str:
@@ -66,7 +63,7 @@ def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
                 kwargs['action'] = argparse.BooleanOptionalAction
             else:
                 kwargs.update(type=field_type, metavar='')
-            group.add_argument(_flag(name, field.name), **kwargs)
+            group.add_argument(hparam_flag(name, field.name), **kwargs)
 
 
 class _Refuse(argparse.Action):
@@ -414,7 +411,7 @@ def method_hparams(args: argparse.Namespace):
             if value is None:
                 continue
             if name not in values:
-                raise UsageError(f'{_flag(name, field.name)} ({_dest(name, field.name)}) is a hyper-parameter of '
+                raise UsageError(f'{hparam_flag(name, field.name)} ({_dest(name, field.name)}) is a hyper-parameter of '
                                  f'{name}, but the method is {spec.name!r}')
             values[name][field.name] = value
     return build_hparams(spec, values if len(values) > 1 else values[spec.name])
@@ -434,7 +431,7 @@ def format_methods() -> str:
         lines.append(f'{name}: {spec.summary}')
         lines.append(f'    paper: {spec.paper}')
         for field in hparam_fields(spec):
-            lines.append(f'    {_flag(name, field.name):<26} {_dest(name, field.name):<22} '
+            lines.append(f'    {hparam_flag(name, field.name):<26} {_dest(name, field.name):<22} '
                          f'default {_default(field):<6} {field.metadata.get("help", "")}')
     layouts = [name for name in list_methods() if is_layout(get_method(name))]
     lines.append(f'LAYOUT+METHOD: a batch layout ({", ".join(layouts)}) stacked on another method, e.g. ddgsd+dlb '

@@ -29,7 +29,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 __all__ = ['MethodSpec', 'register_method', 'register_stack_builder', 'get_method', 'list_methods', 'method_parts',
-           'hparam_fields', 'build_hparams']
+           'hparam_fields', 'hparam_flag', 'build_hparams']
 
 ENTRY_POINT_GROUP = 'timm_selfkd.methods'
 
@@ -139,6 +139,11 @@ def _stack(name: str) -> MethodSpec:
 def hparam_fields(spec: MethodSpec) -> List[dataclasses.Field]:
     """The dataclass fields of a method's hyper-parameters."""
     return list(dataclasses.fields(spec.hparams_cls))
+
+
+def hparam_flag(method: str, field_name: str) -> str:
+    """The command-line flag of a registered method's hyper-parameter: `--{method}-{field}`, `_` -> `-`."""
+    return f'--{method}-{field_name}'.replace('_', '-')
 
 
 def build_hparams(spec: MethodSpec, values: Dict[str, Any]):

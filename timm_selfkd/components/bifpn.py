@@ -141,6 +141,7 @@ class BiFPN(nn.Module):
 
     def __init__(self, in_chs: Sequence[int], num_classes: int, width: int = 2, depth: int = 2):
         super().__init__()
+        self.width, self.depth = width, depth
         self.layer = BiFPNLayer(in_chs, width, depth)
         self.fc = nn.Linear(self.layer.out_chs[-1], num_classes)
 

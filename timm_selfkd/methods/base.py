@@ -1,6 +1,7 @@
 """What every self-KD task shares: the trainable module, timm's criterion, DDP/compile/eval-model plumbing."""
 import inspect
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -12,7 +13,9 @@ from timm.utils import unwrap_model
 from timm.task import TrainingTask, resolve_classification_loss
 
 from timm_selfkd.components.losses import float32_region
+from timm_selfkd.components.training_parts import TrainingPart, check_parts_state, load_parts_state, parts_state
 from timm_selfkd.methods.layout import BatchLayout
+from timm_selfkd.registry import hparam_flag
 from timm_selfkd.runtime.metrics import CalibrationEvaluator
 from timm_selfkd.runtime.batch_stream import BatchInfo
 
@@ -115,12 +118,18 @@ class ModelWrapper(nn.Module):
     Parameter names gain a `model.` prefix; weight-decay exclusions and layer groups (for `--layer-decay`)
     follow the wrapped model, and the wrapper's own parameters (e.g. auxiliary heads) join the last group.
     `SelfKDTask.get_eval_model` returns the wrapped model, so validation, EMA evaluation and checkpoints see
-    the plain timm model.
+    the plain timm model. Training-only parts (exits, branches, self-teachers) are declared in `training_parts`.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    def training_parts(self) -> Dict[str, TrainingPart]:
+        """The wrapper's training-only parts by task-state key (none by default), e.g.
+        `{'head': TrainingPart(self.head, {'head_level': self.level}, set_by=('level',))}`. Declaring a part is all
+        a method does for it: `SelfKDTask` saves it, checks and loads it on resume, of the EMA model too."""
+        return {}
 
     def no_weight_decay(self):
         return {f'model.{name}' for name in getattr(self.model, 'no_weight_decay', lambda: ())()}
@@ -195,7 +204,11 @@ class SelfKDTask(TrainingTask):
     `bind_run(run)`                              the run's facts (`RunInfo`: length,  wiring       most methods
                                                  data-set size, mixup, batch records)
     `get/load/check/sync_task_state`             state that survives `--resume`       checkpoints  stateful methods
-                                                 (gathered from every rank first)
+                                                 (gathered from every rank first); by
+                                                 default the training-only parts of
+                                                 the `ModelWrapper` (`training_parts()`:
+                                                 saved, EMA-averaged, checked, loaded);
+                                                 extend with super() for more
     `eval_forward(ema)`, `create_evaluator()`    what validation calls and measures   the loops    exits (BYOT, DKS)
     `layout` (class attribute)                   a `BatchLayout` that can lead a      stack        DDGSD
                                                  stack (`methods/layout.py`)
@@ -307,18 +320,46 @@ class SelfKDTask(TrainingTask):
             raise RuntimeError(f'batch information of {info.indices.numel()} images for a batch of {batch_size}')
         return BatchInfo(info.epoch, info.step, info.indices.to(self.device, non_blocking=True))
 
+    # Task state. By default it is the training-only parts the trainable module declares
+    # (`ModelWrapper.training_parts`); a method with more state extends these hooks and calls super().
+
     def unwrapped_module(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
         """`module`, or the trainable module (of the EMA model with `ema`), without its DDP/compile/EMA wrappers:
         the `ModelWrapper` whose training-only parts a task saves and loads as task state. None before setup."""
         module = module if module is not None else self.get_trainable_module(ema=ema)
         return None if module is None else unwrap_model(module)
 
+    def training_parts(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, TrainingPart]:
+        """The training-only parts of `module` or the trainable module (of the EMA model with `ema`); {} before
+        `setup_ema()` and for a module that is not a `ModelWrapper`."""
+        module = self.unwrapped_module(module, ema)
+        return module.training_parts() if isinstance(module, ModelWrapper) else {}
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """The training-only parts (of the EMA model with `ema`): each one's weights and what it was built for."""
+        return parts_state(self.training_parts(module, ema))
+
     def sync_task_state(self) -> None:
         """Collective run on every rank before rank 0 saves a checkpoint, for per-rank task state."""
 
     def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
         """Raise a ValueError when a checkpoint's task state cannot resume this run (checked before the model
-        weights are loaded, so that a mismatch is reported as such, not as a failed `load_state_dict`)."""
+        weights are loaded, so that a mismatch is reported as such, not as a failed `load_state_dict`): by default,
+        a training-only part built for other levels or shapes, naming the flags to set."""
+        self._check_parts(self.training_parts(), state)
+
+    def _check_parts(self, parts: Dict[str, TrainingPart], state: Optional[Dict[str, Any]]) -> None:
+        check_parts_state(parts, state, self.method, partial(hparam_flag, self.hparams.method))
+
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True, module: Optional[nn.Module] = None,
+                        ema: bool = False) -> None:
+        """Load the training-only parts (of the EMA model with `ema`, which must be set up); a part the checkpoint
+        lacks starts from scratch, with a warning."""
+        if ema and module is None and not self.has_ema() and self.training_parts():
+            raise RuntimeError(f'{self.method}: cannot load the EMA model\'s training-only parts before setup_ema()')
+        parts = self.training_parts(module, ema)
+        self._check_parts(parts, state)
+        load_parts_state(parts, state, self.method, strict=strict)
 
     def load_checkpoint_state(self, state_dict, task_state=None, ema: bool = False, strict: bool = True) -> None:
         if not ema:

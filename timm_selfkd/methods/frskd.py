@@ -2,7 +2,7 @@
 by Teaching Myself: Feature Refinement via Self-Knowledge Distillation, CVPR 2021; official code MingiJi/FRSKD)."""
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm_selfkd.components.bifpn import BiFPN
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
-from timm_selfkd.components.training_parts import like_model, training_only_parameters
+from timm_selfkd.components.training_parts import TrainingPart, like_model, training_only_parameters
 from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask, check_range
 from timm_selfkd.registry import register_method
 
@@ -139,6 +139,10 @@ class FRSKDModule(ModelWrapper):
         self.indices = list(indices)
         self.self_teacher = self_teacher
 
+    def training_parts(self) -> Dict[str, TrainingPart]:
+        built_for = {'levels': self.indices, 'width': self.self_teacher.width, 'depth': self.self_teacher.depth}
+        return {'self_teacher': TrainingPart(self.self_teacher, built_for, set_by=('indices', 'width', 'depth'))}
+
     def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor],
                                                     torch.Tensor]:
         final, intermediates = self.model.forward_intermediates(input, indices=self.indices)
@@ -195,32 +199,3 @@ class FRSKDTask(SelfKDTask):
         out = frskd_loss(logits, features, refined, teacher_logits, target, self.cross_entropy, self.hparams)
         out['output'] = logits
         return out
-
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """The self-teacher (of the EMA model with `ema`), with the levels and shape it was built for."""
-        module = self.unwrapped_module(module, ema)
-        if module is None:
-            return {}
-        return {'levels': list(module.indices), 'width': self.hparams.width, 'depth': self.hparams.depth,
-                'self_teacher': {k: v.detach().cpu() for k, v in module.self_teacher.state_dict().items()}}
-
-    def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
-        if not state or 'self_teacher' not in state:
-            return
-        module = self.unwrapped_module()
-        built = {'levels': module.indices, 'width': self.hparams.width, 'depth': self.hparams.depth}
-        saved = {key: state.get(key) for key in built}
-        if saved != built:
-            raise ValueError(f'frskd: the checkpoint\'s self-teacher was built with {saved}, this run\'s with '
-                             f'{built} (set --frskd-indices/--frskd-width/--frskd-depth to match)')
-
-    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
-        module = self.unwrapped_module(module, ema)
-        if module is None:
-            raise RuntimeError('cannot load the frskd self-teacher before setup_ema()' if ema else
-                               'cannot load the frskd self-teacher without a trainable module')
-        if not state or 'self_teacher' not in state:
-            _logger.warning('frskd: the checkpoint has no self-teacher; it starts from scratch')
-            return
-        self.check_task_state(state)
-        module.self_teacher.load_state_dict(state['self_teacher'], strict=strict)

@@ -15,7 +15,7 @@ from timm_selfkd.components.deep_branch import DeepBranch, LevelCapture, branch_
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
 from timm_selfkd.components.replayed_mixup import NO_BOX, MixParams, RowMix, SharedMix, mix_block, mix_target
-from timm_selfkd.components.training_parts import like_model, training_only_parameters
+from timm_selfkd.components.training_parts import TrainingPart, like_model, training_only_parameters
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
 
@@ -146,6 +146,9 @@ class MixSKDModule(ModelWrapper):
 
     def no_weight_decay(self):
         return super().no_weight_decay() | branch_no_weight_decay(self)
+
+    def training_parts(self) -> Dict[str, TrainingPart]:
+        return {'aux': TrainingPart(self.aux, {'branch_indices': self.indices}, set_by=('indices',))}
 
     def forward(self, input: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> Dict[str, Any]:
         n = partner.shape[0]
@@ -343,33 +346,3 @@ class MixSKDTask(SelfKDTask):
         terms = mixskd_loss(out, lam, partner, ce_original, ce_mixed, self.hparams)
         terms['output'] = out['logits'][-1][:n]
         return terms
-
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """The branches, self-teacher and discriminators (of the EMA model with `ema`) and their levels."""
-        module = self.unwrapped_module(module, ema)
-        if module is None:
-            return {}
-        return dict(branch_indices=list(module.indices),
-                    aux={k: v.detach().cpu() for k, v in module.aux.state_dict().items()})
-
-    def _check_indices(self, state: Optional[Dict[str, Any]], module: MixSKDModule) -> None:
-        if state and 'branch_indices' in state and list(state['branch_indices']) != module.indices:
-            raise ValueError(f'mixskd: the checkpoint\'s branches sit on levels {state["branch_indices"]}, this '
-                             f'run\'s on {module.indices} (set --mixskd-indices to match)')
-
-    def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
-        module = self.unwrapped_module()
-        if module is not None:
-            self._check_indices(state, module)
-
-    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
-        module = self.unwrapped_module(module, ema)
-        if module is None:
-            raise RuntimeError('cannot load the mixskd branches before setup_ema()' if ema else
-                               'cannot load the mixskd branches without a trainable module')
-        if not state or 'aux' not in state:
-            _logger.warning('mixskd: the checkpoint has no branches, self-teacher or discriminators; they start '
-                            'from scratch')
-            return
-        self._check_indices(state, module)
-        module.aux.load_state_dict(state['aux'], strict=strict)

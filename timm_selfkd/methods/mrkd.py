@@ -10,7 +10,7 @@ import torch
 from timm.utils.model import unwrap_model
 
 from timm_selfkd.components.losses import default_tc_gamma, kd_kl, known_label_smoothing, teacher_correction
-from timm_selfkd.registry import register_method
+from timm_selfkd.registry import hparam_flag, register_method
 from timm_selfkd.components.weight_ring import WeightRing
 from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range
 
@@ -177,7 +177,7 @@ class MrKDTask(SelfKDTask):
         name = self.method
         if state['num_copies'] != self.ring.num_copies:
             raise ValueError(f'the checkpoint has {state["num_copies"]} {name} copies, this run asks '
-                             f'for {self.ring.num_copies} (--{name.replace("_", "-")}-copies)')
+                             f'for {self.ring.num_copies} ({hparam_flag(self.hparams.method, "copies")})')
         if state['num_classes'] != self.num_classes:
             raise ValueError(f'the checkpoint\'s {name} copies have {state["num_classes"]} classes, '
                              f'this model has {self.num_classes}')

@@ -21,7 +21,7 @@ from timm_selfkd.components.deep_branch import DeepBranch, LevelCapture, branch_
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits, soft_target_ce
 from timm_selfkd.components.progressive_targets import BCE_REFUSAL, RUN_FACTS, ProgressiveTargets
-from timm_selfkd.components.training_parts import like_model, training_only_parameters
+from timm_selfkd.components.training_parts import TrainingPart, like_model, training_only_parameters
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
 
@@ -147,6 +147,9 @@ class MultiExitModule(ModelWrapper):
         super().__init__(model)
         self.indices = list(indices)
         self.exits = exits
+
+    def training_parts(self) -> Dict[str, TrainingPart]:
+        return {'exits': TrainingPart(self.exits, {'exit_indices': self.indices}, set_by=('indices',))}
 
     def no_weight_decay(self):
         return super().no_weight_decay() | branch_no_weight_decay(self)  # e.g. a copied Swin's position tables
@@ -303,8 +306,9 @@ class MultiExitEvaluator:
 
 class ExitsTask(SelfKDTask):
     """What the tasks whose trainable module is a `MultiExitModule` share (`multi_exit`, `dks`): validation of the
-    model and of every exit (`MultiExitEvaluator`, through `eval_forward`), and the exits as task state (saved and
-    resumed, of the EMA model too; the checkpoint's `state_dict` stays the plain timm model)."""
+    model and of every exit (`MultiExitEvaluator`, through `eval_forward`). The exits are the module's training-only
+    parts (`MultiExitModule.training_parts`): task state, of the EMA model too; the checkpoint's `state_dict` stays
+    the plain timm model."""
 
     def eval_forward(self, ema: bool = False) -> Callable[[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         module = self.unwrapped_module(ema=ema)
@@ -315,28 +319,6 @@ class ExitsTask(SelfKDTask):
         main = super().create_evaluator(**kwargs)
         module = self.unwrapped_module()
         return MultiExitEvaluator(main, len(module.exits), self.device, max_samples=kwargs.get('max_samples'))
-
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """The exits (of the EMA model with `ema`): their levels and weights."""
-        module = self.unwrapped_module(module, ema)
-        if module is None:
-            return {}
-        return dict(exit_indices=list(module.indices),
-                    exits={k: v.detach().cpu() for k, v in module.exits.state_dict().items()})
-
-    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
-        module = self.unwrapped_module(module, ema)
-        if module is None:
-            raise RuntimeError(f'cannot load the {self.method} exits before setup_ema()' if ema else
-                               f'cannot load the {self.method} exits without a trainable module')
-        if not state or 'exits' not in state:
-            _logger.warning(f'{self.method}: the checkpoint has no exits; they start from scratch')
-            return
-        if list(state.get('exit_indices', ())) != module.indices:
-            flag = f'--{self.method.replace("_", "-")}-indices'
-            raise ValueError(f'{self.method}: the checkpoint\'s exits sit on levels {state.get("exit_indices")}, '
-                             f'this run\'s on {module.indices} (set {flag} to match)')
-        module.exits.load_state_dict(state['exits'], strict=strict)
 
 
 @register_method('multi_exit', hparams=MultiExitHparams, paper='BYOT: Zhang et al., Be Your Own Teacher, ICCV 2019; '
@@ -426,6 +408,7 @@ class MultiExitTask(ExitsTask):
         return state
 
     def check_task_state(self, state: Optional[Dict[str, Any]]) -> None:
+        super().check_task_state(state)
         if self.progressive is not None:
             self.progressive.check_state(state)
 

@@ -8,7 +8,7 @@ out below (`uskd_loss`) as the official code computes them, which the tests chec
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from timm_selfkd.components.feature_levels import choose_levels, model_name, stage_ends
 from timm_selfkd.components.losses import float32_region, known_label_smoothing, mixed_label_weights
-from timm_selfkd.components.training_parts import like_model, training_only_parameters
+from timm_selfkd.components.training_parts import TrainingPart, like_model, training_only_parameters
 from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask, check_range
 from timm_selfkd.registry import register_method
 
@@ -122,6 +122,9 @@ class USKDModule(ModelWrapper):
         super().__init__(model)
         self.level = level
         self.head = head
+
+    def training_parts(self) -> Dict[str, TrainingPart]:
+        return {'weak_head': TrainingPart(self.head, {'weak_level': self.level}, set_by=('level',))}
 
     def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.head.token:
@@ -270,24 +273,3 @@ class USKDTask(SelfKDTask):
         h = self.hparams
         loss = loss_ce + h.alpha * terms['loss_target'] + h.beta * terms['loss_nontarget'] + h.mu * terms['loss_weak']
         return {'loss': loss, 'output': logits, 'loss_ce': loss_ce, **terms}
-
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """The weak head (of the EMA model with `ema`) and the level it reads."""
-        module = self.unwrapped_module(module, ema)
-        if module is None:
-            return {}
-        return {'weak_level': module.level,
-                'weak_head': {k: v.detach().cpu() for k, v in module.head.state_dict().items()}}
-
-    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
-        module = self.unwrapped_module(module, ema)
-        if module is None:
-            raise RuntimeError('cannot load the uskd weak head before setup_ema()' if ema else
-                               'cannot load the uskd weak head without a trainable module')
-        if not state or 'weak_head' not in state:
-            _logger.warning('uskd: the checkpoint has no weak head; it starts from scratch')
-            return
-        if state.get('weak_level') != module.level:
-            raise ValueError(f'uskd: the checkpoint\'s weak head reads level {state.get("weak_level")}, this run\'s '
-                             f'level {module.level} (set --uskd-level to match)')
-        module.head.load_state_dict(state['weak_head'], strict=strict)
