@@ -384,8 +384,8 @@ def plot_chart(path: Path, args: argparse.Namespace, rows) -> bool:
             stats = [mean_sd([r.top1 for r in _ok(table[(noise, method)][0])]) for noise in noises]
             ax.errorbar(noises, [s[0] for s in stats], yerr=[s[1] for s in stats], marker='o', capsize=3,
                         label='plain' if method == 'none' else method)
-        ax.set(xlabel='training label noise', title=f'equal epochs ({args.epochs})',
-               ylabel='validation top-1 (%)\n(axis not from 0)')
+        ax.set(xlabel='training label noise', ylabel='validation top-1 (%)\n(axis not from 0)')
+        ax.set_title(f'equal epochs ({args.epochs})', fontsize=10)
         ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5))
     seeds = f'seeds {", ".join(map(str, args.seeds))}' if len(args.seeds) > 1 else \
         f'seed {args.seeds[0]} only: no spread'

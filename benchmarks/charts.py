@@ -12,7 +12,6 @@ Usage:
     python benchmarks/charts.py --check   # exit 1 if the README's guide is not the rendering of the results
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence

@@ -57,10 +57,9 @@ QUESTIONS = [
              'table 2)', 'bake')]),
     Question(
         'ViT and Swin: the largest reported gains',
-        'Every method trains ViT and Swin models (see the compatibility matrix); of the papers and official code '
-        'this project could check, only these report gains on them. None of our accuracy runs trains a '
-        'transformer (ConvNeXt-Atto under the modern recipe, one seed, is the nearest: '
-        '`benchmarks/results/accuracy_modern_convnext_atto.md`).',
+        'Of the papers and official code this project could check, only these report gains on a ViT or a Swin. '
+        'None of our accuracy runs trains a transformer (ConvNeXt-Atto under the modern recipe, one seed, is the '
+        'nearest: `benchmarks/results/accuracy_modern_convnext_atto.md`).',
         [Row('`bake`', 'Swin-T, ImageNet: 81.3 -> 82.0, +0.7, at +1.5 % GPU time per step; Swin-B +0.4 (Ge et '
              'al., table 3)', 'bake'),
          Row('`uskd`', 'DeiT-Tiny, ImageNet: 74.42 -> 74.97, +0.55; Swin-T 81.18 -> 81.49, +0.31 (official '
@@ -104,11 +103,11 @@ QUESTIONS = [
         'PS-KD trusts its own past predictions more every epoch (their weight grows linearly to 0.8 at the last '
         'epoch), and its early predictions are poor teachers. MrKD\'s copies are refreshed every 25 epochs: in a '
         'shorter run they stay the initial weights (the log warns). Our 4-epoch runs show neither paying off.',
-        [Row('`pskd`', 'ResNet-18, CIFAR-100, 300 epochs: +1.5 (Chottananurak et al., table 1, rows 1 and 4)',
-             'pskd'),
+        [Row('`pskd`', 'ResNet-18, CIFAR-100 (epochs not stated; PS-KD\'s own code trains 300): error 21.41 -> '
+             '19.94, +1.5 (Chottananurak et al., table 1, rows 1 and 4)', 'pskd'),
          Row('`mrkd`', 'ResNet-164, CIFAR-100, 200 epochs: error 23.46 -> 22.23, +1.2 (Wang et al., table 1, '
              'MrKD3)', 'mrkd'),
-         Row('`mrkd_tc`', 'PreResNet-110, CIFAR-100, 200 epochs: error 25.63 -> 24.68, +1.0 (Wang et al., table '
+         Row('`mrkd_tc`', 'PreResNet-110, CIFAR-100, 200 epochs: error 25.63 -> 24.68, +0.95 (Wang et al., table '
              '1, MrKD3-TC)', 'mrkd_tc')]),
 ]
 
@@ -184,10 +183,10 @@ def _nearly_free(measured: Dict[str, Dict[str, Evidence]]) -> List[str]:
 
 def render(measured: Dict[str, Dict[str, Evidence]], costs: Dict[str, StepCost]) -> str:
     """The guide's tables, in markdown."""
-    lines = [f'#### Nearly free: at most {NEARLY_FREE:.2f}x plain training\'s step time', '',
+    lines = [f'### Nearly free: at most {NEARLY_FREE:.2f}x plain training\'s step time', '',
              'Per step at the same batch size. DLB, BAKE, CS-KD and DDGSD read each image twice per epoch (DDGSD + '
              'DLB four times), so their epoch takes twice (four times) the steps: nearly free per step, not per '
              'epoch.', ''] + _nearly_free(measured)
     for question in QUESTIONS:
-        lines += ['', f'#### {question.title}', '', question.lead, ''] + _table(question, measured, costs)
+        lines += ['', f'### {question.title}', '', question.lead, ''] + _table(question, measured, costs)
     return '\n'.join(lines)
