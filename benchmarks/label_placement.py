@@ -2,8 +2,9 @@
 allows, other marks such as error bars), each joined to its point by a leader line when it sits away from it;
 points drawn on top of each other share one label."""
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+from matplotlib.path import Path
 from matplotlib.text import Annotation
 from matplotlib.transforms import Bbox
 
@@ -33,9 +34,12 @@ def _spots_together(pixels: Sequence[Tuple[float, float]]) -> List[List[int]]:
     return sorted(groups)
 
 
-def _free(box: Bbox, frame: Bbox, taken: Sequence[Bbox]) -> bool:
-    return (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            and not any(box.overlaps(other) for other in taken))
+def _inside(box: Bbox, frame: Bbox) -> bool:
+    return frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+
+
+def _crosses(segment: Optional[Path], boxes: Sequence[Bbox]) -> bool:
+    return segment is not None and any(segment.intersects_bbox(box) for box in boxes)
 
 
 def place_labels(ax, points: Sequence[Tuple[float, float]], labels: Sequence[str], marks: Sequence[Bbox] = (),
@@ -44,9 +48,10 @@ def place_labels(ax, points: Sequence[Tuple[float, float]], labels: Sequence[str
     its point; points drawn on top of each other get one label, their names joined by commas, at their centre.
 
     Labels are placed in order of crowding (the spot with the most points near it first). A spot is free when the
-    label's box lies inside the axes and overlaps no placed label, no point and no box of `marks` (display
-    coordinates); where no spot avoids the marks, the first that avoids labels and points is taken. The axes'
-    limits must be final: placement is in pixels of the figure as drawn. Returns the annotations, one per group.
+    label's box lies inside the axes and overlaps no placed label and no point, its leader line crosses no placed
+    label and no other point, no placed leader crosses it, and it keeps clear of the boxes of `marks` (display
+    coordinates). Where no spot is free, the marks are given up first, then the leader crossings. The axes' limits
+    must be final: placement is in pixels of the figure as drawn. Returns the annotations, one per group.
     """
     figure = ax.figure
     figure.canvas.draw()
@@ -66,16 +71,29 @@ def place_labels(ax, points: Sequence[Tuple[float, float]], labels: Sequence[str
     crowding = [sum(math.dist(c, p) < 60 for p in pixels) for c in centres]
     to_data = ax.transData.inverted().transform
     placed: List[Bbox] = []
+    leaders: List[Path] = []
     annotations = []
     for k in sorted(range(len(groups)), key=lambda k: -crowding[k]):
         (x, y), (width, height) = centres[k], sizes[k]
-        spots = [(radius, _box_at(x, y, width, height, radius, angle)) for radius in RADII for angle in ANGLES]
-        radius, box = next((spot for spot in spots if _free(spot[1], frame, placed + dots + list(marks))),
-                           next((spot for spot in spots if _free(spot[1], frame, placed + dots)), spots[-1]))
+        others = [dot for i, dot in enumerate(dots) if i not in groups[k]]
+        spots = []
+        for radius in RADII:
+            for angle in ANGLES:
+                box = _box_at(x, y, width, height, radius, angle)
+                leader = Path([(x, y), ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)]) if radius > LEADER else None
+                spots.append((radius, box, leader))
+        fits = [lambda box, leader: _inside(box, frame) and not any(box.overlaps(b) for b in placed + dots),
+                lambda box, leader: not _crosses(leader, placed + others)
+                and not any(other.intersects_bbox(box) for other in leaders),
+                lambda box, leader: not any(box.overlaps(b) for b in marks)]
+        radius, box, leader = next((spot for level in (3, 2, 1) for spot in spots
+                                    if all(fit(*spot[1:]) for fit in fits[:level])), spots[-1])
         placed.append(box)
+        if leader is not None:
+            leaders.append(leader)
         points_per_pixel = 72 / figure.dpi
         offset = ((box.x0 + box.x1) / 2 - x) * points_per_pixel, ((box.y0 + box.y1) / 2 - y) * points_per_pixel
-        leader = dict(arrowstyle='-', color='0.55', lw=0.6, shrinkA=1, shrinkB=MARKER) if radius > LEADER else None
+        line = dict(arrowstyle='-', color='0.3', lw=0.8, shrinkA=1, shrinkB=MARKER) if leader is not None else None
         annotations.append(ax.annotate(texts[k], tuple(to_data((x, y))), xytext=offset, textcoords='offset points',
-                                       ha='center', va='center', arrowprops=leader, **text_kwargs))
+                                       ha='center', va='center', arrowprops=line, **text_kwargs))
     return annotations
