@@ -198,6 +198,15 @@ def _ok(runs: Sequence[Run]) -> List[Run]:
     return [r for r in runs if not r.error]
 
 
+def vs_plain(runs: Sequence[Run], plain: Sequence[Run]) -> Tuple[float, List[float]]:
+    """A method's top-1 change over plain training: the difference of the means over the finished runs (the
+    tables' figure), and each seed's own difference (the seeds where both runs finished)."""
+    ok, base = _ok(runs), _ok(plain)
+    delta = mean_sd([r.top1 for r in ok])[0] - mean_sd([r.top1 for r in base])[0]
+    plain_by_seed = {r.seed: r.top1 for r in base}
+    return delta, [r.top1 - plain_by_seed[r.seed] for r in ok if r.seed in plain_by_seed]
+
+
 def write_markdown(path: Path, args: argparse.Namespace, extra: List[str], rows, runner: Runner) -> None:
     seeds = ', '.join(map(str, args.seeds))
     lines = ['# Accuracy: self-KD methods against plain training', '',
@@ -216,18 +225,16 @@ def write_markdown(path: Path, args: argparse.Namespace, extra: List[str], rows,
                   '| method | top-1, equal epochs | vs plain | images | steps | train time (s) | '
                   'plain, equal images: epochs | top-1 | method vs plain |',
                   '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
-        plain_top1 = mean_sd([r.top1 for r in _ok(plain)])[0]
         for _, method, runs, matched in group:
             ok = _ok(runs)
-            top1 = mean_sd([r.top1 for r in ok])[0]
-            delta = f'{top1 - plain_top1:+.2f}' if ok and method != 'none' else ''
+            delta = f'{vs_plain(runs, plain)[0]:+.2f}' if ok and method != 'none' else ''
             row = [method, _fmt([r.top1 for r in ok]) if ok else 'failed: ' + runs[0].error.replace('|', '/'),
                    delta, f'{mean_sd([r.images for r in ok])[0]:.0f}', f'{mean_sd([r.steps for r in ok])[0]:.0f}',
                    f'{mean_sd([r.train_time for r in ok])[0]:.0f}']
             if matched and method != 'none':
-                matched_top1 = mean_sd([r.top1 for r in matched])[0]
                 epochs = sorted({r.epochs for r in matched})
-                row += ['/'.join(map(str, epochs)), _fmt([r.top1 for r in matched]), f'{top1 - matched_top1:+.2f}']
+                row += ['/'.join(map(str, epochs)), _fmt([r.top1 for r in matched]),
+                        f'{vs_plain(runs, matched)[0]:+.2f}']
             else:
                 row += ['', '', '']
             lines.append('| ' + ' | '.join(row) + ' |')
@@ -248,6 +255,37 @@ def write_runs_csv(path: Path, runner: Runner) -> None:
         writer.writeheader()
         for run in runner.runs.values():
             writer.writerow(asdict(run))
+
+
+def read_runs_csv(path: Path) -> List[Run]:
+    """The runs a `NAME_runs.csv` records (as `write_runs_csv` wrote them)."""
+    types = {field.name: field.type for field in fields(Run)}
+    with open(path, newline='') as f:
+        return [Run(**{key: types[key](value) for key, value in row.items()}) for row in csv.DictReader(f)]
+
+
+class RecordedRunner:
+    """The runs of a finished benchmark, looked up as `Runner.run` finds them; it never trains."""
+
+    def __init__(self, runs: Sequence[Run]):
+        self.runs = {(r.method, r.noise, r.seed, r.epochs): r for r in runs}
+
+    def run(self, method: str, noise: float, seed: int, epochs: int) -> Run:
+        if (method, noise, seed, epochs) not in self.runs:
+            raise ValueError(f'no recorded run of {method} at noise {noise:g}, seed {seed}, {epochs} epochs')
+        return self.runs[(method, noise, seed, epochs)]
+
+
+def recorded_benchmark(path: Path) -> Tuple[argparse.Namespace, list]:
+    """A finished benchmark read back from its `NAME_runs.csv`: its options (noise levels, seeds, methods and
+    epochs, in the order it ran them) and `benchmark`'s rows, matched at equal images as when it ran."""
+    runs = read_runs_csv(path)
+    if not runs or runs[0].method != 'none':
+        raise ValueError(f'{path} does not start with a plain run: not a benchmark\'s runs')
+    args = argparse.Namespace(train_label_noise=list(dict.fromkeys(r.noise for r in runs)),
+                              seeds=list(dict.fromkeys(r.seed for r in runs)),
+                              methods=list(dict.fromkeys(r.method for r in runs)), epochs=runs[0].epochs)
+    return args, benchmark(args, RecordedRunner(runs))
 
 
 def _pyplot():
@@ -284,43 +322,77 @@ def plot_curves(folder: Path, title: str) -> None:
     plt.close(figure)
 
 
+OFF_SCALE = 15.0  # points below plain training's mean: a method's mean beyond is drawn at the chart's edge
+
+
+def _top1_panel(ax, methods: Sequence[str], table, noise: float) -> None:
+    """One row per method: its top-1 (mean, sd bars) and plain training's at equal images where that differs from
+    equal epochs, against a band of plain training's at equal epochs (mean +- sd); the top-1 axis is cut to the
+    data, which the axis label says."""
+    plain = mean_sd([r.top1 for r in _ok(table[(noise, 'none')][0])])
+    method = {m: mean_sd([r.top1 for r in _ok(table[(noise, m)][0])]) for m in methods}
+    matched = {m: mean_sd([r.top1 for r in table[(noise, m)][1]]) for m in methods
+               if {r.epochs for r in table[(noise, m)][1]} - {r.epochs for r in table[(noise, 'none')][0]}}
+    shown = [s for s in [plain, *method.values(), *matched.values()] if s[0] == s[0]]
+    low = max(min(mean - sd for mean, sd in shown), plain[0] - OFF_SCALE) - 1
+    high = min(100, max(mean + sd for mean, sd in shown) + 1)
+    ax.axvspan(plain[0] - plain[1], plain[0] + plain[1], color='0.88', lw=0)
+    ax.axvline(plain[0], color='0.4', lw=1, label='plain training, equal epochs (band: ± sd)')
+    rows = range(len(methods))
+    for y, m in zip(rows, methods):
+        runs = table[(noise, m)][0]
+        mean, sd = method[m]
+        notes = [f'{sum(bool(r.error) for r in runs)} of {len(runs)} seeds failed'] if _ok(runs) != runs else []
+        if mean == mean and mean < low:
+            notes.insert(0, f'{mean:.1f} ± {sd:.1f}: off scale')
+            ax.plot(low, y, '<', color='tab:blue', ms=7, clip_on=False)
+        elif mean == mean:
+            ax.errorbar(mean, y, xerr=sd, fmt='o', color='tab:blue', ms=6, capsize=3,
+                        label='method (mean, bars ± sd over seeds)')
+        if notes:
+            ax.annotate('; '.join(notes), (mean if mean >= low else low, y), xytext=(8, 0),
+                        textcoords='offset points', va='center', fontsize=8)
+        if m in matched:
+            ax.errorbar(matched[m][0], y + 0.3, xerr=matched[m][1], fmt='D', color='black', mfc='white', ms=5,
+                        capsize=3, label='plain training, equal images')
+    ax.set_yticks(list(rows), methods)
+    ax.set_ylim(len(methods) - 0.4, -0.6)
+    ax.set_xlim(low, high)
+    ax.set_xlabel(f'validation top-1 (%); the axis starts at {low:.0f}, not at 0')
+    ax.set_title(f'training label noise {noise:g}' if noise else 'clean training labels', fontsize=10)
+    ax.grid(True, axis='x', color='0.92')
+
+
 def plot_chart(path: Path, args: argparse.Namespace, rows) -> bool:
-    """Per noise level: each method's top-1 (mean, sd bars) beside plain training at equal epochs and at equal
-    images; with several noise levels, top-1 against the noise rate too (the DLB paper's fig. 2)."""
+    """Per noise level, a row per method: its top-1 (mean, sd bars) against plain training's at equal epochs and
+    at equal images; with several noise levels, top-1 against the noise rate too (the DLB paper's fig. 2)."""
     plt = _pyplot()
     if plt is None:
         return False
     noises = args.train_label_noise
     methods = args.methods[1:]
-    panels = len(noises) + (len(noises) > 1)
-    figure, axes = plt.subplots(panels, 1, figsize=(max(5.5, 1.3 * len(methods) + 2), 3.6 * panels), squeeze=False)
+    heights = [0.34 * len(methods) + 1.3] * len(noises) + [3.6] * (len(noises) > 1)
+    figure, axes = plt.subplots(len(heights), 1, figsize=(8, sum(heights) + 0.6), squeeze=False,
+                                gridspec_kw={'height_ratios': heights})
     axes = axes[:, 0]
     table = {(noise, method): (runs, matched) for noise, method, runs, matched in rows}
     for ax, noise in zip(axes, noises):
-        plain = _ok(table[(noise, 'none')][0])
-        bars = [('method', lambda runs, matched: _ok(runs), 'tab:blue'),
-                ('plain, equal epochs', lambda runs, matched: plain, 'tab:gray'),
-                ('plain, equal images', lambda runs, matched: matched, 'silver')]
-        width = 0.8 / len(bars)
-        for b, (label, pick, colour) in enumerate(bars):
-            stats = [mean_sd([r.top1 for r in pick(*table[(noise, m)])]) for m in methods]
-            ax.bar([i + (b - 1) * width for i in range(len(methods))], [s[0] for s in stats], width,
-                   yerr=[s[1] for s in stats], capsize=3, label=label, color=colour)
-        ax.set_xticks(range(len(methods)), methods)
-        values = [r.top1 for m in args.methods for r in _ok(table[(noise, m)][0]) + table[(noise, m)][1]]
-        if values:
-            ax.set_ylim(max(0, min(values) - 5), min(100, max(values) + 3))
-        ax.set(ylabel='validation top-1 (%)', title=f'training label noise {noise:g}' if noise else 'clean labels')
-        ax.legend(fontsize=8, loc='lower right')
+        _top1_panel(ax, methods, table, noise)
     if len(noises) > 1:
         ax = axes[-1]
         for method in args.methods:
             stats = [mean_sd([r.top1 for r in _ok(table[(noise, method)][0])]) for noise in noises]
             ax.errorbar(noises, [s[0] for s in stats], yerr=[s[1] for s in stats], marker='o', capsize=3,
                         label='plain' if method == 'none' else method)
-        ax.set(xlabel='training label noise', ylabel='validation top-1 (%)', title=f'equal epochs ({args.epochs})')
-        ax.legend(fontsize=8)
-    figure.tight_layout()
+        ax.set(xlabel='training label noise', ylabel='validation top-1 (%)\n(axis not from 0)')
+        ax.set_title(f'equal epochs ({args.epochs})', fontsize=10)
+        ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5))
+    seeds = f'seeds {", ".join(map(str, args.seeds))}' if len(args.seeds) > 1 else \
+        f'seed {args.seeds[0]} only: no spread'
+    figure.suptitle(f'Top-1 of every method and of plain training, {args.epochs} epochs, {seeds}', fontsize=10)
+    legend = dict(zip(*reversed(axes[0].get_legend_handles_labels())))  # one entry per label
+    figure.legend(legend.values(), legend.keys(), loc='lower center', ncol=3, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.5 / (sum(heights) + 0.6), 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return True
