@@ -1,5 +1,6 @@
 """`python -m timm_selfkd.export`: a run folder of train.py in timm's Hugging Face layout, loaded back by timm with
 the checkpoint's logits; the model card; the Hub push up to the upload (offline); bad input."""
+import csv
 import dataclasses
 import json
 import os
@@ -108,9 +109,9 @@ def test_model_card_names_method_paper_hparams_recipe_and_metrics(runs, image_fo
     recipe = card.split('```yaml\n')[1].split('```')[0]
     with open(os.path.join(runs['multi_exit'], 'args.yaml')) as f:
         recorded_recipe = yaml.safe_load(f)
+    local_paths = ('data_dir', 'output', 'experiment', 'resume', 'initial_checkpoint', 'class_map')
     assert yaml.safe_load(recipe) == {key: value for key, value in recorded_recipe.items()
-                                      if value is not None and key not in ('data_dir', 'output', 'experiment', 'resume', 'initial_checkpoint',
-                                                                  'class_map')}
+                                      if value is not None and key not in local_paths}
     assert image_folder not in card and f"timm.create_model('local-dir:{out}', pretrained=True)" in card
 
 
@@ -128,23 +129,37 @@ def test_vit_with_its_construction_arguments_and_no_ema(runs, tmp_path, capsys):
     assert f'- **Paper:** {get_method("uskd").paper}\n' in card and '- **Weights:** the trained weights' in card
 
 
-def test_last_checkpoint_and_trained_weights(runs, tmp_path, capsys):
-    """--checkpoint picks the file and --no-ema the trained weights (model_best made to differ from last)."""
+def test_last_checkpoint_trained_weights_and_final_metrics(runs, tmp_path, capsys):
+    """--checkpoint picks the file, --no-ema the trained weights, and the card gives the metrics at the exported
+    epoch and at the run's end (the run made two epochs long: model_best at epoch 0 differs from last at 1)."""
     run = tmp_path / 'run'
     shutil.copytree(runs['multi_exit'], run)
     best = _checkpoint(run)
     best['state_dict'] = {k: v * 2 if v.is_floating_point() else v for k, v in best['state_dict'].items()}
     torch.save(best, run / 'model_best.pth.tar')
     last = _checkpoint(run, 'last.pth.tar')
-    for argv, state_dict in ((['--checkpoint', 'last', '--no-ema'], last['state_dict']),
-                             (['--no-ema'], best['state_dict'])):
-        out = tmp_path / '-'.join(argv)
+    last['epoch'] = 1
+    torch.save(last, run / 'last.pth.tar')
+    (first,) = read_summary(tmp_path)
+    with open(run / 'summary.csv', 'a', newline='') as f:
+        csv.DictWriter(f, fieldnames=list(first)).writerow({**first, 'epoch': '1', 'eval_top1': '77.5'})
+    cards = {}
+    for name, argv, state_dict in (('last', ['--checkpoint', 'last', '--no-ema'], last['state_dict']),
+                                   ('best', ['--no-ema'], best['state_dict'])):
+        out = tmp_path / name
         stdout = _export(capsys, run, out, *argv)
         assert torch.equal(_logits(timm.create_model(f'local-dir:{out}', pretrained=True)),
                            _logits(_plain(state_dict)))
         assert 'exported the trained weights of' in stdout
-    assert '- **Weights:** the trained weights of last.pth.tar (epoch 0)\n' in \
-        (tmp_path / '--checkpoint-last---no-ema' / 'README.md').read_text()
+        cards[name] = (out / 'README.md').read_text()
+    assert '- **Weights:** the trained weights of last.pth.tar (epoch 1)\n' in cards['last']
+    assert '- **Evaluation of the trained weights, epoch 1 (summary.csv):**\n  - top1: 77.5\n' in cards['last']
+    assert 'end of the run' not in cards['last']
+    assert '- **Weights:** the trained weights of model_best.pth.tar (epoch 0, the best eval top1' in cards['best']
+    assert (f'- **Evaluation of the trained weights, epoch 0 (summary.csv):**\n  - top1: {float(first["eval_top1"])}\n'
+            in cards['best'])
+    assert ('- **Evaluation of the trained weights at the end of the run, epoch 1 (summary.csv):**\n  - top1: 77.5\n'
+            in cards['best'])
 
 
 def test_push_to_hub_uploads_the_export_with_timms_push(runs, tmp_path, capsys, monkeypatch):
@@ -194,58 +209,61 @@ def test_failed_push_is_one_line_and_keeps_the_export(runs, tmp_path, capsys, mo
     assert sorted(os.listdir(out)) == FILES
 
 
-def _without_ema(run):
+def _without_ema(run, out):
     checkpoint = _checkpoint(run)
     del checkpoint['state_dict_ema'], checkpoint['task_state_ema']
     torch.save(checkpoint, os.path.join(run, 'model_best.pth.tar'))
 
 
-def _truncate(run):
+def _truncate(run, out):
     with open(os.path.join(run, 'model_best.pth.tar'), 'r+b') as f:
         f.truncate(1000)
 
 
+def _unknown_method(run, out):
+    with open(os.path.join(run, 'args.yaml'), 'a') as f:
+        f.write('selfkd: dbl\n')
+
+
+def _fill(run, out):
+    os.makedirs(out)
+    with open(os.path.join(out, 'notes.txt'), 'w') as f:
+        f.write('mine')
+
+
 def _remove(*names):
-    return lambda run: [os.remove(os.path.join(run, name)) for name in names]
+    return lambda run, out: [os.remove(os.path.join(run, name)) for name in names]
 
 
 @pytest.mark.parametrize('spoil, argv, expected', [
-    (None, ['--run', 'missing'], "RUN_DIR '{run}-missing' is not a folder"),
-    (_remove('args.yaml'), [], "'{run}' is not a run folder of train.py: it has no args.yaml"),
-    (_remove('model_best.pth.tar'), [], "'{run}' has no model_best.pth.tar: export last.pth.tar with --checkpoint last"),
-    (_remove('model_best.pth.tar', 'last.pth.tar'), ['--checkpoint', 'last'],
+    (None, ['{run}-missing', '{out}'], "RUN_DIR '{run}-missing' is not a folder"),
+    (_remove('args.yaml'), ['{run}', '{out}'], "'{run}' is not a run folder of train.py: it has no args.yaml"),
+    (_remove('model_best.pth.tar'), ['{run}', '{out}'],
+     "'{run}' has no model_best.pth.tar: export last.pth.tar with --checkpoint last"),
+    (_remove('model_best.pth.tar', 'last.pth.tar'), ['{run}', '{out}', '--checkpoint', 'last'],
      "'{run}' has no last.pth.tar (train.py writes it when an epoch ends; a recovery checkpoint is not exported"),
-    (_truncate, [], 'model_best.pth.tar\' is truncated or corrupt'),
-    (_without_ema, ['--ema'], 'holds no EMA weights (the run was trained without --model-ema)'),
-    (None, ['--out', 'full'], "OUT_DIR '{out}' exists and holds files: choose another folder, or replace it with "
-                              "--force"),
-    (None, ['--out', 'run', '--force'], "OUT_DIR '{run}' is the run folder or holds it"),
+    (_truncate, ['{run}', '{out}'], "model_best.pth.tar' is truncated or corrupt"),
+    (_without_ema, ['{run}', '{out}', '--ema'], 'holds no EMA weights (the run was trained without --model-ema)'),
+    (_unknown_method, ['{run}', '{out}'], "args.yaml': unknown self-KD method 'dbl' (did you mean 'dlb'?)"),
+    (_fill, ['{run}', '{out}'], "OUT_DIR '{out}' exists and holds files: choose another folder, or replace it with "
+                                "--force"),
+    (None, ['{run}', '{run}', '--force'], "OUT_DIR '{run}' is the run folder or holds it"),
+    (None, ['{run}', '{tmp}', '--force'], "OUT_DIR '{tmp}' is the run folder or holds it"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, spoil, argv, expected):
     """Exit status 2, one line naming the problem; OUT_DIR neither created nor touched, no temporary folder."""
-    run = str(tmp_path / 'run')
-    shutil.copytree(runs['multi_exit'], run)
+    names = dict(run=str(tmp_path / 'run'), out=str(tmp_path / 'out'), tmp=str(tmp_path))
+    shutil.copytree(runs['multi_exit'], names['run'])
     if spoil is not None:
-        spoil(run)
-    out = str(tmp_path / 'out')
-    if '--out' in argv:
-        out = {'full': out, 'run': run}[argv[argv.index('--out') + 1]]
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, 'notes.txt'), 'w') as f:
-            f.write('mine')
-        argv = argv[:argv.index('--out')] + argv[argv.index('--out') + 2:]
-    if '--run' in argv:
-        run, argv = run + '-missing', argv[2:]
-    before = sorted(os.listdir(tmp_path))
+        spoil(names['run'], names['out'])
+    before = {folder: sorted(os.listdir(folder)) for folder in (tmp_path, tmp_path / 'run')}
     with pytest.raises(SystemExit) as exc:
-        export.main([run, out, *argv])
+        export.main([arg.format(**names) for arg in argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f'{PROG}: error: ') and \
-        expected.format(run=str(tmp_path / 'run'), out=out) in err[0], err
-    assert sorted(os.listdir(tmp_path)) == before
-    if os.path.isdir(out):
-        assert os.listdir(out) == ['notes.txt'] or out == run
+    assert len(err) == 1 and err[0].startswith(f'{PROG}: error: ') and expected.format(**names) in err[0], err
+    assert {folder: sorted(os.listdir(folder)) for folder in before} == before
+    assert not os.path.isdir(names['out']) or os.listdir(names['out']) == ['notes.txt']
 
 
 def test_a_failed_write_leaves_no_out_dir(runs, tmp_path, capsys, monkeypatch):

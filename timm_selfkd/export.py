@@ -28,7 +28,7 @@ from timm.models import clean_state_dict, push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
 
 from timm_selfkd.errors import UsageError
-from timm_selfkd.model_card import ExportedWeights, model_card
+from timm_selfkd.model_card import ExportedWeights, method_record, model_card
 from timm_selfkd.runtime.checkpoint import load_error, read_checkpoint
 
 __all__ = ['main']
@@ -163,16 +163,17 @@ def export(args: argparse.Namespace) -> None:
     check_packages()
     check_out_dir(args.out_dir, args.run_dir, args.force)
     recipe, rows, checkpoint, name = read_run(args.run_dir, args.checkpoint)
+    try:
+        method = method_record(recipe)
+    except ValueError as e:  # a method not registered here, or a recorded value it refuses
+        raise UsageError(f'{os.path.join(args.run_dir, "args.yaml")!r}: {e}') from e
     path = os.path.join(args.run_dir, name)
     model, ema = trained_model(checkpoint, args.ema, path)
     run_args = checkpoint['args']
     data_config = resolve_data_config(vars(run_args), model=model)  # as train.py's evaluation loader
-    weights = ExportedWeights(name, checkpoint.get('epoch', len(rows) - 1), ema, best=args.checkpoint == 'best')
+    weights = ExportedWeights(name, checkpoint['epoch'], ema, best=args.checkpoint == 'best')
     load_name = f'hf-hub:{args.push_to_hub}' if args.push_to_hub else f'local-dir:{args.out_dir}'
-    try:
-        card = model_card(recipe, rows, run_args, model, data_config, weights, load_name)
-    except ValueError as e:  # a method that is not registered here, or recorded values it refuses
-        raise UsageError(f'{os.path.join(args.run_dir, "args.yaml")!r}: {e}') from e
+    card = model_card(method, recipe, rows, run_args, model, data_config, weights, load_name)
     model_name = (args.push_to_hub or os.path.abspath(args.out_dir)).rstrip('/').rsplit('/', 1)[-1]
 
     def write(folder: str) -> None:

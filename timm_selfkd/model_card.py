@@ -3,14 +3,14 @@ for `OUT_DIR/README.md` and for the Hub) naming the method, its paper and hyper-
 the recipe and the run's metrics from `summary.csv`."""
 import argparse
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from timm_selfkd.cli import method_hparams
-from timm_selfkd.registry import get_method
+from timm_selfkd.registry import MethodSpec, get_method
 
-__all__ = ['ExportedWeights', 'model_card']
+__all__ = ['ExportedWeights', 'method_record', 'model_card']
 
 # the bare model's evaluation columns of summary.csv (per-exit and ensemble columns are of training-only parts)
 MODEL_METRICS = ('top1', 'top5', 'loss', 'nll', 'ece', 'aurc')
@@ -32,9 +32,9 @@ class ExportedWeights:
     best: bool  # the run's best checkpoint (by the trained weights' eval metric)
 
     def describe(self, run_args: argparse.Namespace) -> str:
-        kind = (f'the EMA of the trained weights (decay {getattr(run_args, "model_ema_decay", "?")})' if self.ema
-                else 'the trained weights')
-        chosen = f', the best eval {getattr(run_args, "eval_metric", "top1")} of the run' if self.best else ''
+        kind = f'the EMA of the trained weights (decay {run_args.model_ema_decay})' if self.ema else \
+            'the trained weights'
+        chosen = f', the best eval {run_args.eval_metric} of the run' if self.best else ''
         return f'{kind} of {self.file} (epoch {self.epoch}{chosen})'
 
 
@@ -47,8 +47,9 @@ class _Recipe(argparse.Namespace):
         return None
 
 
-def method_record(recipe: Dict[str, Any]):
-    """The run's method and its hyper-parameters, the recorded values resolved with the registry's defaults."""
+def method_record(recipe: Dict[str, Any]) -> Tuple[MethodSpec, Any]:
+    """The run's method (`selfkd`; none when unset) and its hyper-parameters: the recorded values, the rest the
+    registry's defaults. A method not registered here, or a value it refuses, is a ValueError."""
     spec = get_method(recipe.get('selfkd') or 'none')
     return spec, method_hparams(_Recipe(**recipe))
 
@@ -82,9 +83,9 @@ def _evaluations(rows: List[Dict[str, str]], weights: ExportedWeights) -> Dict[s
 
 
 def _training_data(run_args: argparse.Namespace) -> str:
-    if getattr(run_args, 'dataset', ''):
+    if run_args.dataset:
         return run_args.dataset
-    folder = str(getattr(run_args, 'data_dir', None) or getattr(run_args, 'data', None) or '').rstrip('/')
+    folder = str(run_args.data_dir or run_args.data or '').rstrip('/')
     return f'an image folder ({folder.rsplit("/", 1)[-1]})' if folder else 'an image folder'
 
 
@@ -108,13 +109,14 @@ def _usage(load_name: str, recipe: Dict[str, Any]) -> str:
             f'```yaml\n{yaml.safe_dump(shared, sort_keys=False)}```\n</details>\n')
 
 
-def model_card(recipe: Dict[str, Any], rows: List[Dict[str, str]], run_args: argparse.Namespace, model,
-               data_config: Dict[str, Any], weights: ExportedWeights, load_name: str) -> Dict[str, Any]:
-    """timm's model-card record of the run (`recipe`: args.yaml; `rows`: summary.csv; `run_args`: the checkpoint's
-    arguments; `load_name`: what `timm.create_model` loads it from)."""
-    spec, hparams = method_record(recipe)
+def model_card(method: Tuple[MethodSpec, Any], recipe: Dict[str, Any], rows: List[Dict[str, str]],
+               run_args: argparse.Namespace, model, data_config: Dict[str, Any], weights: ExportedWeights,
+               load_name: str) -> Dict[str, Any]:
+    """timm's model-card record of the run (`method`: `method_record(recipe)`; `recipe`: args.yaml; `rows`:
+    summary.csv; `run_args`: the checkpoint's arguments; `load_name`: what `timm.create_model` loads it from)."""
+    spec, hparams = method
     plain = spec.name == 'none'
-    method = 'plain timm training (no self-knowledge distillation)' if plain else \
+    trained_with = 'plain timm training (no self-knowledge distillation)' if plain else \
         f'the self-knowledge-distillation method `{spec.name}` ({spec.paper})'
     details = {
         'Model Type': 'Image classification',
@@ -132,7 +134,7 @@ def model_card(recipe: Dict[str, Any], rows: List[Dict[str, str]], run_args: arg
     }
     return {
         'tags': ['image-classification', 'timm', 'timm-selfkd', f'selfkd-{spec.name.replace("+", "-")}'],
-        'description': f'A {run_args.model} image classifier trained with {method} by timm-selfkd. The exported '
+        'description': f'A {run_args.model} image classifier trained with {trained_with} by timm-selfkd. The exported '
                        'model is the plain timm model: parts a method adds for training only are not in it.',
         'details': details,
         'usage': _usage(load_name, recipe),
