@@ -9,17 +9,14 @@ Example (inside a task's training `forward`):
     >>> loss = soft_target_ce(logits, soft)
     >>> self.progressive.record(info, logits)
 """
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from timm_selfkd.components.replayed_mixup import SharedMix
 from timm_selfkd.components.soft_target_memory import SoftTargetMemory
-from timm_selfkd.runtime.batch_stream import BatchInfo
-
-if TYPE_CHECKING:
-    from timm_selfkd.methods.base import RunInfo
+from timm_selfkd.run_facts import BatchInfo, RunInfo
 
 __all__ = ['ProgressiveTargets', 'RUN_FACTS', 'BCE_REFUSAL', 'alpha_schedule']
 
@@ -75,7 +72,7 @@ class ProgressiveTargets:
         self.memory: Optional[SoftTargetMemory] = None
         self.mixer: Optional[SharedMix] = None
 
-    def bind_run(self, run: 'RunInfo') -> None:
+    def bind_run(self, run: RunInfo) -> None:
         """Build the memory for the run's training set (collective under DDP: the table is shared per node).
 
         Raises:

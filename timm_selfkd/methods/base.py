@@ -17,7 +17,7 @@ from timm_selfkd.components.training_parts import TrainingPart, check_parts_stat
 from timm_selfkd.methods.layout import BatchLayout
 from timm_selfkd.registry import hparam_flag
 from timm_selfkd.runtime.metrics import CalibrationEvaluator
-from timm_selfkd.runtime.batch_stream import BatchInfo
+from timm_selfkd.run_facts import BatchInfo, RunInfo
 
 __all__ = ['Needs', 'RunInfo', 'SelfKDTask', 'ModelWrapper', 'LogitsAndFeatures', 'has_pooled_features',
            'check_range', 'world_size']
@@ -66,37 +66,6 @@ class Needs:
     @property
     def streamed_data(self) -> bool:
         return not (self.own_batches or self.sample_indices)
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """Facts about the training run that a task may need, given to it by `bind_run` before the first step.
-
-    Attributes:
-        num_epochs: Epochs of the whole run (None where a method does not need it, in `create_task`).
-        steps_per_epoch: Training steps (batches) per epoch.
-        num_samples: Training-set size; None for streamed data sets.
-        num_classes: Classes of the model (None for a model that does not tell).
-        batch_size: Images (rows) per step and process.
-        world_size: Number of processes.
-        rank: This process's rank.
-        local_rank: Its rank within its node.
-        local_world_size: Processes on its node.
-        mixup: timm's batch-form `Mixup` for a method whose `Needs.mixup` is 'task' (None: no mixup).
-        batch_info: Where `batch_info()` reads each step's record (the batch stream), for `Needs.sample_indices`;
-            None in a hand-written loop, which passes `indices=` to the task's call.
-    """
-    num_epochs: Optional[int]
-    steps_per_epoch: Optional[int]
-    num_samples: Optional[int]
-    num_classes: Optional[int]
-    batch_size: Optional[int]
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    local_world_size: int = 1
-    mixup: Optional[Any] = None
-    batch_info: Optional[Callable[[], BatchInfo]] = None
 
 
 def world_size() -> int:

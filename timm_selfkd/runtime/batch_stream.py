@@ -15,12 +15,13 @@ method's batch sampler (or a plain shuffled `BatchSampler`) and adds three thing
 """
 import random
 from collections import deque
-from dataclasses import dataclass
 from typing import Deque, Iterator, List, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, Dataset, Sampler
+
+from timm_selfkd.run_facts import BatchInfo
 
 __all__ = ['SampleKey', 'BatchInfo', 'BatchStream', 'KeyedDataset', 'seed_host', 'seed_everything',
            'step_seed']
@@ -32,21 +33,6 @@ class SampleKey(NamedTuple):
     """One item of a batch: the dataset index and the seed of its augmentation."""
     index: int
     seed: int
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """What the task may know about the batch it trains on.
-
-    Attributes:
-        epoch: Epoch of the batch (the sampler's epoch, which may differ from the loop's near an epoch boundary
-            for samplers whose stream crosses epochs).
-        step: Batch number within the epoch, from 0.
-        indices: Dataset index of each image, in batch order (CPU int64 tensor).
-    """
-    epoch: int
-    step: int
-    indices: torch.Tensor
 
 
 def seed_host(seed: int) -> None:
