@@ -49,6 +49,8 @@ PINS: Dict[str, List[str]] = {
 # Further entries: a name -> (the method, its flags). Re-recorded on purpose after the redesign: multi_exit (the
 # BYOT hint summed over the batch, as BYOT's code; its DMFL-only run has no hint and did not change), bake and cskd
 # (their anchors drawn from the run's index sampler, which --aug-repeats replaces by timm's RepeatAugSampler).
+# mixskd re-recorded on purpose (issue 24): its own mixup pairs image i with a random permutation's partner, as the
+# official mixup_data's torch.randperm, instead of image n-1-i.
 VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     'multi_exit/dmfl_only': ('multi_exit', ['--no-multi-exit-byot']),
     'multi_exit/pskd_dmfl': ('multi_exit', ['--multi-exit-pskd', '--no-multi-exit-byot', '--epochs', '2']),

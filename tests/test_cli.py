@@ -4,6 +4,8 @@ import os
 import re
 
 import pytest
+import torch
+from timm.optim import create_optimizer_v2
 
 from timm_selfkd import list_methods
 from timm_selfkd.cli import format_methods, method_hparams, parse_args
@@ -37,6 +39,22 @@ def test_shipped_recipes_parse(recipe):
     if 'cifar' in args.dataset and not args.pretrained:  # the papers' CIFAR augmentation from scratch: pad-4 crop, flip
         # (a fine-tuning recipe, e.g. R-Drop's ImageNet-21k ViT at 384 px, keeps its pre-training's pipeline)
         assert (args.train_crop_mode, args.train_crop_padding, args.hflip) == ('pad', 4, 0.5), recipe
+
+
+def test_recipes_whose_official_sgd_is_not_nesterov_use_timms_momentum():
+    """timm's `--opt sgd` is Nesterov SGD and `momentum` plain (heavy-ball) SGD: every recipe whose comment says
+    the official optimizer has no Nesterov must ask for `momentum`."""
+    optimizers = {name: create_optimizer_v2(torch.nn.Linear(2, 2), name, lr=0.1, momentum=0.9)
+                  for name in ('sgd', 'momentum')}
+    assert optimizers['sgd'].defaults['nesterov'] and not optimizers['momentum'].defaults['nesterov']
+    plain = []
+    for recipe in sorted(glob.glob(os.path.join(REPO, 'configs', '*.yaml'))):
+        with open(recipe) as f:
+            comment = ' '.join(line for line in f.read().splitlines() if line.startswith('#'))
+        if re.search(r'\bno(t)? Nesterov', comment):
+            plain.append(os.path.basename(recipe))
+            assert parse_args(['-c', recipe]).opt == 'momentum', recipe
+    assert 'frskd_cifar100.yaml' in plain and 'zipfls_cifar100.yaml' in plain, plain
 
 
 def test_every_method_ships_a_recipe():

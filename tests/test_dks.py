@@ -2,6 +2,7 @@
 lines (sundw2014/DKS, wrn_DKS/, re-written below), hand-computed terms, the deep branches (fresh copies of the
 remaining stages) on a ResNet, an EfficientNet, a ViT and a Swin, refusals, bf16, and the branches as task state."""
 import copy
+import math
 
 import pytest
 import timm
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import timm_selfkd
 from conftest import hand_ce, hand_kd, restored_task, runs_without_and_with_checkpointing, small_model, train_steps
 from timm_selfkd.components.deep_branch import deep_branches
+from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.methods.dks import DKSHparams, dks_loss, synergy_loss
 from timm_selfkd.methods.multi_exit import Exit, MultiExitModule, exit_indices
 
@@ -68,6 +70,39 @@ def test_loss_and_gradients_match_the_official_code():
     classifiers = [*branches_ref, logits_ref]
     kl_sum = sum(official_kl_divergence(o2.detach(), o) for o in classifiers for o2 in classifiers if o is not o2)
     torch.testing.assert_close(ours['loss_synergy'], kl_sum, rtol=1e-6, atol=1e-6)
+
+
+def test_below_the_official_epsilon_the_official_kl_saturates_and_ours_does_not():
+    """The official KL smooths both softmaxes, (p + 1e-8) / (1 + K 1e-8); ours is the exact KL from log-softmax.
+    A class the teacher gives p and the student q adds about p log(1 + 1e-8 / q) more to ours, and its gradient into
+    the student's logit is q - p in ours, about -p q / (q + 1e-8) in the official: a relative ~1e-8 / q apart,
+    negligible while q >> 1e-8; below q = 1e-8 the official term saturates near p log(p / 1e-8) and its gradient
+    fades. Teacher (1/2, 1/2), the student's second class at logit gap 10, 15, 25 (the figures dks.py's
+    docstring quotes)."""
+    eps = 1e-8
+    teacher = torch.tensor([[0., 0.]])
+    for gap in (10., 15., 25.):
+        q = 1 / (1 + math.exp(gap))  # the student's second-class probability: 4.5e-5, 3.1e-7, 1.4e-11
+        smooth = [(v + eps) / (1 + 2 * eps) for v in (1 - q, q)]
+        official_by_hand = sum(0.5 * math.log(0.5 / s) for s in smooth)  # the teacher's smoothed 1/2 is 1/2
+        student = torch.tensor([[0., -gap]], requires_grad=True)
+        ours_kl = kd_kl_from_logits(student, teacher, 1.0)  # synergy_loss's term with the teacher's side
+        reference_student = student.detach().clone().requires_grad_()
+        official = official_kl_divergence(teacher, reference_student)
+        grad_ours, = torch.autograd.grad(ours_kl, student)
+        grad_official, = torch.autograd.grad(official, reference_student)
+        assert ours_kl.item() == pytest.approx(0.5 * math.log(0.5 / (1 - q)) + 0.5 * math.log(0.5 / q), rel=1e-6)
+        assert official.item() == pytest.approx(official_by_hand, rel=1e-5)
+        assert grad_ours[0, 1].item() == pytest.approx(q - 0.5, rel=1e-6)
+        assert grad_official[0, 1].item() == pytest.approx(-0.5 * q / (q + eps), rel=1e-3)
+        if gap == 10.:  # q = 4.5e-5: 1.1e-4 apart (p 1e-8 / q), gradients 2e-4 apart (relative)
+            assert ours_kl.item() - official.item() == pytest.approx(0.5 * eps / q, rel=0.05)
+        elif gap == 15.:  # q = 3.1e-7: 0.016 apart, gradients 3% apart
+            assert ours_kl.item() - official.item() == pytest.approx(0.0161, abs=1e-3)
+            assert grad_official[0, 1].item() / grad_ours[0, 1].item() == pytest.approx(0.968, abs=1e-3)
+        else:  # q = 1.4e-11: 11.81 against 8.52; -0.5 against -6.9e-4
+            assert (ours_kl.item(), official.item()) == pytest.approx((11.807, 8.516), abs=1e-3)
+            assert grad_official[0, 1].item() == pytest.approx(-6.93e-4, rel=1e-2)
 
 
 def test_terms_by_hand_with_weights_and_temperature():

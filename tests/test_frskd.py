@@ -1,6 +1,7 @@
 """FRSKD (`frskd`: Ji et al., CVPR 2021): the self-teacher and the loss against the official code's lines
 (MingiJi/FRSKD, re-written below as reference), hand-computed attention maps and levels, the three model families,
-bf16, the task state (also of the EMA model) and bad input.
+bf16, the task state (also of the EMA model), bad input, and the recipe's optimizer and lr at every epoch against
+the official main.py's.
 
 Differences from winycg/Self-KD-Lib's FRSKD (methods/frskd.py, models/bifpnc.py), where we follow the official
 code (each checked on our side below):
@@ -17,6 +18,7 @@ resolution (ViT) are fused without resampling; `--bce-loss` replaces both classi
 """
 import copy
 import math
+import os
 import re
 
 import pytest
@@ -26,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_selfkd
-from conftest import restored_task, train_steps
+from conftest import epoch_lrs, restored_task, train_steps
 from timm_selfkd.components.bifpn import BiFPN, resize_down, resize_up
 from timm_selfkd.methods.frskd import FRSKDHparams, attention_map, frskd_loss, teacher_levels
 
@@ -417,3 +419,25 @@ def test_bad_input(hparams, message):
 def test_model_without_stage_outputs_is_refused():
     with pytest.raises(ValueError, match='has no forward_intermediates'):
         timm_selfkd.create_task('frskd', nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))
+
+
+@pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')  # no training here, only the lr
+def test_recipe_optimizer_and_lr_at_every_epoch_are_the_official_ones():
+    """classification/main.py: optim.SGD(lr 0.1, momentum 0.9), no Nesterov (timm's `momentum`, not its `sgd`);
+    utils.lr_scheduler's MultiStepLR([100, 150], gamma 0.1) stepped after each of the epochs 1..200, so the lr drops
+    from 0-based epochs 100 and 150 on."""
+    from timm_selfkd.cli import parse_args
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'frskd_cifar100.yaml')
+    args = parse_args(['-c', recipe])
+    assert (args.opt, args.momentum, args.lr) == ('momentum', 0.9, 0.1)
+    # the official lines, re-written
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9, weight_decay=1e-4)
+    optimizer.zero_grad()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [100, 150], gamma=0.1)
+    official = []
+    for epoch in range(1, 200 + 1):
+        official.append(optimizer.param_groups[0]['lr'])  # train(...)
+        scheduler.step()
+    assert epoch_lrs(['-c', recipe]) == pytest.approx(official, rel=1e-9)
+    assert [e for e in range(1, 200) if official[e] < official[e - 1]] == [100, 150]

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from conftest import NUM_CLASSES, TRAIN_PER_CLASS, write_image_folder
+from conftest import NUM_CLASSES, TRAIN_PER_CLASS, epoch_lrs, write_image_folder
 from timm_selfkd.train import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +82,17 @@ def test_bf16_autocast_on_cpu_stays_finite(image_folder, tmp_path, method):
     (row,) = read_summary(tmp_path)
     for key in ('train_loss', 'train_loss_ce', 'train_loss_kd', 'eval_loss'):
         assert math.isfinite(float(row[key])), key
+
+
+def test_each_epoch_trains_at_the_lr_of_conftest_epoch_lrs(image_folder, tmp_path):
+    """The loop steps timm's scheduler as `conftest.epoch_lrs` (which the recipes' schedule tests use) assumes:
+    the lr logged for every epoch is its. timm's multistep milestone m decays from 0-based epoch m - 1 on."""
+    argv = train_args(image_folder, tmp_path, '--model', 'test_resnet', '--img-size', '32', '--epochs', '3',
+                      '--sched', 'multistep', '--decay-milestones', '2', '3', '--decay-rate', '0.5')
+    main(argv)
+    logged = [float(row['lr']) for row in read_summary(tmp_path)]
+    assert logged == pytest.approx(epoch_lrs(argv))
+    assert logged == pytest.approx([0.01, 0.005, 0.0025])
 
 
 def _first_step_kd(caplog, epoch):

@@ -1,8 +1,9 @@
 """Zipf's label smoothing: the official code's loss lines (megvii-research/zipfls, pytorch_zipfls/losses.py and the
 models' dense forward, re-written below in numpy/torch) against ours on fixed tensors and a fixed small model; the
 soft label by hand; the head at every position on ConvNeXt, ViT, Swin and EfficientNet; mixup; the three families;
-bf16; the checkpoint and task state."""
+bf16; the checkpoint and task state; the recipes' lr at every epoch against the official schedule."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 import timm_selfkd
+from conftest import epoch_lrs
 from timm_selfkd.components.losses import mixed_label_weights
 from timm_selfkd.components.zipf_targets import (min_rank, position_logits, vote_counts, zipf_distribution,
                                                  zipf_nontarget_kl)
@@ -66,6 +68,30 @@ def official_dense_argmax(featmap, linear, upsample=None):
     tmp = F.interpolate(featmap, scale_factor=2., mode=upsample, align_corners=False) if upsample else featmap
     n, c, h, w = tmp.size()
     return linear(tmp.permute(0, 2, 3, 1).reshape(n * h * w, c)).reshape(n, h * w, -1).argmax(axis=2)
+
+
+def official_adjust_learning_rate(dataset, epoch, base_lr, max_epoch):
+    """pytorch_zipfls/utils.py adjust_learning_rate, its CIFAR and ImageNet branches, returning the lr it sets."""
+    lr = base_lr
+    if dataset.lower() in ['cifar10', 'cifar100', 'tinyimagenet']:
+        if epoch >= 0.5 * max_epoch:
+            lr /= 10
+        if epoch >= 0.75 * max_epoch:
+            lr /= 10
+    elif dataset.lower() in ['imagenet', 'inat19', 'inat21']:
+        lr = 0.1 * (0.1 ** (epoch // 30))
+    return lr
+
+
+def official_epoch_lrs(dataset, base_lr, stop_epoch):
+    """pytorch_zipfls/train.py: the optimizer starts at `base_lr`; `for epoch in range(start_epoch, stop_epoch)`
+    trains (and validates) the epoch, then calls adjust_learning_rate(dataset_name, optimizer, epoch, base_lr,
+    stop_epoch), which sets the lr of the next epoch."""
+    lr, lrs = base_lr, []
+    for epoch in range(0, stop_epoch):
+        lrs.append(lr)  # train(...)
+        lr = official_adjust_learning_rate(dataset, epoch, base_lr, stop_epoch)
+    return lrs
 
 
 # ---- ours ----
@@ -313,3 +339,17 @@ def test_logit_ranking_and_bad_hyper_parameters():
             ZipfLSHparams(**bad)
     needs = timm_selfkd.get_method('zipfls').task_cls.requirements(ZipfLSHparams())
     assert needs.mixup == 'loader' and not needs.bce_refusal and needs.streamed_data
+
+
+@pytest.mark.parametrize('recipe,dataset,epochs,processes', [('zipfls_cifar100.yaml', 'CIFAR100', 200, 1),
+                                                             ('zipfls_imagenet_resnet50.yaml', 'ImageNet', 100, 4)])
+def test_recipe_trains_every_epoch_at_the_official_lr(recipe, dataset, epochs, processes):
+    """The official lr is set after each epoch for the next one, so it decays from 0-based epochs 101/151
+    (CIFAR) and 31/61/91 (ImageNet): the recipes' milestones, on timm's convention, give the same lr every epoch
+    (ImageNet at the official global batch 256: -b 64 on 4 processes)."""
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', recipe)
+    ours = epoch_lrs(['-c', recipe], processes)
+    official = official_epoch_lrs(dataset, 0.1, epochs)
+    assert len(ours) == epochs and ours == pytest.approx(official, rel=1e-9)
+    first_lower = [epoch for epoch in range(1, epochs) if official[epoch] < official[epoch - 1]]
+    assert first_lower == ([101, 151] if dataset == 'CIFAR100' else [31, 61, 91])

@@ -14,7 +14,7 @@ from timm.data.mixup import mixup_target
 from timm_selfkd.components.deep_branch import DeepBranch, LevelCapture, branch_no_weight_decay, deep_branches
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
-from timm_selfkd.components.replayed_mixup import NO_BOX, MixParams, RowMix, SharedMix, mix_block, mix_target
+from timm_selfkd.components.replayed_mixup import RowMix, SharedMix, mix_block, mix_target
 from timm_selfkd.components.training_parts import TrainingPart, like_model, training_only_parameters
 from timm_selfkd.registry import register_method
 from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
@@ -267,13 +267,19 @@ class MixSKDTask(SelfKDTask):
     chain of modules (`components.deep_branch`, the deep branches DKS uses; the branch's classifier is the copied
     head, the official `avg_pool` and `fc1-3` on ResNets); the final maps are `forward_features`' output
     (EfficientNet after `conv_head`, ViT/Swin after `norm`; the self-teacher and the discriminators pool them by
-    their mean, tokens included); the self-teacher pools before its 1x1 convolution (the same function); the
-    partner of image i is image n-1-i (timm's pairing; the official code draws a random permutation: the same on
-    shuffled batches), drawn lambda from NumPy's generator that the loop seeds every step, so a resumed run is
-    bit-identical.
+    their mean, tokens included); the self-teacher pools before its 1x1 convolution (the same function).
 
-    Mixup/CutMix: without --mixup/--cutmix the task mixes with its own mixup, `lam ~ Beta(alpha, alpha)` one per
-    step (the paper's and official code's). With them, timm's batch-form `Mixup` (`run.mixup`) replaces that draw:
+    Mixup/CutMix: without --mixup/--cutmix the task mixes with its own mixup, as the official `mixup_data`: one
+    `lam ~ Beta(alpha, alpha)` per step, then image i's partner `partner[i]` from a uniformly random permutation
+    of the batch (the code's `torch.randperm`; both drawn here from NumPy's global generator, which the loop seeds
+    every step, so a resumed run is bit-identical). timm's pairing, image i with n-1-i, is not the same even on
+    shuffled batches: there it is a uniformly random perfect matching (even n), each image mixed with another one,
+    mutually (a with b and b with a, in complementary proportions); the permutation gives each image a partner
+    drawn uniformly from all n, itself included (probability 1/n: the mixed image is the original, its feature
+    and logit distillation terms are 0), and pairs are mutual only in its 2-cycles. The expected loss of a step
+    under the permutation is (1 - 1/n) that of the matching plus 1/n that of self-mixes; the within-step
+    correlation of the mixes differs too. With --mixup/--cutmix, timm's batch-form `Mixup` (`run.mixup`) replaces
+    that draw, with timm's pairing (image i with n-1-i) and its parameters:
     its alphas, probability, switch probability, --mixup-mode (a lambda per image/pair in 'elem'/'pair') and
     --mixup-off-epoch (lambda 1: the mixed images equal the originals); a CutMix draw pastes the partner's box
     into the image, and the maps and logits are still interpolated lambda-weighted with lambda the kept area (the
@@ -309,15 +315,17 @@ class MixSKDTask(SelfKDTask):
         return module
 
     def _mix(self, input: torch.Tensor, target: torch.Tensor):
-        """The mixed images (a new tensor), lambda per row, and the mixed images' targets (None: mix the hard
-        labels' losses lambda-weighted)."""
+        """The mixed images (a new tensor), each one's partner, lambda per row, and the mixed images' targets
+        (None: mix the hard labels' losses lambda-weighted)."""
         n = input.shape[0]
         if self.mixer is not None:
             mix = self.mixer.draw(input.shape)
             lams = mix.lams if isinstance(mix, RowMix) else (mix.lam,) * n
-            return mix_block(input.clone(), mix), lams, mix_target(target, self.mixer.mixup, mix)
+            partner = torch.arange(n - 1, -1, -1, device=input.device)
+            return mix_block(input.clone(), mix), partner, lams, mix_target(target, self.mixer.mixup, mix)
         lam = float(np.random.beta(self.hparams.alpha, self.hparams.alpha))
-        return mix_block(input.clone(), MixParams(lam, NO_BOX, n)), (lam,) * n, None
+        partner = torch.from_numpy(np.random.permutation(n)).to(input.device)
+        return lam * input + (1 - lam) * input[partner], partner, (lam,) * n, None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         if not self.training:
@@ -325,8 +333,7 @@ class MixSKDTask(SelfKDTask):
             loss = self.cross_entropy(output, target)
             return {'loss': loss, 'output': output, 'loss_ce': loss}
         n = input.shape[0]
-        mixed, lams, mixed_target = self._mix(input, target)
-        partner = torch.arange(n - 1, -1, -1, device=input.device)
+        mixed, partner, lams, mixed_target = self._mix(input, target)
         lam = torch.tensor(lams, dtype=torch.float32, device=input.device)
         out = self.trainable_module(torch.cat([input, mixed]), lam, partner)
         if self.mixer is not None:  # the criterion takes soft targets: the originals' smoothed one-hots
