@@ -213,3 +213,23 @@ def test_recipe_baseline_trains_two_steps(name, tmp_path, data, monkeypatch):
     _check_summary(rows)
     _check_built(s, recipe)
     assert saved['selfkd'] == 'none' and not any(k.startswith('bake_') and v is not None for k, v in saved.items())
+
+
+def test_a_node_recipe_runs_on_a_laptop(tmp_path, data):
+    """bake_imagenet_resnet50.yaml, a recipe for an 8-GPU node (AMP, pinned memory, sync BN, 8 workers, 64 images
+    per process), trains a step on the CPU with only its machine switched by the command line: `-b`, `--workers`,
+    `--device`, `--no-amp`, and `--no-sync-bn`, which a CPU cannot run. The copy the run reads swaps the model and
+    the data for tiny ones; args.yaml records what ran: the recipe with those switches."""
+    recipe = _read(os.path.join(REPO, 'configs', 'bake_imagenet_resnet50.yaml'))
+    assert recipe['amp'] and recipe['sync_bn'] and recipe['pin_mem'] and recipe['workers'] == 8
+    tiny = {**recipe, 'model': 'test_resnet', 'img_size': 32, 'num_classes': 2, 'epochs': 1,
+            'data_dir': str(data / 'bake'), 'output': str(tmp_path), 'experiment': 'run'}
+    local = tmp_path / 'recipe.yaml'
+    local.write_text(yaml.safe_dump(tiny))
+    train_module.main(['-c', str(local), '-b', '8', '--workers', '0', '--device', 'cpu', '--no-amp', '--no-sync-bn'])
+    with open(tmp_path / 'run' / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [(row['status'], float(row['train_steps'])) for row in rows] == [('ok', 1.0)]  # 4 anchors + 4 partners
+    saved = _read(tmp_path / 'run' / 'args.yaml')
+    ran = {**tiny, 'batch_size': 8, 'workers': 0, 'device': 'cpu', 'amp': False, 'sync_bn': False}
+    assert {key: saved[key] for key in ran} == ran
