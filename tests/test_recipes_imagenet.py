@@ -15,7 +15,8 @@ the others on 2 classes x 4 images (8 images, 4 per batch).
 Each run must exit normally and write one summary row of 2 steps and 8 images with finite losses; the optimizer,
 scheduler, mixup and model it built are checked against the recipe's values, and its args.yaml against the
 recipe. Each recipe's baseline (`-c recipe --selfkd none`, as its comment says) must parse, and two of them
-(a CNN protocol and Swin's) train their two steps too.
+(a CNN protocol and Swin's) train their two steps too. One recipe for an 8-GPU node trains on a laptop with only its
+machine switched on the command line (`-b`, `--workers`, `--device`, `--no-amp`, `--no-sync-bn`).
 """
 import csv
 import glob
