@@ -26,6 +26,12 @@ TRAIN_PER_CLASS = 8
 VAL_PER_CLASS = 4
 
 
+def checked_hparams(method, **values):
+    """A method's hyper-parameters built and checked as the command line, recipes and `create_task` build them."""
+    from timm_selfkd.registry import build_hparams, get_method
+    return build_hparams(get_method(method), values)
+
+
 def write_image_folder(root, per_class, num_classes=NUM_CLASSES, size=32, seed=0):
     """Class k's images are noisy versions of one colour, so a model can learn them quickly."""
     rng = np.random.default_rng(seed)

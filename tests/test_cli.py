@@ -8,7 +8,8 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from timm_selfkd import list_methods
-from timm_selfkd.cli import format_methods, method_hparams, parse_args
+from timm_selfkd.options import REFUSED_OPTIONS
+from timm_selfkd.cli import _build_parser, format_methods, method_hparams, parse_args
 from timm_selfkd.methods.bake import BAKEHparams
 from timm_selfkd.registry import get_method, hparam_fields
 from timm_selfkd.train import main
@@ -112,6 +113,8 @@ def test_run_args_yaml_is_a_recipe(tmp_path):
     ('selfkd: dlb\ndlb_alpha: "high"\n', "--dlb-alpha: invalid float value: 'high'"),  # argparse's check
     ('train_crop_mode: padd\n', "recipe key 'train_crop_mode' must be one of rrc, rkrc, rkrr, pad, got 'padd'"),
     ('epochs: 0\n', '--epochs must be >= 1, got 0'),
+    ('selfkd: mrkd\nmrkd_copy_mode: frozen\n', "recipe key 'mrkd_copy_mode' must be one of eval, train, got 'frozen'"),
+    ('selfkd: dlb\ndlb_alpha: -1.0\n', 'dlb alpha must be >= 0, got -1.0'),
 ])
 def test_recipe_values_of_the_wrong_type(tmp_path, capsys, text, expected):
     (tmp_path / 'r.yaml').write_text(text)
@@ -135,3 +138,57 @@ def test_readme_documents_every_method_and_flag():
             if flag not in documented and not any(flag.startswith(w) for w in wildcards):
                 missing.append(flag)
     assert not missing, f'README.md does not document: {missing}'
+
+
+def test_every_boolean_a_recipe_switches_on_the_command_line_switches_off(tmp_path):
+    """timm's name sets each boolean (`--amp`, `--no-aug`); the opposite form (`--no-amp`, `--aug`) clears what a
+    recipe set."""
+    refused = {option.dest for option in REFUSED_OPTIONS}
+    flags = {a.dest: a.option_strings for a in _build_parser()._actions
+             if a.nargs == 0 and a.dest not in ('help', 'list_selfkd', *refused)
+             and not a.dest.startswith(tuple(f'{name}_' for name in list_methods()))}  # a method's: test_flags
+    for dest, names in (('amp', ['--amp', '--no-amp']), ('pin_mem', ['--pin-mem', '--no-pin-mem']),
+                        ('model_ema', ['--model-ema', '--no-model-ema']), ('no_aug', ['--no-aug', '--aug']),
+                        ('channels_last', ['--channels-last', '--no-channels-last']),
+                        ('no_prefetcher', ['--no-prefetcher', '--prefetcher'])):
+        assert flags[dest] == names, (dest, flags[dest])
+    assert len(flags) == 20
+    defaults = parse_args([])
+    assert not any(getattr(defaults, dest) for dest in flags)
+    (tmp_path / 'r.yaml').write_text(''.join(f'{dest}: true\n' for dest in flags))
+    assert all(getattr(parse_args(['-c', str(tmp_path / 'r.yaml')]), dest) for dest in flags)
+    off = parse_args(['-c', str(tmp_path / 'r.yaml'), *(names[-1] for names in flags.values())])
+    assert not any(getattr(off, dest) for dest in flags)
+    assert all(getattr(parse_args([names[0] for names in flags.values()]), dest) for dest in flags)
+
+
+def test_help_shows_each_method_flags_value_default_and_range(capsys, monkeypatch):
+    monkeypatch.setenv('COLUMNS', '400')  # no wrapped help texts
+    with pytest.raises(SystemExit):
+        parse_args(['--help'])
+    lines = {}  # flag -> its entry, the help text that argparse puts on the next line for a long flag joined
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith('  -'):
+            flag = line.split()[0].rstrip(',')
+            lines[flag] = line.rstrip()
+        elif line.startswith('   ') and lines:
+            lines[flag] += ' ' + line.strip()
+    assert re.search(r'--dlb-alpha FLOAT +dlb: .*\(default: 1\.0; >= 0\)$', lines['--dlb-alpha'])
+    assert re.search(r'--bake-same-class INT +bake: .*\(default: 1; >= 1\)$', lines['--bake-same-class'])
+    assert re.search(r'--pskd-alpha-t FLOAT +.*\(default: 0\.8; in \[0, 1\]\)$', lines['--pskd-alpha-t'])
+    assert re.search(r'--lsrkd-tc-gamma FLOAT +.*\(default: 2\.5/K; in \(0, 1\)\)$', lines['--lsrkd-tc-gamma'])
+    assert re.search(r"--dks-indices STR +.*\(default: ''\)$", lines['--dks-indices'])
+    assert re.search(r'--mrkd-copy-mode \{eval,train\} +.*\(default: eval; one of eval, train\)$',
+                     lines['--mrkd-copy-mode'])
+    assert re.search(r'--bake-global-batch, --no-bake-global-batch +.*\(default: True\)$', lines['--bake-global-batch'])
+
+
+def test_list_selfkd_summaries_are_whole_sentences_and_smoothing_is_noted():
+    """Each summary is its docstring's first sentence, its lines joined (or the one given at registration); the
+    first line says that --smoothing is timm's 0.1 where the official codes use none."""
+    out = format_methods().splitlines()
+    assert out[0].startswith("note: --smoothing defaults to timm's 0.1") and 'Zipf\'s LS use none' in out[0]
+    dks = get_method('dks').summary
+    assert dks.startswith('Deep auxiliary branches') and dks.endswith('(pairwise KL synergy).') and '\n' not in dks
+    assert f'dks: {dks}' in out
+    assert get_method('multi_exit').summary.endswith("every classifier learns from PS-KD's soft targets.")

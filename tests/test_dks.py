@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_selfkd
-from conftest import hand_ce, hand_kd, restored_task, runs_without_and_with_checkpointing, small_model, train_steps
+from conftest import (checked_hparams, hand_ce, hand_kd, restored_task, runs_without_and_with_checkpointing, small_model,
+                      train_steps)
 from timm_selfkd.components.deep_branch import deep_branches
 from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.methods.dks import DKSHparams, dks_loss, synergy_loss
@@ -309,9 +310,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match='dks needs a model with a classifier'):
         timm_selfkd.create_task('dks', timm.create_model('test_resnet', num_classes=0))
     with pytest.raises(ValueError, match='dks indices must be comma-separated integers'):
-        DKSHparams(indices='a')
+        checked_hparams('dks', indices='a')
     for name in ('branch_weight', 'synergy_weight'):
-        with pytest.raises(ValueError, match=f'dks {name} must be >= 0.0'):
-            DKSHparams(**{name: -1.0})
-    with pytest.raises(ValueError, match='dks temperature must be >= 1e-06'):
-        DKSHparams(temperature=0.)
+        with pytest.raises(ValueError, match=f'dks {name} must be >= 0, got -1.0'):
+            checked_hparams('dks', **{name: -1.0})
+    with pytest.raises(ValueError, match='dks temperature must be > 0, got 0.0'):
+        checked_hparams('dks', temperature=0.)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_selfkd
-from conftest import hand_ce, log_softmax_row
+from conftest import checked_hparams, hand_ce, log_softmax_row
 from timm_selfkd.components.losses import class_teacher_kl, corrected_teacher
 from timm_selfkd.methods.lsrkd_tfkd import LabelTeacherTask, LsrKDHparams, LsrKDTCHparams, TfKDRegHparams
 
@@ -168,8 +168,9 @@ def test_teacher_is_built_once_per_class_count(monkeypatch):
 
 @pytest.mark.parametrize('name, gamma', [('lsrkd_tc', 0.25), ('lsrkd_tc', 0.1), ('tfkd_reg', 0.2)])
 def test_gamma_not_above_one_over_k_fails_when_k_is_known(name, gamma):
-    """gamma in (0, 1) passes the dataclass; with a 4-class model, gamma <= 1/4 is refused at construction."""
-    hparams = timm_selfkd.get_method(name).hparams_cls(gamma=gamma)
+    """gamma in (0, 1) passes the hyper-parameters' check; with a 4-class model, gamma <= 1/4 is refused at
+    construction."""
+    hparams = checked_hparams(name, gamma=gamma)
     with pytest.raises(ValueError, match=r'gamma must be > 1/K = 0.25 for 4 classes'):
         timm_selfkd.create_task(name, Fixed(), gamma=hparams.gamma)
 
@@ -178,8 +179,8 @@ def test_gamma_not_above_one_over_k_fails_when_k_is_known(name, gamma):
                                            ('tfkd_reg', {'gamma': 1.2}), ('lsrkd', {'alpha': 1.5}),
                                            ('lsrkd', {'temperature': 0.0}), ('tfkd_reg', {'multiplier': -1.0})])
 def test_out_of_range_hparams(name, hparams):
-    with pytest.raises(ValueError, match=f'{name} {next(iter(hparams))}'):
-        timm_selfkd.get_method(name).hparams_cls(**hparams)
+    with pytest.raises(ValueError, match=f'^{name} {next(iter(hparams))} must be '):
+        checked_hparams(name, **hparams)
 
 
 def test_every_preset_takes_mixup_from_the_loader():

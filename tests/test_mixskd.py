@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 import timm_selfkd
-from conftest import runs_without_and_with_checkpointing, small_model, train_steps
+from conftest import checked_hparams, runs_without_and_with_checkpointing, small_model, train_steps
 from timm_selfkd.components.deep_branch import LevelCapture
 from timm_selfkd.methods.mixskd import MixSKDHparams, grad_reverse, mixskd_loss
 
@@ -346,10 +346,10 @@ def test_task_state_round_trip_ema_and_mismatch():
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(ValueError, match='mixskd alpha must be >= 1e-06'):
-        MixSKDHparams(alpha=0.)
-    with pytest.raises(ValueError, match='comma-separated integers'):
-        MixSKDHparams(indices='a')
+    with pytest.raises(ValueError, match='mixskd alpha must be > 0, got 0.0'):
+        checked_hparams('mixskd', alpha=0.)
+    with pytest.raises(ValueError, match='mixskd indices must be comma-separated integers'):
+        checked_hparams('mixskd', indices='a')
     with pytest.raises(ValueError, match=r'branch index 4 does not exist for test_resnet: valid indices are 0-3'):
         _task(indices='4')
 

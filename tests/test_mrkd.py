@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import timm_selfkd
+from conftest import checked_hparams
 from timm_selfkd.components.losses import teacher_correction
 from timm_selfkd.methods.base import RunInfo
 from timm_selfkd.methods.mrkd import Interval
@@ -170,10 +171,11 @@ def test_interval_in_steps_or_epochs(text, steps):
     assert Interval.parse(text).steps(391) == steps
 
 
+@pytest.mark.parametrize('method', ['mrkd', 'mrkd_tc'])
 @pytest.mark.parametrize('text', ['0', '0e', '2.5', 'e', '25 epochs', '-3', ''])
-def test_bad_interval(text):
-    with pytest.raises(ValueError, match='mrkd interval'):
-        Interval.parse(text)
+def test_bad_interval(text, method):
+    with pytest.raises(ValueError, match=f'^{method} interval must be (> 0|a whole number of steps)'):
+        checked_hparams(method, interval=text)
 
 
 def test_interval_in_epochs_needs_the_run():

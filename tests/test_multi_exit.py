@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_selfkd
-from conftest import SMALL_FAMILIES, small_model, train_steps
+from conftest import SMALL_FAMILIES, checked_hparams, small_model, train_steps
 from timm_selfkd.methods.multi_exit import MultiExitEvaluator, MultiExitHparams, exit_indices, multi_exit_loss
 
 # Two images, three classes, features of size four, two exits.
@@ -220,13 +220,14 @@ def test_bad_input():
             exit_indices(vit, indices)
     with pytest.raises(ValueError, match='has no forward_intermediates'):
         timm_selfkd.create_task('multi_exit', NoIntermediates())
-    with pytest.raises(ValueError, match='comma-separated integers'):
-        MultiExitHparams(indices='2;5')
-    with pytest.raises(ValueError, match='distinct'):
-        MultiExitHparams(indices='2,2')
-    with pytest.raises(ValueError, match=r'alpha must be >= 0.0 and <= 1.0, got -0.1'):
-        MultiExitHparams(alpha=-0.1)
-    with pytest.raises(ValueError, match='feature_weight must be >= 0'):
-        MultiExitHparams(feature_weight=-1e-6)
+    with pytest.raises(ValueError, match=r"multi_exit indices must be comma-separated integers \(e.g. 2,5,8\), got "
+                                         r"'2;5'"):
+        checked_hparams('multi_exit', indices='2;5')
+    with pytest.raises(ValueError, match="multi_exit indices must be distinct, got '2,2'"):
+        checked_hparams('multi_exit', indices='2,2')
+    with pytest.raises(ValueError, match=r'multi_exit alpha must be in \[0, 1\], got -0.1'):
+        checked_hparams('multi_exit', alpha=-0.1)
+    with pytest.raises(ValueError, match='multi_exit feature_weight must be >= 0, got -1e-06'):
+        checked_hparams('multi_exit', feature_weight=-1e-6)
     with pytest.raises(ValueError, match='needs byot or dmfl'):
-        MultiExitHparams(byot=False, dmfl=False)
+        checked_hparams('multi_exit', byot=False, dmfl=False)

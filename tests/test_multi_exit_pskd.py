@@ -278,7 +278,7 @@ def test_triple_memory_rows_under_ddp(tmp_path):
 @pytest.mark.parametrize('extra, expected', [
     (['--multi-exit-pskd', '--multi-exit-pskd-topk', '5'], '--multi-exit-pskd-topk 5 is larger than the class '
                                                            'count (4)'),
-    (['--multi-exit-pskd', '--multi-exit-pskd-alpha-t', '1.5'], 'multi_exit pskd_alpha_t must be >= 0.0 and <= 1.0'),
+    (['--multi-exit-pskd', '--multi-exit-pskd-alpha-t', '1.5'], 'multi_exit pskd_alpha_t must be in [0, 1], got 1.5'),
     (['--multi-exit-pskd-topk=-1'], 'multi_exit pskd_topk must be >= 0'),
     (['--no-multi-exit-byot', '--no-multi-exit-dmfl'], 'multi_exit needs byot or dmfl or pskd'),
 ])

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
 import timm_selfkd
-from conftest import hand_ce, hand_kd
+from conftest import checked_hparams, hand_ce, hand_kd
 from timm_selfkd.wiring import MethodWiring
 from timm_selfkd.components.samplers import ClassGroupBatchSampler, ViewsBatchSampler
 
@@ -140,8 +140,8 @@ def test_ddgsd_mmd_on_pooled_features():
 
 
 def test_ddgsd_negative_mmd_weight():
-    with pytest.raises(ValueError, match='ddgsd mmd_weight must be >= 0'):
-        timm_selfkd.get_method('ddgsd').hparams_cls(mmd_weight=-0.1)
+    with pytest.raises(ValueError, match='ddgsd mmd_weight must be >= 0, got -0.1'):
+        checked_hparams('ddgsd', mmd_weight=-0.1)
 
 
 def test_ddgsd_sampler_views_of_rank_sampler():

@@ -15,7 +15,8 @@ the others on 2 classes x 4 images (8 images, 4 per batch).
 Each run must exit normally and write one summary row of 2 steps and 8 images with finite losses; the optimizer,
 scheduler, mixup and model it built are checked against the recipe's values, and its args.yaml against the
 recipe. Each recipe's baseline (`-c recipe --selfkd none`, as its comment says) must parse, and two of them
-(a CNN protocol and Swin's) train their two steps too.
+(a CNN protocol and Swin's) train their two steps too. One recipe for an 8-GPU node trains on a laptop with only its
+machine switched on the command line (`-b`, `--workers`, `--device`, `--no-amp`, `--no-sync-bn`).
 """
 import csv
 import glob
@@ -142,17 +143,17 @@ def _check_built(s, recipe):
     assert s.num_epochs == args.epochs + recipe['cooldown_epochs']  # the run's --epochs 1
     # mixup / CutMix, label smoothing, the epoch CutMix stops
     if recipe['mixup'] > 0 or recipe['cutmix'] > 0:
-        mix = s.mixup
+        mix = s.mixing.mixer
         assert isinstance(mix, (Mixup, FastCollateMixup)), mix
         assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.mode, mix.label_smoothing) == (
             recipe['mixup'], recipe['cutmix'], recipe['mixup_prob'],
             recipe['mixup_mode'], recipe['smoothing'])
         if recipe['mixup'] > 0 and recipe['cutmix'] > 0:
             assert mix.switch_prob == recipe['mixup_switch_prob']
-        assert args.mixup_off_epoch == recipe['mixup_off_epoch']
+        assert args.mixup_off_epoch == recipe['mixup_off_epoch'] == s.mixing.off_epoch
     else:
-        assert s.mixup is None
-    assert getattr(s.task.criterion, 'smoothing', 0.0) == (0.0 if s.mixup is not None else recipe['smoothing'])
+        assert s.mixing is None
+    assert getattr(s.task.criterion, 'smoothing', 0.0) == (0.0 if s.mixing is not None else recipe['smoothing'])
     # the model and its stochastic depth; augmentation of the training images
     assert args.model == recipe['model']
     rates = [m.drop_prob for m in s.model.modules() if isinstance(m, DropPath)]
@@ -213,3 +214,23 @@ def test_recipe_baseline_trains_two_steps(name, tmp_path, data, monkeypatch):
     _check_summary(rows)
     _check_built(s, recipe)
     assert saved['selfkd'] == 'none' and not any(k.startswith('bake_') and v is not None for k, v in saved.items())
+
+
+def test_a_node_recipe_runs_on_a_laptop(tmp_path, data):
+    """bake_imagenet_resnet50.yaml, a recipe for an 8-GPU node (AMP, pinned memory, sync BN, 8 workers, 64 images
+    per process), trains a step on the CPU with only its machine switched by the command line: `-b`, `--workers`,
+    `--device`, `--no-amp`, and `--no-sync-bn`, which a CPU cannot run. The copy the run reads swaps the model and
+    the data for tiny ones; args.yaml records what ran: the recipe with those switches."""
+    recipe = _read(os.path.join(REPO, 'configs', 'bake_imagenet_resnet50.yaml'))
+    assert recipe['amp'] and recipe['sync_bn'] and recipe['pin_mem'] and recipe['workers'] == 8
+    tiny = {**recipe, 'model': 'test_resnet', 'img_size': 32, 'num_classes': 2, 'epochs': 1,
+            'data_dir': str(data / 'bake'), 'output': str(tmp_path), 'experiment': 'run'}
+    local = tmp_path / 'recipe.yaml'
+    local.write_text(yaml.safe_dump(tiny))
+    train_module.main(['-c', str(local), '-b', '8', '--workers', '0', '--device', 'cpu', '--no-amp', '--no-sync-bn'])
+    with open(tmp_path / 'run' / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [(row['status'], float(row['train_steps'])) for row in rows] == [('ok', 1.0)]  # 4 anchors + 4 partners
+    saved = _read(tmp_path / 'run' / 'args.yaml')
+    ran = {**tiny, 'batch_size': 8, 'workers': 0, 'device': 'cpu', 'amp': False, 'sync_bn': False}
+    assert {key: saved[key] for key in ran} == ran

@@ -1,4 +1,5 @@
-"""The registry: one task class under several names (presets), each with its own hyper-parameter dataclass."""
+"""The registry: one task class under several names (presets), each with its own hyper-parameter dataclass; the
+ranges, choices and checks declared beside each hyper-parameter, checked by one function."""
 from dataclasses import dataclass, field
 
 import pytest
@@ -7,6 +8,8 @@ import timm_selfkd
 from timm_selfkd import registry
 from timm_selfkd.cli import format_methods, method_hparams, parse_args
 from timm_selfkd.methods.base import SelfKDTask
+from timm_selfkd.methods.dlb import DLBHparams
+from timm_selfkd.registry import Bounds, check_hparams, hparam
 
 
 @pytest.fixture
@@ -15,7 +18,7 @@ def clean_registry(monkeypatch):
     registry._load_methods()
     monkeypatch.setattr(registry, '_METHODS', dict(registry._METHODS))
     yield
-    for hparams_cls in (SoftHparams, HardHparams):  # registration names a dataclass (`hparams.method`)
+    for hparams_cls in (SoftHparams, HardHparams, RangedHparams):  # registration names a dataclass (`hparams.method`)
         if 'method' in vars(hparams_cls):
             delattr(hparams_cls, 'method')
 
@@ -28,6 +31,20 @@ class SoftHparams:
 @dataclass
 class HardHparams(SoftHparams):
     weight: float = field(default=3.0, metadata={'help': 'w'})
+
+
+def _even(value):
+    if value % 2:
+        raise ValueError(f'must be even, got {value}')
+
+
+@dataclass
+class RangedHparams:
+    rate: float = hparam(0.5, 'a rate', within='[0, 1)')
+    temperature: float = hparam(1.0, 'a temperature', within='(0, inf)')
+    mode: str = hparam('a', 'a mode', choices=('a', 'b'))
+    pairs: int = hparam(2, 'an even count', within='[0, inf)', check=_even)
+    gamma: float = hparam(None, 'resolved by the run', within='(0, 1)', default_text='1/K')
 
 
 def test_one_class_several_presets(clean_registry):
@@ -75,3 +92,65 @@ def test_preset_flags_and_list_selfkd(capsys):
     with pytest.raises(SystemExit):
         parse_args(['--selfkd', 'lsrkd', '--lsrkd-tc-gamma', '0.3'])
     assert 'hyper-parameter of lsrkd_tc' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('text, inside, outside, shown', [
+    ('[0, 1)', (0, 0.5, 0.999), (-1e-9, 1, 1.5), 'in [0, 1)'),
+    ('(0, inf)', (1e-300, 1, 1e300), (0, -1, float('nan')), '> 0'),
+    ('[-1, inf)', (-1, 0, 7), (-2, -1.5), '>= -1'),
+    ('(0, 1]', (1, 0.25), (0, 1.0001), 'in (0, 1]'),
+])
+def test_bounds(text, inside, outside, shown):
+    bounds = Bounds.parse(text)
+    assert all(v in bounds for v in inside) and not any(v in bounds for v in outside)
+    assert str(bounds) == shown and True not in bounds and '0.5' not in bounds and None not in bounds
+
+
+def test_bad_interval_is_refused_where_it_is_declared():
+    with pytest.raises(ValueError, match=r"an interval is written \[low, high\].*got '0, 1'"):
+        hparam(0.5, 'x', within='0, 1')
+
+
+def test_a_plugins_declared_ranges_are_checked(clean_registry):
+    """A method's dataclass declares its values beside the help texts; the registry checks them wherever it builds
+    the dataclass (flags, recipes, create_task), naming the method and the field; None is a default's only."""
+    registry.register_method('t_ranged', hparams=RangedHparams)(type('R', (SelfKDTask,), {}))
+    spec = registry.get_method('t_ranged')
+    assert registry.build_hparams(spec, {'rate': 0.0, 'temperature': 1e-9, 'mode': 'b', 'pairs': 0}) == \
+        RangedHparams(rate=0.0, temperature=1e-9, mode='b', pairs=0)
+    for values, message in (({'rate': 1.0}, 't_ranged rate must be in [0, 1), got 1.0'),
+                            ({'temperature': 0.0}, 't_ranged temperature must be > 0, got 0.0'),
+                            ({'mode': 'c'}, "t_ranged mode must be one of a, b, got 'c'"),
+                            ({'pairs': 3}, 't_ranged pairs must be even, got 3'),
+                            ({'pairs': -2}, 't_ranged pairs must be >= 0, got -2'),
+                            ({'gamma': 1.0}, 't_ranged gamma must be in (0, 1), got 1.0'),
+                            ({'rate': None}, 't_ranged rate must be in [0, 1), got None')):
+        with pytest.raises(ValueError) as exc:
+            registry.build_hparams(spec, values)
+        assert str(exc.value) == message
+    parse_args(['--selfkd', 't_ranged', '--t-ranged-gamma', '0.5'])
+    with pytest.raises(SystemExit):
+        parse_args(['--selfkd', 't_ranged', '--t-ranged-pairs', '3'])
+
+
+def test_every_methods_defaults_pass_its_checks():
+    for name in timm_selfkd.list_methods():
+        check_hparams(registry.build_hparams(timm_selfkd.get_method(name), {}))
+
+
+def test_a_stacks_parts_are_checked_however_they_are_given():
+    spec = timm_selfkd.get_method('ddgsd+dlb')
+    for dlb in ({'alpha': -1.0}, DLBHparams(alpha=-1.0)):  # a dataclass built by hand is not checked by itself
+        with pytest.raises(ValueError, match='^dlb alpha must be >= 0, got -1.0$'):
+            registry.build_hparams(spec, {'dlb': dlb})
+
+
+@pytest.mark.parametrize('doc, summary', [
+    ('One line.', 'One line.'),
+    ('A sentence over\n    two lines, e.g. ViT\n    blocks. Another one.\n\n    Details.', 'A sentence over two lines, '
+                                                                                     'e.g. ViT blocks.'),
+    ('No full stop\n\nDetails. More.', 'No full stop'),
+    (None, ''),
+])
+def test_summary_is_the_first_sentence(doc, summary):
+    assert registry._first_sentence(doc) == summary

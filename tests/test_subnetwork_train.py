@@ -129,9 +129,10 @@ def selfkd_test_no_intermediates(pretrained=False, **kwargs):
 @pytest.mark.parametrize('extra, expected', [
     (['--selfkd', 'self_guidance', '--model', 'dla46_c'], 'self_guidance needs stochastic depth'),
     (['--selfkd', 'self_guidance', '--drop-path', '1.0'], '--drop-path (the stochastic-depth rate) must be in [0, 1)'),
-    (['--selfkd', 'self_guidance', '--self-guidance-default-rate', '1'], 'default_rate: a stochastic-depth'),
+    (['--selfkd', 'self_guidance', '--self-guidance-default-rate', '1'],
+     'self_guidance default_rate must be in [0, 1), got 1.0'),
     (['--selfkd', 'self_guidance', '--self-guidance-weight', '-0.5'], 'weight must be >= 0'),
-    (['--selfkd', 'multi_exit', '--multi-exit-alpha', '-0.1'], 'alpha must be >= 0'),
+    (['--selfkd', 'multi_exit', '--multi-exit-alpha', '-0.1'], 'multi_exit alpha must be in [0, 1], got -0.1'),
     (['--selfkd', 'multi_exit', '--multi-exit-feature-weight', '-1'], 'feature_weight must be >= 0'),
     (['--selfkd', 'multi_exit', '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=8',
       'depth=4', '--multi-exit-indices', '1,3'], 'exit index 3 does not exist for vit_tiny_patch16_224: valid '

@@ -184,7 +184,7 @@ def _fails(capsys, tmp_path, argv, expected):
     (['--model', 'no_such_model'], 'Unknown model'),
     (['--selfkd', 'lsrkd_tc', '--lsrkd-tc-gamma', '0.2'], 'lsrkd_tc gamma must be > 1/K = 0.25 for 4 classes'),
     (['--selfkd', 'tfkd_reg', '--tfkd-reg-gamma', '0.2'], 'tfkd_reg gamma must be > 1/K = 0.25 for 4 classes'),
-    (['--selfkd', 'lsrkd_tc', '--lsrkd-tc-gamma', '1.0'], 'lsrkd_tc gamma must be > 0 and < 1'),
+    (['--selfkd', 'lsrkd_tc', '--lsrkd-tc-gamma', '1.0'], 'lsrkd_tc gamma must be in (0, 1), got 1.0'),
     (['--selfkd', 'cskd', '-b', '9'], 'CS-KD batch size 9 cannot hold whole groups'),
     (['--selfkd', 'ddgsd', '-b', '7'], 'DDGSD batch size 7 cannot hold whole sets of 2 views'),
     (['--selfkd', 'ddgsd', '--ddgsd-mmd-weight', '-0.5'], 'ddgsd mmd_weight must be >= 0'),

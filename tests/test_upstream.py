@@ -265,7 +265,7 @@ def test_not_a_train_script_is_refused(tmp_path, capsys):
     (['--selfkd', 'bake', '--torchscript'], '--torchscript cannot be used'),
     (['--use-multi-epochs-loader'], '--use-multi-epochs-loader cannot be used'),
     (['--selfkd', 'bake', '-b', '7'], 'use a multiple of 2'),
-    (['--selfkd', 'dlb', '--dlb-alpha', '-1'], 'dlb alpha must be >= 0.0'),
+    (['--selfkd', 'dlb', '--dlb-alpha', '-1'], 'dlb alpha must be >= 0, got -1.0'),
     (['--selfkd', 'dlb', '--dlb-alpha', 'x'], "argument --dlb-alpha: invalid float value: 'x'"),
     (['--selfkd', 'dlb', '--bake-omega', '0.3'], 'is a hyper-parameter of bake, but the method is \'dlb\''),
     (['--selfkd', 'dbl'], "unknown self-KD method 'dbl' (did you mean 'dlb'?)"),

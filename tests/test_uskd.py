@@ -13,7 +13,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 
 import timm_selfkd
-from conftest import small_model, train_steps
+from conftest import checked_hparams, small_model, train_steps
 from timm_selfkd.methods.uskd import USKDHparams, uskd_level, uskd_loss
 
 
@@ -191,8 +191,10 @@ def test_levels_of_the_families():
         uskd_level(small_model('resnet')[0], 4)
     with pytest.raises(ValueError, match='forward_intermediates'):
         timm_selfkd.create_task('uskd', nn.Sequential(nn.Conv2d(3, 4, 3)))
-    with pytest.raises(ValueError, match='uskd mu must be >= 0'):
-        USKDHparams(mu=-1.)
+    with pytest.raises(ValueError, match='uskd mu must be >= 0, got -1.0'):
+        checked_hparams('uskd', mu=-1.)
+    with pytest.raises(ValueError, match='uskd level must be >= -1, got -2'):
+        checked_hparams('uskd', level=-2)
 
 
 @pytest.mark.parametrize('family', ['resnet', 'efficientnet', 'swin', 'vit'])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 import timm_selfkd
-from conftest import epoch_lrs
+from conftest import checked_hparams, epoch_lrs
 from timm_selfkd.components.losses import mixed_label_weights
 from timm_selfkd.components.zipf_targets import (min_rank, position_logits, vote_counts, zipf_distribution,
                                                  zipf_nontarget_kl)
@@ -334,9 +334,11 @@ def test_logit_ranking_and_bad_hyper_parameters():
         logits = model(x)
     expected = official_zipf_loss(logits, torch.zeros(4, 1), y, dense=False)
     torch.testing.assert_close(out['loss_zipf'].detach(), expected, rtol=1e-5, atol=1e-6)
-    for bad in (dict(weight=-1.), dict(power=-0.5), dict(upsample='nearest')):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            ZipfLSHparams(**bad)
+    for bad, message in ((dict(weight=-1.), 'zipfls weight must be >= 0, got -1.0'),
+                         (dict(power=-0.5), 'zipfls power must be >= 0, got -0.5'),
+                         (dict(upsample='nearest'), 'zipfls upsample must be one of none, bilinear, bicubic')):
+        with pytest.raises(ValueError, match=message):
+            checked_hparams('zipfls', **bad)
     needs = timm_selfkd.get_method('zipfls').task_cls.requirements(ZipfLSHparams())
     assert needs.mixup == 'loader' and not needs.bce_refusal and needs.streamed_data
 

@@ -13,8 +13,8 @@ from timm.utils import ParseKwargs
 from timm_selfkd.options import REFUSED_OPTIONS, read_recipe, read_recipe_path
 from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.stack import is_layout
-from timm_selfkd.registry import (build_hparams, did_you_mean, get_method, hparam_fields, hparam_flag, list_methods,
-                                  method_parts)
+from timm_selfkd.registry import (build_hparams, constraint_text, did_you_mean, get_method, hparam_fields, hparam_flag,
+                                  list_methods, method_parts)
 from timm_selfkd.runtime.transforms import TRAIN_CROP_MODES
 
 __all__ = ['UsageError', 'parse_args', 'add_selfkd_arguments', 'resolve_selfkd_args', 'method_hparams', 'recipe_values',
@@ -30,6 +30,22 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _dest(method: str, field_name: str) -> str:
     return f'{method}_{field_name}'
+
+
+class _Switch(argparse.Action):
+    """A boolean flag that both forms set: timm's name switches it on (`--amp`, `--no-aug`), the opposite form off
+    (`--no-amp`, `--aug`), so that whatever a recipe switches on, the command line can switch off."""
+
+    def __init__(self, option_strings: List[str], dest: str, default: bool = False, help: Optional[str] = None):
+        flag = option_strings[-1]
+        self.opposite = f'--{flag[len("--no-"):]}' if flag.startswith('--no-') else f'--no-{flag[2:]}'
+        super().__init__([*option_strings, self.opposite], dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string != self.opposite)
+
+    def format_usage(self) -> str:
+        return ' | '.join(self.option_strings)
 
 
 _TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}  # dataclass annotations given as strings
@@ -57,12 +73,14 @@ def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
         spec = get_method(name)
         for field in hparam_fields(spec):
             kwargs: Dict[str, Any] = dict(dest=_dest(name, field.name), default=None,
-                                          help=f'{name}: {field.metadata.get("help", "")} (default: {_default(field)})')
+                                          help=f'{name}: {field.metadata.get("help", "")} ({_default_and_range(field)})')
             field_type = _TYPES.get(field.type, field.type)
             if field_type is bool:
                 kwargs['action'] = argparse.BooleanOptionalAction
+            elif 'choices' in field.metadata:  # shown as {a,b}
+                kwargs.update(type=field_type, choices=field.metadata['choices'])
             else:
-                kwargs.update(type=field_type, metavar='')
+                kwargs.update(type=field_type, metavar=field_type.__name__.upper())
             group.add_argument(hparam_flag(name, field.name), **kwargs)
 
 
@@ -94,13 +112,13 @@ def _build_parser() -> argparse.ArgumentParser:
                         'empty = image folder (default: "")')
     g.add_argument('--train-split', default='train', metavar='NAME')
     g.add_argument('--val-split', default='validation', metavar='NAME')
-    g.add_argument('--dataset-download', action='store_true', default=False,
+    g.add_argument('--dataset-download', action=_Switch,
                    help='allow torchvision datasets to download (needs a network)')
     g.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class to index mapping file')
     g.add_argument('--input-img-mode', default=None, type=str, help='image conversion mode of the data set\'s images')
     g.add_argument('--input-key', default=None, type=str, help='data set key of the input images')
     g.add_argument('--target-key', default=None, type=str, help='data set key of the target labels')
-    g.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+    g.add_argument('--dataset-trust-remote-code', action=_Switch,
                    help='allow a Hugging Face data set to run code from its repository')
     g.add_argument('--train-num-samples', default=None, type=int, metavar='N',
                    help='samples in the train split, for streamed (iterable) data sets')
@@ -114,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='resnet18', type=str, metavar='MODEL')
-    g.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
+    g.add_argument('--pretrained', action=_Switch, help='start from pretrained weights')
     g.add_argument('--pretrained-path', default=None, type=str, metavar='PATH',
                    help='load this file as the pretrained weights (with head adaptation)')
     g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
@@ -140,9 +158,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override')
     g.add_argument('--head-init-scale', default=None, type=float, help='scale the classifier\'s initial weights')
     g.add_argument('--head-init-bias', default=None, type=float, help='initial value of the classifier\'s bias')
-    g.add_argument('--fast-norm', default=False, action='store_true', help='timm\'s experimental fast norm layers')
-    g.add_argument('--channels-last', action='store_true', default=False, help='channels-last memory layout')
-    g.add_argument('--grad-checkpointing', action='store_true', default=False,
+    g.add_argument('--fast-norm', action=_Switch, help='timm\'s experimental fast norm layers')
+    g.add_argument('--channels-last', action=_Switch, help='channels-last memory layout')
+    g.add_argument('--grad-checkpointing', action=_Switch,
                    help='gradient checkpointing through the model\'s blocks or stages')
     g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
                    help='batches whose gradients are accumulated into one optimizer update')
@@ -166,7 +184,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
-    g.add_argument('--sched-on-updates', action='store_true', default=False)
+    g.add_argument('--sched-on-updates', action=_Switch)
     g.add_argument('--lr', type=float, default=None, metavar='LR',
                    help='learning rate (default: --lr-base scaled by the global batch size)')
     g.add_argument('--lr-base', type=float, default=0.1, metavar='LR')
@@ -179,7 +197,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--decay-epochs', type=float, default=90, metavar='N')
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
     g.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
-    g.add_argument('--warmup-prefix', action='store_true', default=False)
+    g.add_argument('--warmup-prefix', action=_Switch)
     g.add_argument('--cooldown-epochs', type=int, default=0, metavar='N')
     g.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='patience of the plateau schedule')
     g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='PCT', help='lr noise on/off epochs')
@@ -191,7 +209,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr-k-decay', type=float, default=1.0, help='k-decay of cosine/poly schedules')
 
     g = p.add_argument_group('Augmentation and regularization')
-    g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--no-aug', action=_Switch)
     g.add_argument('--train-crop-mode', default=None, choices=TRAIN_CROP_MODES,
                    help='training crop: timm\'s rrc (random-resized crop, default), rkrc, rkrr, or pad: the CIFAR '
                         'papers\' zero-pad and random crop (with --train-crop-padding)')
@@ -223,32 +241,32 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup-mode', type=str, default='batch')
     g.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing of the cross-entropy term')
-    g.add_argument('--bce-loss', action='store_true', default=False, help='binary cross-entropy as the hard-label term')
-    g.add_argument('--bce-sum', action='store_true', default=False, help='BCE summed over classes')
+    g.add_argument('--bce-loss', action=_Switch, help='binary cross-entropy as the hard-label term')
+    g.add_argument('--bce-sum', action=_Switch, help='BCE summed over classes')
     g.add_argument('--bce-target-thresh', type=float, default=None, help='binarize soft BCE targets above this')
     g.add_argument('--bce-pos-weight', type=float, default=None, help='BCE positive weight')
     g.add_argument('--train-interpolation', type=str, default='random')
 
     g = p.add_argument_group('Model exponential moving average')
-    g.add_argument('--model-ema', action='store_true', default=False)
+    g.add_argument('--model-ema', action=_Switch)
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
-    g.add_argument('--model-ema-warmup', action='store_true')
+    g.add_argument('--model-ema-warmup', action=_Switch)
 
     g = p.add_argument_group('Miscellaneous')
     g.add_argument('--seed', type=int, default=42, metavar='S')
     g.add_argument('--log-interval', type=int, default=50, metavar='N')
     g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N')
     g.add_argument('-j', '--workers', type=int, default=4, metavar='N')
-    g.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
+    g.add_argument('--amp', action=_Switch, help='automatic mixed precision')
     g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
-    g.add_argument('--no-prefetcher', action='store_true', default=False)
-    g.add_argument('--pin-mem', action='store_true', default=False)
+    g.add_argument('--no-prefetcher', action=_Switch)
+    g.add_argument('--pin-mem', action=_Switch)
     g.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output/train)')
     g.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of the run\'s sub-folder')
     g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC')
     g.add_argument('--resume', default='', type=str, metavar='PATH',
                    help='continue the run of this checkpoint at its next step (epoch or recovery checkpoint)')
-    g.add_argument('--no-resume-opt', action='store_true', default=False)
+    g.add_argument('--no-resume-opt', action=_Switch)
     g.add_argument('--recovery-interval', type=int, default=0, metavar='N',
                    help='also write a recovery checkpoint every N steps (0: only on SIGTERM/SIGINT)')
     g.add_argument('--check-interval', type=int, default=0, metavar='N',
@@ -265,11 +283,11 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--dist-bn', type=str, default='reduce', choices=('reduce', 'broadcast', ''),
                    help='under DDP without --sync-bn, average (reduce) or copy (broadcast) BatchNorm statistics '
                         'across ranks before each validation')
-    g.add_argument('--no-ddp-bb', action='store_true', default=False, help='no DDP buffer broadcast')
-    g.add_argument('--synchronize-step', action='store_true', default=False,
+    g.add_argument('--no-ddp-bb', action=_Switch, help='no DDP buffer broadcast')
+    g.add_argument('--synchronize-step', action=_Switch,
                    help='wait for the device at the end of each step (timing)')
     g.add_argument('--val-interval', type=int, default=1, metavar='N', help='epochs between validations')
-    g.add_argument('--sync-bn', action='store_true', default=False,
+    g.add_argument('--sync-bn', action=_Switch,
                    help='synchronise BatchNorm statistics across processes (CUDA; matters for BAKE\'s per-class '
                         'batches)')
 
@@ -420,19 +438,33 @@ def method_hparams(args: argparse.Namespace):
 def _default(field) -> str:
     """A hyper-parameter's default as shown to users: its `default_text` (e.g. `2.5/K`, resolved by the run) or
     the value."""
-    return str(field.metadata.get('default_text', field.default))
+    default = field.metadata.get('default_text', field.default)
+    return "''" if default == '' else str(default)
+
+
+def _default_and_range(field) -> str:
+    """'default: 0.8; in [0, 1]' (the range only where the field declares one)."""
+    return '; '.join(filter(None, (f'default: {_default(field)}', constraint_text(field))))
+
+
+SMOOTHING_NOTE = ('--smoothing defaults to timm\'s 0.1 and smooths every method\'s cross-entropy, where the official '
+                  'codes of DKS, FRSKD, MixSKD, R-Drop and Zipf\'s LS use none (USKD\'s: none on ResNets, 0.1 on '
+                  'DeiT/Swin); the method recipes in configs/ set the papers\' value, --smoothing 0 trains without')
 
 
 def format_methods() -> str:
-    """The text of `--list-selfkd`: every method, its paper, and each hyper-parameter with its default."""
-    lines = []
+    """The text of `--list-selfkd`: the note on `--smoothing`, then every method, its paper, and each
+    hyper-parameter with its default and range."""
+    lines = [f'note: {SMOOTHING_NOTE}']
     for name in list_methods():
         spec = get_method(name)
         lines.append(f'{name}: {spec.summary}')
         lines.append(f'    paper: {spec.paper}')
         for field in hparam_fields(spec):
+            help_text = field.metadata.get('help', '')
+            constraint = constraint_text(field)
             lines.append(f'    {hparam_flag(name, field.name):<26} {_dest(name, field.name):<22} '
-                         f'default {_default(field):<6} {field.metadata.get("help", "")}')
+                         f'default {_default(field):<6} {help_text}{f" ({constraint})" if constraint else ""}')
     layouts = [name for name in list_methods() if is_layout(get_method(name))]
     lines.append(f'LAYOUT+METHOD: a batch layout ({", ".join(layouts)}) stacked on another method, e.g. ddgsd+dlb '
                  '(DLB paper, table 3); each part keeps its own flags')

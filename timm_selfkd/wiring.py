@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 from timm_selfkd.components.samplers import EpochBatchSampler
 from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.base import RunInfo, SelfKDTask
-from timm_selfkd.registry import MethodSpec, build_hparams, get_method
+from timm_selfkd.registry import MethodSpec, build_hparams, check_hparams, get_method
 from timm_selfkd.runtime.batch_stream import BatchStream
 from timm_selfkd.runtime.data import dataset_labels, index_sampler, read_through
 
@@ -96,12 +96,13 @@ class MethodWiring:
 
     Args:
         method: The method's name or spec.
-        hparams: Its hyper-parameter dataclass (default: the paper's values).
+        hparams: Its hyper-parameter dataclass (default: the paper's values), checked (`check_hparams`).
     """
 
     def __init__(self, method: Union[str, MethodSpec], hparams: Any = None):
         self.spec = get_method(method) if isinstance(method, str) else method
-        self.hparams = hparams if hparams is not None else build_hparams(self.spec, {})
+        self.hparams = build_hparams(self.spec, {}) if hparams is None else hparams
+        check_hparams(self.hparams)  # a dataclass built by hand, too
         self.needs = self.spec.task_cls.requirements(self.hparams)
 
     @property

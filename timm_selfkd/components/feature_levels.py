@@ -12,18 +12,19 @@ def model_name(model: nn.Module) -> str:
     return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
 
 
-def parse_levels(text: str, method: str, example: str) -> Tuple[int, ...]:
-    """The levels of an `indices` hyper-parameter (`example` shows one, e.g. '2,5,8'), in the order given; () for ''.
+def parse_levels(text: str) -> Tuple[int, ...]:
+    """The levels of an `indices` hyper-parameter, in the order given; () for ''.
 
     Raises:
-        ValueError: (naming `method`) not comma-separated integers, or a level given twice.
+        ValueError: not comma-separated integers, or a level given twice (the message follows the hyper-parameter's
+            name: 'must be ...').
     """
     try:
         levels = tuple(int(item) for item in text.split(',')) if text.strip() else ()
     except ValueError:
-        raise ValueError(f'{method} indices must be comma-separated integers (e.g. {example}), got {text!r}') from None
+        raise ValueError(f'must be comma-separated integers (e.g. 2,5,8), got {text!r}') from None
     if len(set(levels)) != len(levels):
-        raise ValueError(f'{method} indices must be distinct, got {text!r}')
+        raise ValueError(f'must be distinct, got {text!r}')
     return levels
 
 

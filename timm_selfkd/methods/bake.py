@@ -1,31 +1,24 @@
 """BAKE: batch knowledge ensembling (Ge et al., 2021, sec. 3.2-3.3, eq. 2-9, Alg. 1)."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict
 
 import torch
 import torch.distributed as dist
 
 from timm_selfkd.components.losses import bake_targets, kd_kl
-from timm_selfkd.registry import register_method
+from timm_selfkd.registry import hparam, register_method
 from timm_selfkd.components.samplers import ClassGroupBatchSampler
-from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, check_range, world_size
+from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, world_size
 
 
 @dataclass
 class BAKEHparams:
-    weight: float = field(default=1.0, metadata={'help': 'weight lambda of the distillation term (eq. 2)'})
-    temperature: float = field(default=4.0, metadata={'help': 'softening temperature tau (eq. 1-2)'})
-    omega: float = field(default=0.5, metadata={'help': 'ensembling weight w of eq. 9 (0.9 on some small sets)'})
-    same_class: int = field(default=1, metadata={'help': 'M: images of the anchor\'s class added per anchor '
-                                                         '(sec. 3.3; 3 on CIFAR/CUB)'})
-    global_batch: bool = field(default=True, metadata={'help': 'under DDP, ensemble over the batch of all ranks, '
-                                                               'as the official code does'})
-
-    def __post_init__(self):
-        check_range('bake', 'weight', self.weight, 0.)
-        check_range('bake', 'temperature', self.temperature, 1e-6)
-        check_range('bake', 'omega', self.omega, 0., 1.)
-        check_range('bake', 'same_class', self.same_class, 1)
+    weight: float = hparam(1.0, 'weight lambda of the distillation term (eq. 2)', within='[0, inf)')
+    temperature: float = hparam(4.0, 'softening temperature tau (eq. 1-2)', within='(0, inf)')
+    omega: float = hparam(0.5, 'ensembling weight w of eq. 9 (0.9 on some small sets)', within='[0, 1]')
+    same_class: int = hparam(1, 'M: images of the anchor\'s class added per anchor (sec. 3.3; 3 on CIFAR/CUB)',
+                             within='[1, inf)')
+    global_batch: bool = hparam(True, 'under DDP, ensemble over the batch of all ranks, as the official code does')
 
 
 def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:

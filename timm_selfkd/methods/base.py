@@ -20,7 +20,7 @@ from timm_selfkd.runtime.metrics import CalibrationEvaluator
 from timm_selfkd.run_facts import BatchInfo, RunInfo
 
 __all__ = ['Needs', 'RunInfo', 'SelfKDTask', 'ModelWrapper', 'LogitsAndFeatures', 'has_pooled_features',
-           'check_range', 'world_size']
+           'world_size']
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,6 @@ class Needs:
 def world_size() -> int:
     """Number of processes of the initialised process group, 1 without one."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def check_range(method: str, name: str, value: float, low: float, high: float = float('inf')) -> None:
-    """Raise a ValueError naming the hyper-parameter when `value` lies outside [low, high]."""
-    if not low <= value <= high:
-        upper = '' if high == float('inf') else f' and <= {high}'
-        raise ValueError(f'{method} {name} must be >= {low}{upper}, got {value}')
 
 
 class ModelWrapper(nn.Module):

@@ -1,26 +1,22 @@
 """CS-KD: class-wise self-knowledge distillation (Yun et al., Regularizing Class-wise Predictions via
 Self-knowledge Distillation, CVPR 2020, sec. 3.1, eq. 1-3)."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
 from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.components.replayed_mixup import SharedMix
-from timm_selfkd.registry import register_method
+from timm_selfkd.registry import hparam, register_method
 from timm_selfkd.components.samplers import ClassGroupBatchSampler
-from timm_selfkd.methods.base import Needs, SelfKDTask, check_range
+from timm_selfkd.methods.base import Needs, SelfKDTask
 
 
 @dataclass
 class CSKDHparams:
-    weight: float = field(default=1.0, metadata={
-        'help': 'weight lambda_cls of the class-wise KD term (eq. 3; 1, 3 on some fine-grained sets)'})
-    temperature: float = field(default=4.0, metadata={'help': 'softening temperature T (eq. 2)'})
-
-    def __post_init__(self):
-        check_range('cskd', 'weight', self.weight, 0.)
-        check_range('cskd', 'temperature', self.temperature, 1e-6)
+    weight: float = hparam(1.0, 'weight lambda_cls of the class-wise KD term (eq. 3; 1, 3 on some fine-grained sets)',
+                           within='[0, inf)')
+    temperature: float = hparam(4.0, 'softening temperature T (eq. 2)', within='(0, inf)')
 
 
 @register_method('cskd', hparams=CSKDHparams, paper='Yun et al., Regularizing Class-wise Predictions via '

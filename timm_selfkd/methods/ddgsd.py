@@ -1,14 +1,14 @@
 """DDGSD: data-distortion guided self-distillation (Xu & Liu, AAAI 2019), without official code."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
 from timm_selfkd.components.losses import kd_kl_from_logits, linear_mmd
 from timm_selfkd.components.replayed_mixup import SharedMix
-from timm_selfkd.registry import register_method
+from timm_selfkd.registry import hparam, register_method
 from timm_selfkd.components.samplers import EpochBatchSampler, ViewsBatchSampler
-from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask, check_range
+from timm_selfkd.methods.base import LogitsAndFeatures, Needs, SelfKDTask
 from timm_selfkd.methods.layout import BatchLayout
 
 VIEWS = 2
@@ -16,17 +16,12 @@ VIEWS = 2
 
 @dataclass
 class DDGSDHparams:
-    weight: float = field(default=1.0, metadata={
-        'help': 'weight of the symmetric KL between the two views\' predictions (unverified: no official code)'})
-    temperature: float = field(default=4.0, metadata={'help': 'softening temperature T of the KL (unverified)'})
-    mmd_weight: float = field(default=0.0, metadata={
-        'help': 'weight of the linear-kernel MMD between the two views\' pooled features; 0 = off, as in DLB\'s '
-                'comparison (the paper\'s kernel and weight are unverified)'})
-
-    def __post_init__(self):
-        check_range('ddgsd', 'weight', self.weight, 0.)
-        check_range('ddgsd', 'temperature', self.temperature, 1e-6)
-        check_range('ddgsd', 'mmd_weight', self.mmd_weight, 0.)
+    weight: float = hparam(1.0, 'weight of the symmetric KL between the two views\' predictions (unverified: no '
+                                'official code)', within='[0, inf)')
+    temperature: float = hparam(4.0, 'softening temperature T of the KL (unverified)', within='(0, inf)')
+    mmd_weight: float = hparam(0.0, 'weight of the linear-kernel MMD between the two views\' pooled features; 0 = off, '
+                                    'as in DLB\'s comparison (the paper\'s kernel and weight are unverified)',
+                               within='[0, inf)')
 
 
 class ViewsLayout(BatchLayout):

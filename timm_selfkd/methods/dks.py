@@ -6,7 +6,7 @@ Deep auxiliary branches, each a fresh copy of the model's remaining stages, norm
 probabilities of every other classifier (the synergy loss, sec. 3).
 """
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Sequence
 
 import torch
@@ -16,9 +16,9 @@ from timm_selfkd.components.deep_branch import deep_branches
 from timm_selfkd.components.feature_levels import model_name, parse_levels
 from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.components.training_parts import training_only_parameters
-from timm_selfkd.methods.base import Needs, check_range
-from timm_selfkd.methods.multi_exit import INDICES_EXAMPLE, ExitsTask, MultiExitModule, exit_indices
-from timm_selfkd.registry import register_method
+from timm_selfkd.methods.base import Needs
+from timm_selfkd.methods.multi_exit import ExitsTask, MultiExitModule, exit_indices
+from timm_selfkd.registry import hparam, register_method
 
 __all__ = ['DKSHparams', 'DKSTask', 'synergy_loss', 'dks_loss']
 
@@ -29,25 +29,18 @@ DEFAULT_BRANCHES = 2  # the official code: branches after the first and the seco
 
 @dataclass
 class DKSHparams:
-    branch_weight: float = field(default=1.0, metadata={
-        'help': 'weight beta of each auxiliary branch\'s cross-entropy to the labels (official code: 1; the '
-                'model\'s own classifier\'s cross-entropy always weighs 1)'})
-    synergy_weight: float = field(default=1.0, metadata={
-        'help': 'weight of the synergy loss, the sum of KL(P_n || P_m) over every ordered pair of classifiers m != n '
-                'with P_n detached (official code: 1, each pair weighted 1)'})
-    temperature: float = field(default=1.0, metadata={
-        'help': 'softmax temperature of the synergy KL, which is scaled by T^2 (official code: 1, plain softmax)'})
-    indices: str = field(default='', metadata={
-        'help': 'forward_intermediates() levels after which a deep branch (a fresh copy of the rest of the model) '
-                'starts, comma-separated; default: the ends of the two stages before the last (ResNet: layer2 '
-                'and layer3; the official WRN code: after its first and second of three groups), ViT-like models: '
-                'the blocks at 1/3 and 2/3 of the depth'})
-
-    def __post_init__(self):
-        check_range('dks', 'branch_weight', self.branch_weight, 0.)
-        check_range('dks', 'synergy_weight', self.synergy_weight, 0.)
-        check_range('dks', 'temperature', self.temperature, 1e-6)
-        parse_levels(self.indices, 'dks', INDICES_EXAMPLE)
+    branch_weight: float = hparam(1.0, 'weight beta of each auxiliary branch\'s cross-entropy to the labels (official '
+                                       'code: 1; the model\'s own classifier\'s cross-entropy always weighs 1)',
+                                  within='[0, inf)')
+    synergy_weight: float = hparam(1.0, 'weight of the synergy loss, the sum of KL(P_n || P_m) over every ordered pair '
+                                        'of classifiers m != n with P_n detached (official code: 1, each pair weighted '
+                                        '1)', within='[0, inf)')
+    temperature: float = hparam(1.0, 'softmax temperature of the synergy KL, which is scaled by T^2 (official code: 1, '
+                                     'plain softmax)', within='(0, inf)')
+    indices: str = hparam('', 'forward_intermediates() levels after which a deep branch (a fresh copy of the rest of '
+                              'the model) starts, comma-separated; default: the ends of the two stages before the last '
+                              '(ResNet: layer2 and layer3; the official WRN code: after its first and second of three '
+                              'groups), ViT-like models: the blocks at 1/3 and 2/3 of the depth', check=parse_levels)
 
 
 def synergy_loss(classifier_logits: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """DLB: self-distillation from the last mini-batch (Shen et al., CVPR 2022, sec. 3.2, eq. 4-5, Alg. 1)."""
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
@@ -8,21 +8,17 @@ import torch.distributed as dist
 
 from timm_selfkd.components.losses import kd_kl_from_logits
 from timm_selfkd.components.replayed_mixup import ReplayMixup
-from timm_selfkd.registry import register_method
+from timm_selfkd.registry import hparam, register_method
 from timm_selfkd.components.samplers import LastBatchSampler
-from timm_selfkd.methods.base import Needs, SelfKDTask, check_range, world_size
+from timm_selfkd.methods.base import Needs, SelfKDTask, world_size
 
 _logger = logging.getLogger(__name__)
 
 
 @dataclass
 class DLBHparams:
-    alpha: float = field(default=1.0, metadata={'help': 'weight of the last-batch consistency loss L_LB (eq. 5)'})
-    temperature: float = field(default=3.0, metadata={'help': 'softening temperature tau of L_LB (eq. 4)'})
-
-    def __post_init__(self):
-        check_range('dlb', 'alpha', self.alpha, 0.)
-        check_range('dlb', 'temperature', self.temperature, 1e-6)
+    alpha: float = hparam(1.0, 'weight of the last-batch consistency loss L_LB (eq. 5)', within='[0, inf)')
+    temperature: float = hparam(3.0, 'softening temperature tau of L_LB (eq. 4)', within='(0, inf)')
 
 
 @register_method('dlb', hparams=DLBHparams, paper='Shen et al., Self-Distillation from the Last Mini-Batch '

@@ -1,7 +1,7 @@
 """FRSKD: a BiFPN self-teacher over the stage outputs refines them and teaches them back (Ji et al., Refine Myself
 by Teaching Myself: Feature Refinement via Self-Knowledge Distillation, CVPR 2021; official code MingiJi/FRSKD)."""
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -12,8 +12,8 @@ from timm_selfkd.components.bifpn import BiFPN
 from timm_selfkd.components.feature_levels import choose_levels, default_levels, model_name, parse_levels
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
 from timm_selfkd.components.training_parts import TrainingPart, like_model, training_only_parameters
-from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask, check_range
-from timm_selfkd.registry import register_method
+from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask
+from timm_selfkd.registry import hparam, register_method
 
 __all__ = ['FRSKDHparams', 'FRSKDModule', 'FRSKDTask', 'teacher_levels', 'attention_map', 'attention_loss',
            'frskd_loss']
@@ -24,40 +24,29 @@ DEFAULT_LEVELS = 4  # the official code's self-teacher reads all four stages of 
 
 
 def _parse_indices(text: str) -> Tuple[int, ...]:
-    indices = parse_levels(text, 'frskd', '1,2,3,4')
+    indices = parse_levels(text)
     if len(indices) == 1:
-        raise ValueError(f'frskd indices: the self-teacher needs at least two levels, got {text!r}')
+        raise ValueError(f'must name at least two levels (the self-teacher fuses them), got {text!r}')
     return indices
 
 
 @dataclass
 class FRSKDHparams:
-    alpha: float = field(default=2.0, metadata={
-        'help': 'weight alpha of the KD from the self-teacher\'s logits to the model\'s (sec. 3.2); the official '
-                'README\'s CIFAR-100 command (its main.py\'s bare default is 1)'})
-    beta: float = field(default=100.0, metadata={
-        'help': 'weight beta of the attention-map feature distillation (sec. 3.2), summed over the levels; the '
-                'official README\'s CIFAR-100 command (its main.py\'s bare default is 0)'})
-    temperature: float = field(default=4.0, metadata={
-        'help': 'temperature of the KD term, scaled by T^2 (official code: 4)'})
-    width: int = field(default=2, metadata={
-        'help': 'self-teacher node widths as multiples of the stage widths, d_i = w c_i (official BiFPNc: 2; '
-                'Self-KD-Lib uses 1 for ResNet-50 and ImageNet ResNet-18)'})
-    depth: int = field(default=2, metadata={
-        'help': 'depthwise-separable 3x3 units per self-teacher fusion node (official: 2; Self-KD-Lib 1 for '
-                'ResNet-50 and ImageNet ResNet-18)'})
-    indices: str = field(default='', metadata={
-        'help': 'forward_intermediates() levels the self-teacher reads, comma-separated, at least two (e.g. ViT '
-                'blocks 2,5,8,11); default: the last four stage ends (ResNet: its four stages, as the official '
-                'code); ViT-like models: the blocks at 1/4, 1/2, 3/4 and all of the depth'})
-
-    def __post_init__(self):
-        check_range('frskd', 'alpha', self.alpha, 0.)
-        check_range('frskd', 'beta', self.beta, 0.)
-        check_range('frskd', 'temperature', self.temperature, 1e-6)
-        check_range('frskd', 'width', self.width, 1)
-        check_range('frskd', 'depth', self.depth, 1)
-        _parse_indices(self.indices)
+    alpha: float = hparam(2.0, 'weight alpha of the KD from the self-teacher\'s logits to the model\'s (sec. 3.2); the '
+                               'official README\'s CIFAR-100 command (its main.py\'s bare default is 1)',
+                          within='[0, inf)')
+    beta: float = hparam(100.0, 'weight beta of the attention-map feature distillation (sec. 3.2), summed over the '
+                                'levels; the official README\'s CIFAR-100 command (its main.py\'s bare default is 0)',
+                         within='[0, inf)')
+    temperature: float = hparam(4.0, 'temperature of the KD term, scaled by T^2 (official code: 4)', within='(0, inf)')
+    width: int = hparam(2, 'self-teacher node widths as multiples of the stage widths, d_i = w c_i (official BiFPNc: '
+                           '2; Self-KD-Lib uses 1 for ResNet-50 and ImageNet ResNet-18)', within='[1, inf)')
+    depth: int = hparam(2, 'depthwise-separable 3x3 units per self-teacher fusion node (official: 2; Self-KD-Lib 1 '
+                           'for ResNet-50 and ImageNet ResNet-18)', within='[1, inf)')
+    indices: str = hparam('', 'forward_intermediates() levels the self-teacher reads, comma-separated, at least two '
+                              '(e.g. ViT blocks 2,5,8,11); default: the last four stage ends (ResNet: its four stages, '
+                              'as the official code); ViT-like models: the blocks at 1/4, 1/2, 3/4 and all of the '
+                              'depth', check=_parse_indices)
 
 
 def teacher_levels(model: nn.Module, indices: str = '') -> List[int]:

@@ -21,15 +21,15 @@ class, 1 - lam on the other; `components.losses.mixed_label_weights`). Neither p
 the natural extension, and the uniform teacher of `lsrkd` is unchanged by it.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from timm_selfkd.components.losses import (class_teacher_kl, corrected_teacher, default_tc_gamma,
                                            known_label_smoothing)
-from timm_selfkd.registry import register_method
-from timm_selfkd.methods.base import Needs, SelfKDTask, check_range
+from timm_selfkd.registry import hparam, register_method
+from timm_selfkd.methods.base import Needs, SelfKDTask
 
 __all__ = ['LsrKDHparams', 'LsrKDTCHparams', 'TfKDRegHparams', 'LabelTeacherTask']
 
@@ -49,10 +49,6 @@ class ClassTeacher:
     def kl_scale(self, num_classes: int) -> float:
         raise NotImplementedError
 
-    def check_gamma(self) -> None:
-        if self.gamma is not None and not 0 < self.gamma < 1:
-            raise ValueError(f'{self.method} gamma must be > 0 and < 1, got {self.gamma}')
-
     def corrected(self, num_classes: int) -> Tuple[float, float]:
         """Eq. 11 with this preset's gamma (`default_tc_gamma(K)` when None); a ValueError unless gamma > 1/K
         (1/K is the uniform teacher)."""
@@ -65,14 +61,10 @@ class ClassTeacher:
 
 @dataclass
 class LsrKDHparams(ClassTeacher):
-    alpha: float = field(default=0.1, metadata={
-        'help': 'weight alpha: (1 - alpha) ce + alpha * T * KL(teacher || softmax(z / T)) (eq. 10, 12; sec. 4.3: 0.1)'})
-    temperature: float = field(default=3.0, metadata={
-        'help': 'temperature tau of the student softmax and of the KL factor (eq. 10, 12; sec. 4.3: 3)'})
-
-    def __post_init__(self):
-        check_range(self.method, 'alpha', self.alpha, 0., 1.)
-        check_range(self.method, 'temperature', self.temperature, 1e-6)
+    alpha: float = hparam(0.1, 'weight alpha: (1 - alpha) ce + alpha * T * KL(teacher || softmax(z / T)) (eq. 10, 12; '
+                               'sec. 4.3: 0.1)', within='[0, 1]')
+    temperature: float = hparam(3.0, 'temperature tau of the student softmax and of the KL factor (eq. 10, 12; sec. '
+                                     '4.3: 3)', within='(0, inf)')
 
     def teacher(self, num_classes: int) -> Tuple[float, float]:
         return corrected_teacher(num_classes, 1 / num_classes)
@@ -86,13 +78,9 @@ class LsrKDHparams(ClassTeacher):
 
 @dataclass
 class LsrKDTCHparams(LsrKDHparams):
-    gamma: float = field(default=None, metadata={'default_text': '2.5/K',
-        'help': 'teacher probability of the true class (eq. 11), in (1/K, 1); default 2.5 / K, the paper\'s rule '
-                '(0.025 for 100 classes, 0.25 for 10; 0.75 for 2)'})
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.check_gamma()
+    gamma: float = hparam(None, 'teacher probability of the true class (eq. 11), in (1/K, 1); default 2.5 / K, the '
+                                'paper\'s rule (0.025 for 100 classes, 0.25 for 10; 0.75 for 2)',
+                          within='(0, 1)', default_text='2.5/K')
 
     def teacher(self, num_classes: int) -> Tuple[float, float]:
         return self.corrected(num_classes)
@@ -100,23 +88,16 @@ class LsrKDTCHparams(LsrKDHparams):
 
 @dataclass
 class TfKDRegHparams(ClassTeacher):
-    alpha: float = field(default=0.1, metadata={
-        'help': 'weight alpha: (1 - alpha) ce + alpha * KL term (official code: 0.1 for ResNet-18 on CIFAR-100)'})
-    temperature: float = field(default=20.0, metadata={
-        'help': 'temperature T that softens the virtual teacher, softmax(q / T) as in the official code '
-                '(20 for ResNet-18 on CIFAR-100, 40 for MobileNetV2/GoogLeNet); the student stays at T = 1'})
-    gamma: float = field(default=0.99, metadata={
-        'help': 'virtual teacher probability of the true class before softening (the paper\'s 0.99)'})
-    multiplier: float = field(default=100.0, metadata={
-        'help': 'the official code averages the KL over classes and multiplies by this, i.e. KL x multiplier / K '
-                'per image (100 for ResNet-18 on CIFAR-100, model-dependent; unverified for other settings)'})
-
-    def __post_init__(self):
-        name = self.method
-        check_range(name, 'alpha', self.alpha, 0., 1.)
-        check_range(name, 'temperature', self.temperature, 1e-6)
-        check_range(name, 'multiplier', self.multiplier, 0.)
-        self.check_gamma()
+    alpha: float = hparam(0.1, 'weight alpha: (1 - alpha) ce + alpha * KL term (official code: 0.1 for ResNet-18 on '
+                               'CIFAR-100)', within='[0, 1]')
+    temperature: float = hparam(20.0, 'temperature T that softens the virtual teacher, softmax(q / T) as in the '
+                                      'official code (20 for ResNet-18 on CIFAR-100, 40 for MobileNetV2/GoogLeNet); '
+                                      'the student stays at T = 1', within='(0, inf)')
+    gamma: float = hparam(0.99, 'virtual teacher probability of the true class before softening (the paper\'s 0.99)',
+                          within='(0, 1)')
+    multiplier: float = hparam(100.0, 'the official code averages the KL over classes and multiplies by this, i.e. KL '
+                                      'x multiplier / K per image (100 for ResNet-18 on CIFAR-100, model-dependent; '
+                                      'unverified for other settings)', within='[0, inf)')
 
     def teacher(self, num_classes: int) -> Tuple[float, float]:
         true_prob, other_prob = self.corrected(num_classes)

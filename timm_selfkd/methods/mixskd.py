@@ -2,7 +2,7 @@
 Image Recognition, ECCV 2022; official code: winycg/Self-KD-Lib, `main_mixskd_imagenet.py`,
 `main_mixskd_cifar.py`, `models/resnet_mixskd.py`, `models/resnet_imagenet_mixskd.py`, `methods/adversarial.py`)."""
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -16,8 +16,8 @@ from timm_selfkd.components.feature_levels import choose_levels, default_levels,
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits
 from timm_selfkd.components.replayed_mixup import RowMix, SharedMix, mix_block, mix_target
 from timm_selfkd.components.training_parts import TrainingPart, like_model, training_only_parameters
-from timm_selfkd.registry import register_method
-from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
+from timm_selfkd.registry import hparam, register_method
+from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, has_pooled_features
 
 __all__ = ['MixSKDHparams', 'MixSKDModule', 'MixSKDTask', 'SelfTeacher', 'Discriminator', 'mixskd_loss',
            'grad_reverse']
@@ -26,41 +26,31 @@ _logger = logging.getLogger(__name__)
 
 DISCRIMINATOR_WIDTH = 128  # the official Discriminator: Linear(C, 128) - ReLU - Linear(128, 2)
 DEFAULT_BRANCHES = 3  # the official ResNets' branches after layer1-3
-INDICES_EXAMPLE = '1,2,3'
 
 
 @dataclass
 class MixSKDHparams:
-    alpha: float = field(default=0.4, metadata={
-        'help': 'alpha of the Beta(alpha, alpha) that draws lambda of the task\'s own mixup (official CIFAR code 0.4; '
-                'its ImageNet script 0.2); not read with --mixup/--cutmix, whose Mixup replaces it'})
-    temperature: float = field(default=3.0, metadata={
-        'help': 'temperature T of every KL term, scaled by T^2 (official code\'s kd_T 3)'})
-    kd_weight: float = field(default=1.0, metadata={
-        'help': 'weight of the logit distillation: backbone <- self-teacher across interpolated/mixed, branches '
-                'mutually between interpolated and mixed logits (official code 1)'})
-    feature_weight: float = field(default=1.0, metadata={
-        'help': 'weight of the MSE between the interpolated final maps of the two images and the mixed image\'s '
-                'final maps, every classifier (official code 1)'})
-    adv_weight: float = field(default=1.0, metadata={
-        'help': 'weight of the discriminators\' BCE (official code 1); they learn to tell interpolated from mixed '
-                'maps, the network (through a gradient reversal) to fool them'})
-    mix_ce_weight: float = field(default=1.0, metadata={
-        'help': 'weight of the CE on the mixed images of every classifier and of the self-teacher (official '
-                'ImageNet script 1; the CIFAR script computes it and never adds it, i.e. 0)'})
-    indices: str = field(default='', metadata={
-        'help': 'forward_intermediates() levels that get an auxiliary branch (a fresh copy of the later stages '
-                'and the head), comma-separated; default: the three stage ends before the last (ResNet: after '
-                'layer1-3 as the official code; ViT-like models: blocks at 1/4, 1/2, 3/4 depth)'})
-
-    def __post_init__(self):
-        check_range('mixskd', 'alpha', self.alpha, 1e-6)
-        check_range('mixskd', 'temperature', self.temperature, 1e-6)
-        check_range('mixskd', 'kd_weight', self.kd_weight, 0.)
-        check_range('mixskd', 'feature_weight', self.feature_weight, 0.)
-        check_range('mixskd', 'adv_weight', self.adv_weight, 0.)
-        check_range('mixskd', 'mix_ce_weight', self.mix_ce_weight, 0.)
-        parse_levels(self.indices, 'mixskd', INDICES_EXAMPLE)
+    alpha: float = hparam(0.4, 'alpha of the Beta(alpha, alpha) that draws lambda of the task\'s own mixup (official '
+                               'CIFAR code 0.4; its ImageNet script 0.2); not read with --mixup/--cutmix, whose Mixup '
+                               'replaces it', within='(0, inf)')
+    temperature: float = hparam(3.0, 'temperature T of every KL term, scaled by T^2 (official code\'s kd_T 3)',
+                                within='(0, inf)')
+    kd_weight: float = hparam(1.0, 'weight of the logit distillation: backbone <- self-teacher across interpolated/'
+                                   'mixed, branches mutually between interpolated and mixed logits (official code 1)',
+                              within='[0, inf)')
+    feature_weight: float = hparam(1.0, 'weight of the MSE between the interpolated final maps of the two images and '
+                                        'the mixed image\'s final maps, every classifier (official code 1)',
+                                   within='[0, inf)')
+    adv_weight: float = hparam(1.0, 'weight of the discriminators\' BCE (official code 1); they learn to tell '
+                                    'interpolated from mixed maps, the network (through a gradient reversal) to fool '
+                                    'them', within='[0, inf)')
+    mix_ce_weight: float = hparam(1.0, 'weight of the CE on the mixed images of every classifier and of the '
+                                       'self-teacher (official ImageNet script 1; the CIFAR script computes it and '
+                                       'never adds it, i.e. 0)', within='[0, inf)')
+    indices: str = hparam('', 'forward_intermediates() levels that get an auxiliary branch (a fresh copy of the later '
+                              'stages and the head), comma-separated; default: the three stage ends before the last '
+                              '(ResNet: after layer1-3 as the official code; ViT-like models: blocks at 1/4, 1/2, 3/4 '
+                              'depth)', check=parse_levels)
 
 
 class _GradReverse(torch.autograd.Function):
@@ -302,7 +292,7 @@ class MixSKDTask(SelfKDTask):
 
     def wrap_model(self, model: nn.Module) -> MixSKDModule:
         name = model_name(model)
-        indices = choose_levels(model, 'mixskd', parse_levels(self.hparams.indices, 'mixskd', INDICES_EXAMPLE),
+        indices = choose_levels(model, 'mixskd', parse_levels(self.hparams.indices),
                                 lambda: default_levels(model, DEFAULT_BRANCHES), noun='branch index')
         if not has_pooled_features(model):
             raise ValueError(f'mixskd needs forward_features/forward_head, and model {name} has none')

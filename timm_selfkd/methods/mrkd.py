@@ -3,16 +3,16 @@
 Alg. 1)."""
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 from timm.utils.model import unwrap_model
 
 from timm_selfkd.components.losses import default_tc_gamma, kd_kl, known_label_smoothing, teacher_correction
-from timm_selfkd.registry import hparam_flag, register_method
+from timm_selfkd.registry import hparam, hparam_flag, register_method
 from timm_selfkd.components.weight_ring import WeightRing
-from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range
+from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask
 
 __all__ = ['MrKDHparams', 'MrKDTCHparams', 'MrKDTask', 'MrKDTCTask', 'Interval']
 
@@ -29,13 +29,13 @@ class Interval:
 
     @classmethod
     def parse(cls, text: Any) -> 'Interval':
+        """The interval a hyper-parameter's text gives; a ValueError completing '{method} interval ...' if none."""
         match = re.fullmatch(r'\s*(\d+(?:\.\d*)?|\.\d+)\s*(e?)\s*', str(text))
         if not match or (not match.group(2) and '.' in match.group(1)):
-            raise ValueError(f'mrkd interval must be a whole number of steps (2000) or of epochs with an e (25e, '
-                             f'2.5e), got {text!r}')
+            raise ValueError(f'must be a whole number of steps (2000) or of epochs with an e (25e, 2.5e), got {text!r}')
         interval = cls(float(match.group(1)), bool(match.group(2)))
         if interval.value <= 0:
-            raise ValueError(f'mrkd interval must be > 0, got {text!r}')
+            raise ValueError(f'must be > 0, got {text!r}')
         return interval
 
     def steps(self, steps_per_epoch: Optional[int]) -> int:
@@ -49,41 +49,26 @@ class Interval:
 
 @dataclass
 class MrKDHparams:
-    alpha: float = field(default=0.25, metadata={'help': 'weight alpha of the KD term, 1 - alpha on cross-entropy '
-                                                         '(eq. 13; 0.1 on 10-class sets)'})
-    temperature: float = field(default=3.0, metadata={'help': 'softening temperature tau (eq. 13)'})
-    copies: int = field(default=3, metadata={'help': 'n: frozen copies of the model, averaged in eq. 14 '
-                                                      '(paper presets n, kappa: 1, 25e; 3, 25e; 5, 2.5e)'})
-    interval: str = field(default='25e', metadata={'help': 'kappa: steps between copy refreshes, 2000 = steps, '
-                                                           '25e or 2.5e = epochs'})
-    copy_mode: str = field(default='eval', metadata={'help': 'mode the copies run in: eval (their saved BatchNorm '
-                                                             'statistics, no dropout) or train (batch statistics, '
-                                                             'dropout and drop path on; the paper does not say)'})
-    batched: bool = field(default=False, metadata={'help': 'forward all copies in one torch.func.vmap call instead '
-                                                           'of one call each (faster for small models on GPU, '
-                                                           'slower for convnets on CPU)'})
-
-    def __post_init__(self):
-        method = self.method
-        check_range(method, 'alpha', self.alpha, 0., 1.)
-        check_range(method, 'temperature', self.temperature, 1e-6)
-        check_range(method, 'copies', self.copies, 1)
-        Interval.parse(self.interval)
-        if self.copy_mode not in ('eval', 'train'):
-            raise ValueError(f'{method} copy_mode must be eval or train, got {self.copy_mode!r}')
+    alpha: float = hparam(0.25, 'weight alpha of the KD term, 1 - alpha on cross-entropy (eq. 13; 0.1 on 10-class '
+                                'sets)', within='[0, 1]')
+    temperature: float = hparam(3.0, 'softening temperature tau (eq. 13)', within='(0, inf)')
+    copies: int = hparam(3, 'n: frozen copies of the model, averaged in eq. 14 (paper presets n, kappa: 1, 25e; 3, '
+                            '25e; 5, 2.5e)', within='[1, inf)')
+    interval: str = hparam('25e', 'kappa: steps between copy refreshes, 2000 = steps, 25e or 2.5e = epochs',
+                           check=Interval.parse)
+    copy_mode: str = hparam('eval', 'mode the copies run in: eval (their saved BatchNorm statistics, no dropout) or '
+                                    'train (batch statistics, dropout and drop path on; the paper does not say)',
+                            choices=('eval', 'train'))
+    batched: bool = hparam(False, 'forward all copies in one torch.func.vmap call instead of one call each (faster '
+                                  'for small models on GPU, slower for convnets on CPU)')
 
 
 @dataclass
 class MrKDTCHparams(MrKDHparams):
-    gamma: float = field(default=None, metadata={'default_text': '2.5/K',
-        'help': 'probability given to the true class in each copy\'s corrected distribution (eq. 16); default '
-                '2.5 / K as LsrKD-TC (the paper compares the two at the same gamma, fig. 4; it gives no MrKD-TC '
-                'default): 0.025 for 100 classes, 0.25 for 10, 0.75 for 2'})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.gamma is not None:
-            check_range(self.method, 'gamma', self.gamma, 0., 1.)
+    gamma: float = hparam(None, 'probability given to the true class in each copy\'s corrected distribution (eq. 16); '
+                                'default 2.5 / K as LsrKD-TC (the paper compares the two at the same gamma, fig. 4; it '
+                                'gives no MrKD-TC default): 0.025 for 100 classes, 0.25 for 10, 0.75 for 2',
+                          within='[0, 1]', default_text='2.5/K')
 
 
 @register_method('mrkd', hparams=MrKDHparams, paper=PAPER)

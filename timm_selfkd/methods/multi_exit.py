@@ -10,7 +10,7 @@ both kinds from one pass of the model, and `ExitsTask` gives their tasks validat
 state."""
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -22,8 +22,8 @@ from timm_selfkd.components.feature_levels import choose_levels, default_levels,
 from timm_selfkd.components.losses import float32_region, kd_kl_from_logits, soft_target_ce
 from timm_selfkd.components.progressive_targets import BCE_REFUSAL, RUN_FACTS, ProgressiveTargets
 from timm_selfkd.components.training_parts import TrainingPart, like_model, training_only_parameters
-from timm_selfkd.registry import register_method
-from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, check_range, has_pooled_features
+from timm_selfkd.registry import hparam, register_method
+from timm_selfkd.methods.base import ModelWrapper, Needs, RunInfo, SelfKDTask, has_pooled_features
 
 __all__ = ['MultiExitHparams', 'Exit', 'MultiExitModule', 'MultiExitEvaluator', 'ExitsTask', 'MultiExitTask',
            'exit_indices', 'multi_exit_loss']
@@ -31,44 +31,33 @@ __all__ = ['MultiExitHparams', 'Exit', 'MultiExitModule', 'MultiExitEvaluator', 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_EXITS = 3  # BYOT and seed 4 table 2: three exits plus the model's own classifier
-INDICES_EXAMPLE = '2,5,8'
 
 
 @dataclass
 class MultiExitHparams:
-    byot: bool = field(default=True, metadata={
-        'help': 'BYOT loss on every exit (eq. 2): (1 - alpha) CE to the target + alpha KL to the deepest '
-                'classifier + lambda feature hint'})
-    dmfl: bool = field(default=True, metadata={
-        'help': 'deep mutual feature loss (eq. 3): symmetric KL between each exit\'s feature distribution and '
-                'the deepest one\'s'})
-    alpha: float = field(default=0.1, metadata={'help': 'BYOT weight alpha of the KL to the deepest classifier '
-                                                        '(eq. 2; the CE gets 1 - alpha)'})
-    feature_weight: float = field(default=1e-6, metadata={'help': 'BYOT weight lambda of the L2 feature hint (eq. 2)'})
-    temperature: float = field(default=1.0, metadata={'help': 'temperature of the exits\' KL, scaled by T^2 (eq. 2 '
-                                                              'uses 1; BYOT\'s code 3)'})
-    indices: str = field(default='', metadata={
-        'help': 'forward_intermediates() levels that get an exit, comma-separated (e.g. ViT blocks 2,5,8); '
-                'default: the three stage ends before the last (ViT-like models: blocks at 1/4, 1/2, 3/4 depth)'})
-    pskd: bool = field(default=False, metadata={
-        'help': 'PS-KD\'s progressive soft targets (sec. 3.1): every classifier\'s CE (the deepest one\'s, BYOT\'s '
-                'exits\') is to (1 - a_e) y + a_e P[i], P[i] the deepest classifier\'s last softmax of image i'})
-    pskd_alpha_t: float = field(default=0.8, metadata={
-        'help': 'PS-KD alpha_T: weight of the past prediction at the last epoch; epoch e (0-based) of E uses '
-                'alpha_T (e + 1) / E'})
-    pskd_topk: int = field(default=0, metadata={
-        'help': 'PS-KD memory: keep the k largest probabilities of each past prediction, the rest spread evenly '
-                '(0 = all K, in fp16)'})
+    byot: bool = hparam(True, 'BYOT loss on every exit (eq. 2): (1 - alpha) CE to the target + alpha KL to the deepest '
+                              'classifier + lambda feature hint')
+    dmfl: bool = hparam(True, 'deep mutual feature loss (eq. 3): symmetric KL between each exit\'s feature '
+                              'distribution and the deepest one\'s')
+    alpha: float = hparam(0.1, 'BYOT weight alpha of the KL to the deepest classifier (eq. 2; the CE gets 1 - alpha)',
+                          within='[0, 1]')
+    feature_weight: float = hparam(1e-6, 'BYOT weight lambda of the L2 feature hint (eq. 2)', within='[0, inf)')
+    temperature: float = hparam(1.0, 'temperature of the exits\' KL, scaled by T^2 (eq. 2 uses 1; BYOT\'s code 3)',
+                                within='(0, inf)')
+    indices: str = hparam('', 'forward_intermediates() levels that get an exit, comma-separated (e.g. ViT blocks '
+                              '2,5,8); default: the three stage ends before the last (ViT-like models: blocks at 1/4, '
+                              '1/2, 3/4 depth)', check=parse_levels)
+    pskd: bool = hparam(False, 'PS-KD\'s progressive soft targets (sec. 3.1): every classifier\'s CE (the deepest '
+                               'one\'s, BYOT\'s exits\') is to (1 - a_e) y + a_e P[i], P[i] the deepest classifier\'s '
+                               'last softmax of image i')
+    pskd_alpha_t: float = hparam(0.8, 'PS-KD alpha_T: weight of the past prediction at the last epoch; epoch e '
+                                      '(0-based) of E uses alpha_T (e + 1) / E', within='[0, 1]')
+    pskd_topk: int = hparam(0, 'PS-KD memory: keep the k largest probabilities of each past prediction, the rest '
+                               'spread evenly (0 = all K, in fp16)', within='[0, inf)')
 
-    def __post_init__(self):
-        check_range('multi_exit', 'alpha', self.alpha, 0., 1.)
-        check_range('multi_exit', 'feature_weight', self.feature_weight, 0.)
-        check_range('multi_exit', 'temperature', self.temperature, 1e-6)
-        check_range('multi_exit', 'pskd_alpha_t', self.pskd_alpha_t, 0., 1.)
-        check_range('multi_exit', 'pskd_topk', self.pskd_topk, 0)
+    def __post_init__(self):  # a rule across fields, not a range
         if not (self.byot or self.dmfl or self.pskd):
             raise ValueError('multi_exit needs byot or dmfl or pskd (or several); without them it is plain training')
-        parse_levels(self.indices, 'multi_exit', INDICES_EXAMPLE)
 
 
 def exit_indices(model: nn.Module, indices: str = '', method: str = 'multi_exit',
@@ -90,7 +79,7 @@ def exit_indices(model: nn.Module, indices: str = '', method: str = 'multi_exit'
         ValueError: The model has no `forward_intermediates` or no `forward_head(pre_logits=True)`, or an index does
             not exist (the message names the valid range).
     """
-    levels = choose_levels(model, method, parse_levels(indices, method, INDICES_EXAMPLE),
+    levels = choose_levels(model, method, parse_levels(indices),
                            lambda: default_levels(model, default_exits), noun='exit index')
     if not has_pooled_features(model):
         raise ValueError(f'{method} needs forward_head(pre_logits=True) for the deepest feature, and model '

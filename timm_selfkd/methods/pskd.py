@@ -1,6 +1,6 @@
 """PS-KD: self-knowledge distillation with progressive refinement of targets (Kim et al., ICCV 2021; the PS-KD
 component of Chottananurak et al., Progressive Self-Knowledge Distillation with Mutual Learning, sec. 3)."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
@@ -8,22 +8,18 @@ import torch
 from timm_selfkd.components.losses import soft_target_ce
 from timm_selfkd.components.soft_target_memory import SoftTargetMemory
 from timm_selfkd.components.progressive_targets import BCE_REFUSAL, RUN_FACTS, ProgressiveTargets
-from timm_selfkd.registry import register_method
-from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask, check_range
+from timm_selfkd.registry import hparam, register_method
+from timm_selfkd.methods.base import Needs, RunInfo, SelfKDTask
 
 __all__ = ['PSKDHparams', 'PSKDTask']
 
 
 @dataclass
 class PSKDHparams:
-    alpha_t: float = field(default=0.8, metadata={'help': 'alpha_T: weight of the past prediction at the last epoch; '
-                                                          'epoch e (0-based) of E uses alpha_T (e + 1) / E'})
-    topk: int = field(default=0, metadata={'help': 'keep the k largest probabilities of each past prediction, the '
-                                                   'rest spread evenly (0 = all K, in fp16)'})
-
-    def __post_init__(self):
-        check_range('pskd', 'alpha_t', self.alpha_t, 0., 1.)
-        check_range('pskd', 'topk', self.topk, 0)
+    alpha_t: float = hparam(0.8, 'alpha_T: weight of the past prediction at the last epoch; epoch e (0-based) of E '
+                                 'uses alpha_T (e + 1) / E', within='[0, 1]')
+    topk: int = hparam(0, 'keep the k largest probabilities of each past prediction, the rest spread evenly (0 = all '
+                          'K, in fp16)', within='[0, inf)')
 
 
 @register_method('pskd', hparams=PSKDHparams, paper='Kim et al., Self-Knowledge Distillation with Progressive '

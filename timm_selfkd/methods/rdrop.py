@@ -35,18 +35,18 @@ Our choices (see `RDropHparams`):
     the KL stays between softmax distributions.
 """
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from timm_selfkd.components.losses import kd_kl_from_logits
-from timm_selfkd.components.stochastic_depth import (check_rates, prepare_depth_units, refuse_grad_checkpointing,
+from timm_selfkd.components.stochastic_depth import (prepare_depth_units, refuse_grad_checkpointing,
                                                      stochastic_layers)
-from timm_selfkd.methods.base import SelfKDTask, check_range
+from timm_selfkd.methods.base import SelfKDTask
 from timm_selfkd.methods.self_guidance import SubnetworkPasses, SubnetworkTask
-from timm_selfkd.registry import register_method
+from timm_selfkd.registry import hparam, register_method
 
 __all__ = ['RDropHparams', 'RDropTask', 'symmetric_kl', 'rdrop_loss']
 
@@ -57,37 +57,24 @@ KL_REDUCTIONS = ('mean', 'sum')
 
 @dataclass
 class RDropHparams:
-    alpha: float = field(default=0.6, metadata={
-        'help': 'weight alpha of L_KL = (KL(P1||P2) + KL(P2||P1)) / 2 in L = CE1 + CE2 + alpha L_KL (sec. 2.1); '
-                '0.6 is the official ViT code\'s --alpha 0.3, which it puts on the two KLs without the 1/2 (and sums '
-                'over its 32-image micro-batches: 19.2 per image, as the recipes set it)'})
-    kl_reduction: str = field(default='mean', metadata={
-        'help': 'L_KL over the batch: mean (per image, as the CE terms: the equations) or sum (the official ViT '
-                'code: summed over the step\'s images while the CE terms are averaged, so its weight grows with '
-                'the images per process)'})
-    default_rate: float = field(default=0.1, metadata={
-        'help': 'deepest block\'s drop rate of the linear 0 -> rate stochastic-depth schedule added to a model '
-                'with neither dropout nor drop path (our choice: DeiT\'s and ConvNeXt-T\'s drop-path rate; the '
-                'paper\'s ViT uses dropout 0.1); 0 refuses such a model; a model\'s own rates are kept'})
-    per_sample: bool = field(default=True, metadata={
-        'help': 'drop paths per image (timm\'s DropPath; dropout is always per element); false: one drop-path '
-                'sub-network per pass for the whole batch (Self-Guidance\'s Alg. 1)'})
-    skip_dropped: bool = field(default=True, metadata={
-        'help': 'with one sub-network per batch, do not compute the blocks it drops where the block\'s output is '
-                'known without them'})
-    second_pass_bn_stats: bool = field(default=False, metadata={
-        'help': 'let the second pass update BatchNorm running statistics too (default: only the first, one update '
-                'per step as in plain training)'})
-
-    def __post_init__(self):
-        check_range('rdrop', 'alpha', self.alpha, 0.)
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise ValueError(f'rdrop kl_reduction must be one of {", ".join(KL_REDUCTIONS)}, '
-                             f'got {self.kl_reduction!r}')
-        try:
-            check_rates(self.default_rate)
-        except ValueError as e:
-            raise ValueError(f'rdrop default_rate: {e}') from None
+    alpha: float = hparam(0.6, 'weight alpha of L_KL = (KL(P1||P2) + KL(P2||P1)) / 2 in L = CE1 + CE2 + alpha L_KL '
+                               '(sec. 2.1); 0.6 is the official ViT code\'s --alpha 0.3, which it puts on the two KLs '
+                               'without the 1/2 (and sums over its 32-image micro-batches: 19.2 per image, as the '
+                               'recipes set it)', within='[0, inf)')
+    kl_reduction: str = hparam('mean', 'L_KL over the batch: mean (per image, as the CE terms: the equations) or sum '
+                                       '(the official ViT code: summed over the step\'s images while the CE terms are '
+                                       'averaged, so its weight grows with the images per process)',
+                               choices=KL_REDUCTIONS)
+    default_rate: float = hparam(0.1, 'deepest block\'s drop rate of the linear 0 -> rate stochastic-depth schedule '
+                                      'added to a model with neither dropout nor drop path (our choice: DeiT\'s and '
+                                      'ConvNeXt-T\'s drop-path rate; the paper\'s ViT uses dropout 0.1); 0 refuses '
+                                      'such a model; a model\'s own rates are kept', within='[0, 1)')
+    per_sample: bool = hparam(True, 'drop paths per image (timm\'s DropPath; dropout is always per element); false: '
+                                    'one drop-path sub-network per pass for the whole batch (Self-Guidance\'s Alg. 1)')
+    skip_dropped: bool = hparam(True, 'with one sub-network per batch, do not compute the blocks it drops where the '
+                                      'block\'s output is known without them')
+    second_pass_bn_stats: bool = hparam(False, 'let the second pass update BatchNorm running statistics too (default: '
+                                               'only the first, one update per step as in plain training)')
 
 
 def symmetric_kl(first_logits: torch.Tensor, second_logits: torch.Tensor, reduction: str = 'mean') -> torch.Tensor:

@@ -1,47 +1,36 @@
 """Self-Guidance: the full network teaches its stochastic-depth sub-networks (Zheng & Peng, WACV 2022,
 sec. 3.2-3.3, eq. 3-5, Alg. 1)."""
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from timm_selfkd.components.losses import kd_kl_from_logits
-from timm_selfkd.registry import register_method
-from timm_selfkd.components.stochastic_depth import (DepthUnit, check_rates, prepare_depth_units,
+from timm_selfkd.registry import hparam, register_method
+from timm_selfkd.components.stochastic_depth import (DepthUnit, prepare_depth_units,
                                                      refuse_grad_checkpointing, subnetwork_pass)
-from timm_selfkd.methods.base import ModelWrapper, SelfKDTask, check_range
+from timm_selfkd.methods.base import ModelWrapper, SelfKDTask
 
 _logger = logging.getLogger(__name__)
 
 
 @dataclass
 class SelfGuidanceHparams:
-    weight: float = field(default=0.25, metadata={'help': 'trade-off lambda of the distillation term (eq. 5)'})
-    temperature: float = field(default=3.0, metadata={'help': 'softening temperature tau of the KL term (eq. 5)'})
-    default_rate: float = field(default=0.5, metadata={
-        'help': 'drop rate of the deepest block of the linear 0 -> rate schedule added when the model was built '
-                'without stochastic depth (stochastic-depth paper: p_L = 0.5); a model\'s own rates are kept'})
-    per_sample: bool = field(default=False, metadata={
-        'help': 'drop branches per image as timm\'s DropPath does, instead of one sub-network per batch (Alg. 1)'})
-    skip_dropped: bool = field(default=True, metadata={
-        'help': 'do not compute the blocks dropped for the whole batch where the block\'s output is known '
-                'without them (per-batch sampling)'})
-    kl_to_teacher: bool = field(default=False, metadata={
-        'help': 'let the KL term back-propagate into the teacher pass too (the paper does not say; default: '
-                'the teacher is detached)'})
-    student_bn_stats: bool = field(default=False, metadata={
-        'help': 'let the student pass update BatchNorm running statistics too (default: only the full network, '
-                'which is the deployed model, sets them)'})
-
-    def __post_init__(self):
-        check_range('self_guidance', 'weight', self.weight, 0.)
-        check_range('self_guidance', 'temperature', self.temperature, 1e-6)
-        try:
-            check_rates(self.default_rate)
-        except ValueError as e:
-            raise ValueError(f'self_guidance default_rate: {e}') from None
+    weight: float = hparam(0.25, 'trade-off lambda of the distillation term (eq. 5)', within='[0, inf)')
+    temperature: float = hparam(3.0, 'softening temperature tau of the KL term (eq. 5)', within='(0, inf)')
+    default_rate: float = hparam(0.5, 'drop rate of the deepest block of the linear 0 -> rate schedule added when the '
+                                      'model was built without stochastic depth (stochastic-depth paper: p_L = 0.5); a '
+                                      'model\'s own rates are kept', within='[0, 1)')
+    per_sample: bool = hparam(False, 'drop branches per image as timm\'s DropPath does, instead of one sub-network per '
+                                     'batch (Alg. 1)')
+    skip_dropped: bool = hparam(True, 'do not compute the blocks dropped for the whole batch where the block\'s output '
+                                      'is known without them (per-batch sampling)')
+    kl_to_teacher: bool = hparam(False, 'let the KL term back-propagate into the teacher pass too (the paper does not '
+                                        'say; default: the teacher is detached)')
+    student_bn_stats: bool = hparam(False, 'let the student pass update BatchNorm running statistics too (default: '
+                                           'only the full network, which is the deployed model, sets them)')
 
 
 class SubnetworkPasses(ModelWrapper):

@@ -7,7 +7,7 @@ The paper's text is not available to this project, so its equation numbers are n
 out below (`uskd_loss`) as the official code computes them, which the tests check line for line."""
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from timm_selfkd.components.feature_levels import choose_levels, model_name, stage_ends
 from timm_selfkd.components.losses import float32_region, known_label_smoothing, mixed_label_weights
 from timm_selfkd.components.training_parts import TrainingPart, like_model, training_only_parameters
-from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask, check_range
-from timm_selfkd.registry import register_method
+from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask
+from timm_selfkd.registry import hparam, register_method
 
 __all__ = ['USKDHparams', 'WeakHead', 'USKDModule', 'USKDTask', 'uskd_level', 'uskd_labels', 'uskd_loss']
 
@@ -29,31 +29,20 @@ RANK_EPS = 1e-6  # the official code's guard in the rank's normalisers
 
 @dataclass
 class USKDHparams:
-    alpha: float = field(default=1.0, metadata={
-        'help': 'weight of the normalized target loss -V_t log S_t (official code: 1 for ImageNet, the '
-                'class default; 0.1 in its CIFAR-100 config)'})
-    beta: float = field(default=0.1, metadata={
-        'help': 'weight of the non-target loss to the Zipf soft labels over the normalized non-target '
-                'probabilities (official code: 0.1 for ImageNet and CIFAR-100)'})
-    mu: float = field(default=0.005, metadata={
-        'help': 'weight of the weak head\'s cross-entropy (official code: 0.005 for ImageNet, the class default; '
-                '0.1 in its CIFAR-100 config)'})
-    weak_smoothing: float = field(default=0.1, metadata={
-        'help': 'label smoothing of the weak head\'s target, (1 - s) y + s / K (the official code\'s fixed 0.1)'})
-    level: int = field(default=-1, metadata={
-        'help': 'forward_intermediates() level the weak head reads; -1: the end of the second-to-last stage '
-                '(official: ResNet stage 3, Swin stage 3), or for ViT-like models (all levels at one resolution) '
-                'block depth/2 - 1, the official DeiT mid token'})
-    weak_norm: bool = field(default=False, metadata={
-        'help': 'a LayerNorm over channels before the weak head\'s pooling (the official Swin config: mmcls\'s Swin '
-                'normalizes every output stage; its ResNet and DeiT features have none); on in the Swin recipe'})
-
-    def __post_init__(self):
-        check_range('uskd', 'alpha', self.alpha, 0.)
-        check_range('uskd', 'beta', self.beta, 0.)
-        check_range('uskd', 'mu', self.mu, 0.)
-        check_range('uskd', 'weak_smoothing', self.weak_smoothing, 0., 1.)
-        check_range('uskd', 'level', self.level, -1)
+    alpha: float = hparam(1.0, 'weight of the normalized target loss -V_t log S_t (official code: 1 for ImageNet, the '
+                               'class default; 0.1 in its CIFAR-100 config)', within='[0, inf)')
+    beta: float = hparam(0.1, 'weight of the non-target loss to the Zipf soft labels over the normalized non-target '
+                              'probabilities (official code: 0.1 for ImageNet and CIFAR-100)', within='[0, inf)')
+    mu: float = hparam(0.005, 'weight of the weak head\'s cross-entropy (official code: 0.005 for ImageNet, the class '
+                              'default; 0.1 in its CIFAR-100 config)', within='[0, inf)')
+    weak_smoothing: float = hparam(0.1, 'label smoothing of the weak head\'s target, (1 - s) y + s / K (the official '
+                                        'code\'s fixed 0.1)', within='[0, 1]')
+    level: int = hparam(-1, 'forward_intermediates() level the weak head reads; -1: the end of the second-to-last '
+                            'stage (official: ResNet stage 3, Swin stage 3), or for ViT-like models (all levels at one '
+                            'resolution) block depth/2 - 1, the official DeiT mid token', within='[-1, inf)')
+    weak_norm: bool = hparam(False, 'a LayerNorm over channels before the weak head\'s pooling (the official Swin '
+                                    'config: mmcls\'s Swin normalizes every output stage; its ResNet and DeiT features '
+                                    'have none); on in the Swin recipe')
 
 
 def uskd_level(model: nn.Module, level: int = -1) -> int:

@@ -12,7 +12,7 @@ DenseNet/MobileNetV2 on ImageNet/iNat its `train.py` votes with a separate `line
 reaches (argmax), i.e. a random classifier; here the votes always come from the model's own head.
 """
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import torch
@@ -21,31 +21,25 @@ import torch.nn as nn
 from timm_selfkd.components.losses import known_label_smoothing, mixed_label_weights
 from timm_selfkd.components.zipf_targets import (UPSAMPLE_MODES, position_logits, vote_counts, zipf_distribution,
                                                  zipf_nontarget_kl)
-from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask, check_range
-from timm_selfkd.registry import register_method
+from timm_selfkd.methods.base import ModelWrapper, Needs, SelfKDTask
+from timm_selfkd.registry import hparam, register_method
 
 __all__ = ['ZipfLSHparams', 'DenseVotes', 'ZipfLSTask']
 
 
 @dataclass
 class ZipfLSHparams:
-    weight: float = field(default=0.1, metadata={
-        'help': 'weight lambda of the Zipf KL term: ce + lambda * KL (official recipes: 0.1 on CIFAR-100 and '
-                'ImageNet, 1.0 on TinyImageNet and iNat21; its argparse default is 1.0)'})
-    power: float = field(default=1.0, metadata={
-        'help': 'Zipf exponent: a non-target class of rank r gets r^-power, normalised (official --power, 1.0)'})
-    dense: bool = field(default=True, metadata={
-        'help': 'rank the classes by dense votes (the classifier at every position of the final feature map, '
-                'argmax counted), as every official recipe (--dense); --no-zipfls-dense ranks by the logits'})
-    upsample: str = field(default='none', metadata={
-        'help': 'none, bilinear or bicubic: upsample the final map x2 before the dense votes (official default '
-                'none, ImageNet recipes none; its PyTorch CIFAR recipes bilinear); spatial maps only'})
-
-    def __post_init__(self):
-        check_range('zipfls', 'weight', self.weight, 0.)
-        check_range('zipfls', 'power', self.power, 0.)
-        if self.upsample not in UPSAMPLE_MODES:
-            raise ValueError(f'zipfls upsample must be one of {", ".join(UPSAMPLE_MODES)}, got {self.upsample!r}')
+    weight: float = hparam(0.1, 'weight lambda of the Zipf KL term: ce + lambda * KL (official recipes: 0.1 on '
+                                'CIFAR-100 and ImageNet, 1.0 on TinyImageNet and iNat21; its argparse default is 1.0)',
+                           within='[0, inf)')
+    power: float = hparam(1.0, 'Zipf exponent: a non-target class of rank r gets r^-power, normalised (official '
+                               '--power, 1.0)', within='[0, inf)')
+    dense: bool = hparam(True, 'rank the classes by dense votes (the classifier at every position of the final feature '
+                               'map, argmax counted), as every official recipe (--dense); --no-zipfls-dense ranks by '
+                               'the logits')
+    upsample: str = hparam('none', 'none, bilinear or bicubic: upsample the final map x2 before the dense votes '
+                                   '(official default none, ImageNet recipes none; its PyTorch CIFAR recipes '
+                                   'bilinear); spatial maps only', choices=UPSAMPLE_MODES)
 
 
 @contextmanager
