@@ -115,23 +115,26 @@ def runs_without_and_with_checkpointing(method, step):
     return results
 
 
-def epoch_lrs(argv, processes=1):
-    """The lr every epoch of a run trains with, scheduled as train.py's `Setup` and loop do: timm's scheduler built
+def epoch_lrs(argv, processes=1, updates_per_epoch=2):
+    """The lr every epoch of a run starts with, scheduled as train.py's `Setup` and loop do: timm's scheduler built
     from the parsed command line (`create_scheduler_v2(**scheduler_kwargs(args))`) over an optimizer at the run's lr
-    (timm's --lr-base rule at `processes` processes when there is no --lr), stepped to `epoch + 1` after each epoch.
-    Per-epoch schedules only (no --sched-on-updates)."""
+    (timm's --lr-base rule at `processes` processes when there is no --lr), stepped to `num_updates` after each of the
+    epoch's `updates_per_epoch` updates (per-update schedules, --sched-on-updates) and to `epoch + 1` after each
+    epoch (per-epoch schedules; each step is a no-op for the other kind)."""
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm_selfkd.cli import parse_args
     from timm_selfkd.train import _resolve_lr
     args = parse_args(argv)
-    assert not args.sched_on_updates
     args.world_size = processes
     _resolve_lr(args)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
-    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=1)
+    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                updates_per_epoch=updates_per_epoch)
     lrs = []
     for epoch in range(num_epochs):
         lrs.append(optimizer.param_groups[0]['lr'])
+        for update in range(1, updates_per_epoch + 1):
+            scheduler.step_update(epoch * updates_per_epoch + update)
         scheduler.step(epoch + 1)
     return lrs
 
