@@ -10,7 +10,6 @@ import argparse
 import csv
 import importlib
 import os
-from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional
 
 from timm_selfkd.errors import UsageError
@@ -72,8 +71,9 @@ class RunLog:
             self.wandb_options = dict(project=args.wandb_project, tags=list(args.wandb_tags or []))
         self.wandb_id: Optional[str] = args.wandb_resume_id or None
         self.wandb_id_given = bool(args.wandb_resume_id)
-        self.tensorboard_dir = args.log_tensorboard  # None: off; '' or True: the run's folder
-        if self.tensorboard_dir not in (None, False):
+        tensorboard = args.log_tensorboard  # a folder; '' (a recipe's true): the run's; None (a recipe's false): off
+        self.tensorboard_dir = tensorboard if isinstance(tensorboard, str) else '' if tensorboard else None
+        if self.tensorboard_dir is not None:
             _require('tensorboard')
         self.summary: Optional[SummaryCsv] = None
         self.wandb_run = None
@@ -105,12 +105,10 @@ class RunLog:
                 raise UsageError(f'--log-wandb: wandb could not start the run: {str(e).strip().splitlines()[0]}') \
                     from e
             self.wandb_id = self.wandb_run.id
-        if self.tensorboard_dir not in (None, False):
-            folder = self.tensorboard_dir if isinstance(self.tensorboard_dir, str) and self.tensorboard_dir else \
-                output_dir
-            self.tensorboard = _require('tensorboard').SummaryWriter(log_dir=folder)
+        if self.tensorboard_dir is not None:
+            self.tensorboard = _require('tensorboard').SummaryWriter(log_dir=self.tensorboard_dir or output_dir)
 
-    def epoch(self, row: 'OrderedDict[str, Any]') -> None:
+    def epoch(self, row: Mapping[str, Any]) -> None:
         """An epoch's summary row (its `epoch` is the step of the wandb and TensorBoard points)."""
         self.summary.write(row)
         if self.wandb_run is not None:
