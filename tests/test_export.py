@@ -109,7 +109,8 @@ def test_model_card_names_method_paper_hparams_recipe_and_metrics(runs, image_fo
     recipe = card.split('```yaml\n')[1].split('```')[0]
     with open(os.path.join(runs['multi_exit'], 'args.yaml')) as f:
         recorded_recipe = yaml.safe_load(f)
-    local_paths = ('data_dir', 'output', 'experiment', 'resume', 'initial_checkpoint', 'class_map')
+    local_paths = ('data_dir', 'output', 'experiment', 'resume', 'initial_checkpoint', 'class_map', 'log_wandb',
+                   'wandb_project', 'wandb_tags', 'wandb_resume_id')
     assert yaml.safe_load(recipe) == {key: value for key, value in recorded_recipe.items()
                                       if value is not None and key not in local_paths}
     assert image_folder not in card and f"timm.create_model('local-dir:{out}', pretrained=True)" in card

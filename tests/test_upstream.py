@@ -21,6 +21,7 @@ from timm.data import FastCollateMixup, IterableImageDataset, Mixup
 
 from conftest import NUM_CLASSES, write_image_folder
 from test_train import METHOD_ARGS
+from wandb_files import offline_wandb, wandb_runs  # noqa: F401 (a fixture)
 from timm_selfkd import get_method, list_methods, register_method, registry, upstream
 from timm_selfkd.cli import format_methods
 from timm_selfkd.errors import UsageError
@@ -177,6 +178,21 @@ def test_flags_in_help_yaml_config_and_args_yaml(image_folder, tmp_path, capsys,
     with open(tmp_path / 'base' / 'run' / 'args.yaml') as f:
         saved = yaml.safe_load(f)
     assert (saved['selfkd'], saved['dlb_alpha']) == ('none', None)
+
+
+def test_the_users_own_log_wandb_reaches_their_script(image_folder, tmp_path, offline_wandb):
+    """Nothing of ours refuses or takes the script's own `--log-wandb` and companions: its own wandb run (offline)
+    has its args, the method's among them, and each epoch's row with the method's loss terms."""
+    import wandb
+    upstream.main([script(SNAPSHOT), *script_args(image_folder, tmp_path, '--selfkd', 'dlb', '--log-wandb',
+                                                  '--wandb-project', 'theirs', '--wandb-tags', 'mine')])
+    wandb.finish()  # the script leaves its run to end when the process does
+    (run,) = wandb_runs(offline_wandb)
+    assert (run['project'], run['tags']) == ('theirs', ['mine'])
+    assert (run['config']['log_wandb'], run['config']['selfkd']) == (True, 'dlb')
+    (row,) = read_summary(tmp_path)
+    (logged,) = run['history']
+    assert logged['train_loss_kd'] == pytest.approx(float(row['train_loss_kd'])) and logged['train_loss_kd'] > 0
 
 
 def test_list_selfkd(capsys):

@@ -291,6 +291,19 @@ def _build_parser() -> argparse.ArgumentParser:
                    help='synchronise BatchNorm statistics across processes (CUDA; matters for BAKE\'s per-class '
                         'batches)')
 
+    g = p.add_argument_group('Tracking', 'every epoch\'s summary.csv row also to wandb or TensorBoard (rank 0; '
+                                          'optional extras: pip install "timm-selfkd[wandb,tensorboard]")')
+    g.add_argument('--log-wandb', action='store_true', default=False,
+                   help='log the run\'s options and method hyper-parameters and every epoch\'s metrics to wandb; '
+                        'a resumed run continues its wandb run')
+    g.add_argument('--wandb-project', default=None, type=str, metavar='NAME', help='wandb project name')
+    g.add_argument('--wandb-tags', default=[], type=str, nargs='+', metavar='TAG', help='wandb tags')
+    g.add_argument('--wandb-resume-id', default='', type=str, metavar='ID',
+                   help='with --resume: continue this wandb run (default: the one the checkpoint names)')
+    g.add_argument('--log-tensorboard', nargs='?', const='', default=None, metavar='DIR',
+                   help='write TensorBoard events to DIR (without DIR: the run\'s folder): every epoch\'s metrics '
+                        'and the loss terms every --log-interval steps')
+
     add_selfkd_arguments(p)
     _add_refused_flags(p)
     return p

@@ -18,9 +18,9 @@ MODEL_METRICS = ('top1', 'top5', 'loss', 'nll', 'ece', 'aurc')
 SALIENT_KEYS = ('model', 'pretrained', 'num_classes', 'epochs', 'batch_size', 'world_size', 'opt', 'lr',
                 'weight_decay', 'sched', 'warmup_epochs', 'smoothing', 'mixup', 'cutmix', 'aa', 'drop_path',
                 'model_ema', 'model_ema_decay', 'amp', 'seed')
-# recipe keys that name the trainer's local files: left out of a card meant to be shared
+# recipe keys that name the trainer's local files or its own trackers: left out of a card meant to be shared
 LOCAL_PATH_KEYS = ('data_dir', 'data', 'output', 'experiment', 'resume', 'initial_checkpoint', 'pretrained_path',
-                   'class_map')
+                   'class_map', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'log_tensorboard')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _usage(load_name: str, recipe: Dict[str, Any]) -> str:
             'logits = model(transform(image).unsqueeze(0))  # image: a PIL image\n```\n\n'
             'Train it again with timm-selfkd: save the recipe below as `recipe.yaml` and run '
             '`python train.py -c recipe.yaml --data-dir DATA`.\n\n'
-            '<details><summary>The run\'s recipe (args.yaml without its unset keys and local paths)</summary>\n\n'
+            '<details><summary>The run\'s recipe (args.yaml without its unset keys, local paths and trackers)</summary>\n\n'
             f'```yaml\n{yaml.safe_dump(shared, sort_keys=False)}```\n</details>\n')
 
 

@@ -35,8 +35,8 @@ class RefusedOption:
         return self.flag[2:].replace('-', '_')
 
 
-def _options(flags, reason: str, scope: str = 'selfkd'):
-    return tuple(RefusedOption(flag, nargs, reason, scope) for flag, nargs in flags)
+def _options(flags, reason: str):
+    return tuple(RefusedOption(flag, nargs, reason) for flag, nargs in flags)
 
 
 REFUSED_OPTIONS = (
@@ -75,8 +75,6 @@ REFUSED_OPTIONS = (
                   'train.py'),
     RefusedOption('--save-images', 0, 'debugging aid of timm\'s train.py', 'train.py'),
     RefusedOption('--tta', 1, 'validation runs without test-time augmentation', 'train.py'),
-    *_options((('--log-wandb', 0), ('--wandb-project', 1), ('--wandb-tags', '+'), ('--wandb-resume-id', 1)),
-              'not built in; summary.csv has every metric', 'train.py'),
 )
 
 

@@ -10,7 +10,6 @@ checkpoint continues at its next step. Each step re-seeds every generator from (
 each image's augmentation is seeded from its key (`timm_selfkd.runtime.batch_stream`), so a resumed run is the run that
 would have happened. A non-finite loss stops the run (or skips the step, `--nonfinite skip`).
 """
-import csv
 import dataclasses
 import logging
 import math
@@ -51,6 +50,7 @@ from timm_selfkd.runtime.run_guard import RunGuard, Verdict
 from timm_selfkd.runtime.metrics import LOWER_IS_BETTER
 from timm_selfkd.runtime.batch_stream import seed_everything, step_seed
 from timm_selfkd.runtime.loss_ledger import LossLedger
+from timm_selfkd.runtime.trackers import RunLog
 from timm_selfkd.runtime.transforms import with_cutout, with_pad_crop
 from timm_selfkd.wiring import MethodWiring
 
@@ -179,6 +179,7 @@ class Setup:
         self.args = args
         # built once by parse_args; taken off `args`, which checkpoints pickle (a plain timm checkpoint's entries)
         self.wiring = MethodWiring(args.selfkd, vars(args).pop('selfkd_hparams'))
+        self.log = RunLog(args)  # summary.csv, wandb, TensorBoard (a missing package is an error here)
         if args.resume and args.initial_checkpoint:
             raise UsageError('--resume and --initial-checkpoint exclude each other (resume restores the weights)')
         checkpoint = read_checkpoint(args.resume) if args.resume else None
@@ -355,6 +356,7 @@ class Setup:
         else:
             self.position = Position.from_state(loop['position'], self.device, args.rank, args.world_size)
             self.scheduler.load_state_dict(loop['scheduler'])
+            self.log.load_state_dict(loop.get('log', {}))  # the wandb run to continue
         saved = checkpoint.get('args')
         layout = (getattr(saved, 'world_size', args.world_size), getattr(saved, 'batch_size', args.batch_size))
         if layout != (args.world_size, args.batch_size):
@@ -377,7 +379,8 @@ class Setup:
 
     def loop_state(self) -> dict:
         """What a checkpoint needs beyond timm's entries (see `timm_selfkd.runtime.checkpoint`)."""
-        return {'position': self.position.state_dict(), 'scheduler': self.scheduler.state_dict()}
+        return {'position': self.position.state_dict(), 'scheduler': self.scheduler.state_dict(),
+                'log': self.log.state_dict()}
 
 
 def epoch_metrics(s: Setup) -> Dict[str, float]:
@@ -451,6 +454,7 @@ class Run:
             if args.rank == 0 and ((p.step - 1) % args.log_interval == 0 or p.step == steps):
                 _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps}]  {p.ledger.text()}  '
                              f'lr {s.optimizer.param_groups[0]["lr"]:.3e}  {p.seconds:.1f}s')
+                s.log.step(p.epoch, p.batches, p.ledger)
             if not update:  # checks and checkpoints only between optimizer updates
                 continue
             # the epoch's last step is followed by validation and the epoch checkpoint, which serves as recovery
@@ -539,25 +543,14 @@ class Run:
 
     def write_summary(self, train_metrics: Dict[str, float], eval_metrics: Dict[str, float], status: str,
                       lr: Optional[float] = None) -> None:
-        """Append the epoch's row to summary.csv (`status`: ok, or diverged for a run the guard stopped). A row
-        with a column the file lacks (the first validation after --val-interval epochs, say) widens the file."""
+        """The epoch's row to summary.csv and the trackers (`status`: ok, or diverged for a run the guard
+        stopped)."""
         row = OrderedDict(epoch=self.s.position.epoch)
         row.update((f'train_{k}', v) for k, v in train_metrics.items())
         row.update((f'eval_{k}', v) for k, v in eval_metrics.items())
         row['lr'] = lr if lr is not None else self.s.optimizer.param_groups[0]['lr']
         row['status'] = status
-        path = os.path.join(self.output_dir, 'summary.csv')
-        rows, columns = [], list(row)
-        if os.path.exists(path):
-            with open(path, newline='') as f:
-                reader = csv.DictReader(f)
-                rows = list(reader)
-                columns = list(reader.fieldnames or []) + [c for c in row if c not in (reader.fieldnames or [])]
-        with open(path + '.tmp', 'w', newline='') as f:  # replaced whole, so a kill never truncates it
-            writer = csv.DictWriter(f, fieldnames=columns, restval='')
-            writer.writeheader()
-            writer.writerows(rows + [row])
-        os.replace(path + '.tmp', path)
+        self.s.log.epoch(row)
 
     def run(self) -> None:
         s, args = self.s, self.s.args
@@ -655,6 +648,7 @@ def main(argv: Optional[list] = None) -> None:
     try:
         s = Setup(args)
         output_dir = _prepare_output(args, recipe) if args.rank == 0 else None
+        s.log.start(output_dir, config=dict(recipe_values(args), selfkd_hparams=dataclasses.asdict(s.wiring.hparams)))
     except (ValueError, FileNotFoundError) as e:  # UsageError, DatasetNotFoundError, a method's own checks
         _fail(str(e))
 
@@ -671,7 +665,7 @@ def main(argv: Optional[list] = None) -> None:
     run = Run(s, saver, output_dir, _resume_command(argv, args, output_dir) if args.rank == 0 else [])
     s.guard.install()
     try:
-        with worker_failures_found_by_the_loader():
+        with worker_failures_found_by_the_loader(), s.log:  # the trackers end with the run's status
             run.run()
     except Stopped as stop:
         if args.rank == 0:

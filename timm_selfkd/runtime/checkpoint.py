@@ -2,10 +2,10 @@
 
 Every checkpoint (`last`, `checkpoint-N`, `model_best`, `recovery-E-S`) holds timm's entries (`state_dict`, which
 loads in plain `timm.create_model(..., checkpoint_path=...)`, `task_state`, `optimizer`, EMA, loss scaler,
-`args`, `epoch`) and `loop`: the epoch, the steps of it already trained, the update count, the scheduler and
-the epoch's running loss sums. A run resumed from it continues at the next step with the same batches; with
-the per-step and per-sample seeding of `timm_selfkd.runtime.batch_stream` nothing else is needed to reproduce
-the rest of the run exactly.
+`args`, `epoch`) and `loop`: the epoch, the steps of it already trained, the update count, the scheduler,
+the epoch's running loss sums and the run's wandb id (`timm_selfkd.runtime.trackers`). A run resumed from it
+continues at the next step with the same batches; with the per-step and per-sample seeding of
+`timm_selfkd.runtime.batch_stream` nothing else is needed to reproduce the rest of the run exactly.
 """
 import argparse
 import errno
