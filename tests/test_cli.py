@@ -152,7 +152,7 @@ def test_every_boolean_a_recipe_switches_on_the_command_line_switches_off(tmp_pa
                         ('channels_last', ['--channels-last', '--no-channels-last']),
                         ('no_prefetcher', ['--no-prefetcher', '--prefetcher'])):
         assert flags[dest] == names, (dest, flags[dest])
-    assert len(flags) == 20
+    assert len(flags) == 21
     defaults = parse_args([])
     assert not any(getattr(defaults, dest) for dest in flags)
     (tmp_path / 'r.yaml').write_text(''.join(f'{dest}: true\n' for dest in flags))

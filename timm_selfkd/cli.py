@@ -293,7 +293,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('Tracking', 'every epoch\'s summary.csv row also to wandb or TensorBoard (rank 0; '
                                           'optional extras: pip install "timm-selfkd[wandb,tensorboard]")')
-    g.add_argument('--log-wandb', action='store_true', default=False,
+    g.add_argument('--log-wandb', action=_Switch,
                    help='log the run\'s options and method hyper-parameters and every epoch\'s metrics to wandb; '
                         'a resumed run continues its wandb run')
     g.add_argument('--wandb-project', default=None, type=str, metavar='NAME', help='wandb project name')
