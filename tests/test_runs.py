@@ -1,7 +1,6 @@
 """Runs a user can trust (issue 23): the step and epoch log lines, run folders that are never overwritten and held
 by one run at a time, `--resume auto`, and the bookkeeping of steps, images and classes."""
 import csv
-import logging
 import os
 import re
 import signal
@@ -14,6 +13,7 @@ import torch
 
 from conftest import write_image_folder
 from test_preemption import assert_same_run, run_until, start_in_own_group
+from test_robustness import error_line, fresh_logging  # noqa: F401 (a fixture)
 from timm_selfkd import create_task, list_methods
 from timm_selfkd.cli import parse_args
 from timm_selfkd.registry import get_method, build_hparams
@@ -23,11 +23,7 @@ from timm_selfkd.runtime.run_folder import FolderLock
 from timm_selfkd.train import Setup, main
 from timm_selfkd.wiring import batch_sampler
 
-
-@pytest.fixture(autouse=True)
-def fresh_logging(monkeypatch):
-    """No log handler of an earlier test (they write to that test's captured stderr, which is closed)."""
-    monkeypatch.setattr(logging.root, 'handlers', [])
+pytestmark = pytest.mark.usefixtures('fresh_logging')
 
 
 @pytest.fixture(scope='module')
@@ -48,18 +44,6 @@ def run_args(data, output, experiment, *extra, method='dlb', epochs=1, workers=0
 def summary(run_dir):
     with open(os.path.join(run_dir, 'summary.csv')) as f:
         return list(csv.DictReader(f))
-
-
-def error_line(capsys, argv):
-    """main(argv) exits 2 with exactly one `train.py: error:` line and no traceback; returns the line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith('train.py')]
-    assert len(lines) == 1 and lines[0].startswith('train.py: error: ') and 'Traceback' not in err, err[-2000:]
-    return lines[0]
 
 
 def snapshot(path):
@@ -141,7 +125,7 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused(folder, tmp_path, caps
     for name in held + ['tmp.pth.tar']:
         (run_dir / name).write_bytes(b'an earlier run')
     before = snapshot(run_dir)
-    line = error_line(capsys, run_args(folder, tmp_path, 'run'))
+    line = error_line(capsys, run_args(folder, tmp_path, 'run'), 2)
     assert line == (f'train.py: error: {run_dir} already holds a run ({", ".join(n for n in held if n != "args.yaml")}'
                     '): continue it with --resume auto (or --resume FILE), or start a new run with another '
                     '--experiment')
@@ -191,7 +175,7 @@ def test_resume_auto_starts_refuses_a_second_start_and_continues_exactly(folder,
 
     def second_start_then_stop():
         os.kill(process.pid, signal.SIGSTOP)  # the first run holds the folder, mid-epoch
-        refused.append(error_line(capsys, argv))
+        refused.append(error_line(capsys, argv, 2))
         os.kill(process.pid, signal.SIGTERM)
         os.kill(process.pid, signal.SIGCONT)
 
@@ -221,13 +205,13 @@ def test_resume_auto_starts_refuses_a_second_start_and_continues_exactly(folder,
 
 
 def test_resume_auto_needs_the_run_s_folder_and_a_checkpoint_that_loads(folder, tmp_path, capsys):
-    line = error_line(capsys, run_args(folder, tmp_path, '', '--resume', 'auto'))
+    line = error_line(capsys, run_args(folder, tmp_path, '', '--resume', 'auto'), 2)
     assert line.endswith('--resume auto needs --experiment NAME: it continues the run in --output/NAME')
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
     (run_dir / 'summary.csv').write_text('epoch,status\n0,diverged\n')
     (run_dir / 'last.pth.tar').write_bytes(b'truncated')
-    line = error_line(capsys, run_args(folder, tmp_path, 'run', '--resume', 'auto'))
+    line = error_line(capsys, run_args(folder, tmp_path, 'run', '--resume', 'auto'), 2)
     assert line.endswith(f'--resume auto: {run_dir} holds a run (last.pth.tar, summary.csv) but no checkpoint that '
                          'loads to continue it: start a new run with another --experiment')
 
