@@ -714,6 +714,8 @@ def main(argv: Optional[list] = None) -> None:
         if args.rank == 0:
             output_dir, lock = _prepare_output(args, recipe)
     except (ValueError, FileNotFoundError) as e:  # UsageError, DatasetNotFoundError, a method's own checks
+        if lock is not None:
+            lock.release()
         _fail(str(e))
 
     try:
