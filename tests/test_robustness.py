@@ -251,7 +251,8 @@ def test_second_signal_during_a_save_leaves_no_temporary_file(folder, tmp_path):
     lines += out.splitlines()
     assert process.returncode == 128 + signal.SIGTERM, '\n'.join(lines[-20:])
     assert any('HALF WRITTEN' in line for line in lines) and not any('Traceback' in line for line in lines)
-    assert sorted(os.listdir(tmp_path / 'run')) == ['args.yaml']
+    # the exit at once leaves the run's lock file (no process holds its lock any more: run_folder.FolderLock)
+    assert sorted(os.listdir(tmp_path / 'run')) == ['.lock', 'args.yaml']
 
 
 SLOW_SAVE = '''

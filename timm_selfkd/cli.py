@@ -265,7 +265,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of the run\'s sub-folder')
     g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC')
     g.add_argument('--resume', default='', type=str, metavar='PATH',
-                   help='continue the run of this checkpoint at its next step (epoch or recovery checkpoint)')
+                   help='continue the run of this checkpoint at its next step (epoch or recovery checkpoint); '
+                        '"auto": the newest one in the run\'s folder (--output/--experiment), a new run if none')
     g.add_argument('--no-resume-opt', action=_Switch)
     g.add_argument('--recovery-interval', type=int, default=0, metavar='N',
                    help='also write a recovery checkpoint every N steps (0: only on SIGTERM/SIGINT)')

@@ -11,6 +11,7 @@ each image's augmentation is seeded from its key (`timm_selfkd.runtime.batch_str
 would have happened. A non-finite loss stops the run (or skips the step, `--nonfinite skip`).
 """
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,9 +44,11 @@ from timm_selfkd.cli import format_methods, parse_args, recipe_values
 from timm_selfkd.options import mixup_arguments
 from timm_selfkd.runtime.checkpoint import (AMP_SCALER_KEY, CheckpointWriteError, RunSaver, check_same_run,
                                              load_error, read_checkpoint)
-from timm_selfkd.runtime.data import (build_dataset, class_count, dataset_class_map, with_label_noise,
-                                       worker_failure, worker_failures_found_by_the_loader,
+from timm_selfkd.runtime.data import (build_dataset, class_count, dataset_class_map, unreadable_images,
+                                       with_label_noise, worker_failure, worker_failures_found_by_the_loader,
                                        workers_ignore_stop_signals)
+from timm_selfkd.runtime.progress import EpochClock, StepMeter
+from timm_selfkd.runtime.run_folder import FolderLock, auto_resume, refuse_new_run
 from timm_selfkd.runtime.run_guard import RunGuard, Verdict
 from timm_selfkd.runtime.metrics import LOWER_IS_BETTER
 from timm_selfkd.runtime.batch_stream import seed_everything, step_seed
@@ -219,6 +222,7 @@ class Setup:
                                       batch_size=args.batch_size, num_epochs=args.epochs, seed=args.seed,
                                       aug_repeats=args.aug_repeats, mixing=self.mixing)
         self.train_loader, self.stream = attached.loader, attached.stream
+        self.unreadable = unreadable_images(self.train_loader)
         self.steps_per_epoch = attached.steps_per_epoch  # nominal: DLB's first epoch is one step shorter
         _resolve_lr(args)
         self.optimizer = create_optimizer_v2(self.task.get_trainable_module(), **optimizer_kwargs(cfg=args),
@@ -375,7 +379,8 @@ class Setup:
             self.scheduler.step(self.position.epoch)
             self.scheduler.step_update(self.position.num_updates)
         if args.rank == 0:
-            _logger.info(f'Resumed {path} at epoch {self.position.epoch}, step {self.position.step}')
+            done = '; every epoch is trained, nothing is left to do' if self.position.epoch >= self.num_epochs else ''
+            _logger.info(f'Resumed {path} at epoch {self.position.epoch}, step {self.position.step}{done}')
 
     def loop_state(self) -> dict:
         """What a checkpoint needs beyond timm's entries (see `timm_selfkd.runtime.checkpoint`)."""
@@ -404,6 +409,8 @@ class Run:
         self.resume_command = resume_command
         self.last_checkpoint = s.args.resume or ''
         self.epoch_steps = s.steps_per_epoch  # steps of the current epoch
+        self.meter = StepMeter(s.args.world_size)
+        self.clock = EpochClock(s.num_epochs)
 
     def train_one_epoch(self) -> None:
         """Train the rest of the current epoch. Loss terms stay on the device between log intervals."""
@@ -418,7 +425,8 @@ class Run:
         self.epoch_steps = steps = len(s.train_loader)
         accum = args.grad_accum_steps
         start = time.time() - p.seconds
-        for input, target in s.train_loader:
+        for input, target in self.meter.batches(s.train_loader):
+            unreadable = s.unreadable.rows() if s.unreadable is not None else 0
             seed_everything(step_seed(args.seed, args.rank, p.epoch, p.step))
             if args.no_prefetcher:
                 input, target = input.to(s.device), target.to(s.device)
@@ -440,7 +448,7 @@ class Run:
                 else:
                     loss = out['loss'] / (min(group + accum, steps) - group)
                     (s.grad_scaler.scale(loss) if s.grad_scaler is not None else loss).backward()
-                    p.ledger.add(terms, input.shape[0])
+                    p.ledger.add(terms, input.shape[0] - unreadable)
             if update:
                 self._optimizer_step()
                 p.num_updates += 1
@@ -451,9 +459,11 @@ class Run:
             p.step += 1
             p.batches += 1
             p.seconds = time.time() - start
+            self.meter.count(input.shape[0])
             if args.rank == 0 and ((p.step - 1) % args.log_interval == 0 or p.step == steps):
-                _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps}]  {p.ledger.text()}  '
-                             f'lr {s.optimizer.param_groups[0]["lr"]:.3e}  {p.seconds:.1f}s')
+                lrs = [group['lr'] for group in s.optimizer.param_groups]  # the loss read below is the host sync
+                _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps} {100 * p.step / steps:3.0f}%]  {p.ledger.text()}  '
+                             f'lr {sum(lrs) / len(lrs):.3e}  {self.meter.text()}  {p.seconds:.1f}s')
                 s.log.step(p.epoch, p.batches, p.ledger)
             if not update:  # checks and checkpoints only between optimizer updates
                 continue
@@ -556,6 +566,7 @@ class Run:
         s, args = self.s, self.s.args
         best = None
         while s.position.epoch < s.num_epochs:
+            self.clock.start(s.position.seconds)
             self.train_one_epoch()
             train_metrics = epoch_metrics(s)
             if args.distributed and args.dist_bn and not args.sync_bn:  # one set of BatchNorm statistics
@@ -578,6 +589,7 @@ class Run:
                 self.save(lambda: self.write_summary(train_metrics, eval_metrics, 'ok', lr=sum(lrs) / len(lrs)))
                 best = self.save(lambda: self.saver.save_checkpoint(s.position.epoch, metric=metric))
                 self.last_checkpoint = os.path.join(self.output_dir, 'last.pth.tar')
+                _logger.info(self.clock.end(s.position.epoch, s.position.seconds))
             verdict = s.guard.poll()  # a stop request during the epoch's last step or validation
             if verdict.signum and s.position.epoch + 1 < s.num_epochs:
                 self.stop(verdict.signum)
@@ -586,36 +598,72 @@ class Run:
             _logger.info(f'*** Best {args.eval_metric}: {best[0]:.4f} (epoch {best[1]})')
 
 
-def _output_dir(args) -> str:
-    """The run's folder (created): `--output`/`--experiment`, or a new time-stamped one."""
-    name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
-                                        args.selfkd, str(args.input_size[-1] if args.input_size else
-                                                         args.img_size or 'default')])
-    path = os.path.join(args.output or './output/train', name)
-    if not args.experiment:
-        suffix = 1
-        while os.path.exists(path):
-            path = os.path.join(args.output or './output/train', f'{name}-{suffix}')
-            suffix += 1
-    os.makedirs(path, exist_ok=True)
-    return path
+def _named_folder(args) -> Optional[str]:
+    """The run's folder when the command names it (`--output`/`--experiment`); None for a new time-stamped one."""
+    return os.path.join(args.output or './output/train', args.experiment) if args.experiment else None
 
 
-def _prepare_output(args, recipe: dict):
-    """Create the run's folder and write `args.yaml`; an unwritable place is a one-line error, and a folder
-    this call created is removed again."""
+def _resolve_resume(args) -> None:
+    """Before anything is built: `--resume auto` becomes the checkpoint it continues ('' to start the run), and a
+    new run into a folder that holds a run is refused (`timm_selfkd.runtime.run_folder`)."""
+    folder = _named_folder(args)
+    if args.resume == 'auto':
+        if folder is None:
+            raise UsageError('--resume auto needs --experiment NAME: it continues the run in --output/NAME')
+        args.resume = auto_resume(folder)
+        if args.resume and args.initial_checkpoint:  # the same command, requeued: the weights are the checkpoint's
+            args.initial_checkpoint = ''
+    elif not args.resume and folder is not None:
+        refuse_new_run(folder)
+
+
+def _output_dir(args) -> Tuple[str, bool]:
+    """The run's folder and whether this call created it: the named one, or a new time-stamped one (made with an
+    exclusive mkdir, so that two runs started in the same second get two)."""
+    folder = _named_folder(args)
+    if folder is not None:
+        created = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        return folder, created
     parent = args.output or './output/train'
-    existed = os.path.isdir(os.path.join(parent, args.experiment)) if args.experiment else False
-    output_dir = None
+    name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), args.selfkd,
+                     str(args.input_size[-1] if args.input_size else args.img_size or 'default')])
+    os.makedirs(parent, exist_ok=True)
+    for suffix in itertools.count():
+        path = os.path.join(parent, f'{name}-{suffix}' if suffix else name)
+        try:
+            os.mkdir(path)
+            return path, True
+        except FileExistsError:
+            continue
+
+
+def _prepare_output(args, recipe: dict) -> Tuple[str, FolderLock]:
+    """Create the run's folder, hold it (`FolderLock`: a second run into it is refused) and write `args.yaml`; an
+    unwritable place is a one-line error, and a folder this call created is removed again."""
+    parent = args.output or './output/train'
+    output_dir, created = None, False
     try:
-        output_dir = _output_dir(args)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(recipe, f, sort_keys=False)
+        output_dir, created = _output_dir(args)
+        lock = FolderLock(output_dir)
+        lock.acquire()  # another run's hold on the folder: a UsageError, the folder left as it is
     except OSError as e:
-        if output_dir is not None and not existed:
+        if created:
             shutil.rmtree(output_dir, ignore_errors=True)
         raise UsageError(f'cannot write the output folder under {parent!r}: {e.strerror or e}') from e
-    return output_dir
+    try:
+        if not args.resume:
+            refuse_new_run(output_dir)  # a run that ended in it since `_resolve_resume` looked
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(recipe, f, sort_keys=False)
+    except (OSError, UsageError) as e:
+        lock.release()
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f'cannot write the output folder under {parent!r}: {e.strerror or e}') from e
+    return output_dir, lock
 
 
 def _resume_command(argv: List[str], args, output_dir: str) -> List[str]:
@@ -637,6 +685,13 @@ def _resume_command(argv: List[str], args, output_dir: str) -> List[str]:
     return launcher + kept + ['--output', os.path.dirname(output_dir), '--experiment', os.path.basename(output_dir)]
 
 
+def _steps_announced(s: Setup) -> str:
+    """The steps per epoch, and the first epoch's where they differ (DLB's first batch has no repeated half)."""
+    first = len(s.train_loader)  # the stream's epoch 0
+    text = f'{s.steps_per_epoch} steps per epoch'
+    return text + (f' ({first} in epoch 0)' if s.position.epoch == 0 and first != s.steps_per_epoch else '')
+
+
 def main(argv: Optional[list] = None) -> None:
     setup_default_logging()
     argv = sys.argv[1:] if argv is None else argv
@@ -645,26 +700,31 @@ def main(argv: Optional[list] = None) -> None:
         print(format_methods())
         return
     recipe = recipe_values(args)  # as given, before Setup resolves the lr, device and class count
+    output_dir, lock = None, None
     try:
+        _resolve_resume(args)
         s = Setup(args)
-        output_dir = _prepare_output(args, recipe) if args.rank == 0 else None
+        if args.rank == 0:
+            output_dir, lock = _prepare_output(args, recipe)
         s.log.start(output_dir, config=dict(recipe_values(args), selfkd_hparams=dataclasses.asdict(s.wiring.hparams)))
     except (ValueError, FileNotFoundError) as e:  # UsageError, DatasetNotFoundError, a method's own checks
+        if lock is not None:
+            lock.release()
         _fail(str(e))
 
-    saver = None
-    if args.rank == 0:
-        saver = RunSaver(model=s.task.get_eval_model(), optimizer=s.optimizer, args=args, task=s.task,
-                         amp_scaler=s.grad_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                         decreasing=args.eval_metric in LOWER_IS_BETTER, max_history=args.checkpoint_hist,
-                         loop_state=s.loop_state)
-        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
-            saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking the checkpoints of this folder
-        _logger.info(f'{args.selfkd}: {s.wiring.hparams}; data {s.data_config}; '
-                     f'{s.steps_per_epoch} steps per epoch; output {output_dir}')
-    run = Run(s, saver, output_dir, _resume_command(argv, args, output_dir) if args.rank == 0 else [])
-    s.guard.install()
     try:
+        saver = None
+        if args.rank == 0:
+            saver = RunSaver(model=s.task.get_eval_model(), optimizer=s.optimizer, args=args, task=s.task,
+                             amp_scaler=s.grad_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
+                             decreasing=args.eval_metric in LOWER_IS_BETTER, max_history=args.checkpoint_hist,
+                             loop_state=s.loop_state)
+            if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+                saver.load_state_dict_from_checkpoint(args.resume)  # keep ranking the checkpoints of this folder
+            _logger.info(f'{args.selfkd}: {s.wiring.hparams}; data {s.data_config}; {_steps_announced(s)}; '
+                         f'output {output_dir}')
+        run = Run(s, saver, output_dir, _resume_command(argv, args, output_dir) if args.rank == 0 else [])
+        s.guard.install()
         with worker_failures_found_by_the_loader(), s.log:  # the trackers end with the run's status
             run.run()
     except Stopped as stop:
@@ -680,5 +740,7 @@ def main(argv: Optional[list] = None) -> None:
         sys.exit(1)
     finally:
         s.guard.uninstall()
+        if lock is not None:
+            lock.release()
         if args.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -193,9 +193,10 @@ class RunSaver(CheckpointSaver):
             raise CheckpointWriteError(self._target or save_path, cause, counter.bytes) from e
 
 
-def read_checkpoint(path: str) -> Dict[str, Any]:
+def read_checkpoint(path: str, mmap: bool = False) -> Dict[str, Any]:
     """Load a training checkpoint on the CPU (tensors and plain values only); a missing, truncated or corrupt
-    file, or one that is no training checkpoint, is a `UsageError` naming it."""
+    file, or one that is no training checkpoint, is a `UsageError` naming it. With `mmap`, tensors are read only
+    when used (the file's structure is still checked whole)."""
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path!r} does not exist')
     if is_temporary(path):
@@ -203,7 +204,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
                          'checkpoint: resume last.pth.tar or the newest recovery-E-S.pth.tar of its folder')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f'checkpoint {path!r} is truncated or corrupt ({reason})') from e

@@ -9,12 +9,15 @@ import multiprocessing.util  # its exit hook, registered on import, must run aft
 import os
 import signal
 import time
+from collections import deque
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set
 
 import numpy as np
+import torch
 from PIL import Image
-from timm.data import create_dataset
+from timm.data import ImageDataset, create_dataset
+from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 from timm.utils.misc import natural_key
@@ -28,8 +31,8 @@ from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
            'class_count', 'dataset_labels', 'dataset_class_map', 'symmetric_label_noise', 'with_label_noise',
-           'index_sampler', 'read_through', 'workers_ignore_stop_signals', 'worker_failure',
-           'worker_failures_found_by_the_loader']
+           'index_sampler', 'read_through', 'UnreadableImages', 'unreadable_images', 'workers_ignore_stop_signals',
+           'worker_failure', 'worker_failures_found_by_the_loader']
 
 _logger = logging.getLogger(__name__)
 
@@ -141,6 +144,8 @@ def build_dataset(name: str, root: Optional[str], split: str, is_training: bool,
                                            f'{root!r}: {reason}') from e
 
         dataset = create()
+        if is_training:
+            _warn_empty_class_folders(dataset, split)
         if train_classes is not None and not timm_kwargs.get('class_map') and \
                 _class_map_check(dataset, split, train_classes):
             dataset = create(class_map=train_classes)  # labels by the training split's folder names
@@ -213,10 +218,42 @@ def _class_map_check(dataset: Dataset, split: str, train_classes: Dict[str, int]
     return True
 
 
+def _warn_empty_class_folders(dataset: Dataset, split: str) -> None:
+    """Name, in one warning line, the class folders of an image-folder split that hold no image (at any depth).
+
+    timm's reader leaves such a folder out of its class map, numbering the folders with images; a `--class-map`
+    that lists it keeps its label (and counts it: `class_count`)."""
+    reader = getattr(dataset, 'reader', None)
+    if not isinstance(reader, ReaderImageFolder) or not os.path.isdir(reader.root):
+        return
+    labelled = {target for _, target in reader.samples}
+    folders = sorted((entry for entry in os.scandir(reader.root) if entry.is_dir()), key=lambda e: natural_key(e.name))
+    empty = [entry.name for entry in folders
+             if reader.class_to_idx.get(entry.name) not in labelled and not _holds_images(entry.path)]
+    if not empty:
+        return
+    mapped = [name for name in empty if name in reader.class_to_idx]
+    fate = (f'{_names(mapped)} keep{"s" if len(mapped) == 1 else ""} a label from the class map' if mapped else
+            f'timm leaves them out of the class map: the {len(reader.class_to_idx)} folders with images are the '
+            'classes (--num-classes gives the model more outputs, a --class-map listing them keeps their labels)')
+    _logger.warning(f'the {split!r} split ({reader.root}) has {len(empty)} class folder(s) without images: '
+                    f'{_names(empty)}; {fate}')
+
+
+def _holds_images(folder: str) -> bool:
+    extensions = get_img_extensions(as_set=True)
+    return any(os.path.splitext(name)[1].lower() in extensions
+               for _, _, files in os.walk(folder, followlinks=True) for name in files)
+
+
 def class_count(dataset: Dataset) -> Optional[int]:
-    """Number of classes of the whole data set (a subset may miss some), or None if labels are not exposed."""
+    """Number of classes of the whole data set (a subset may miss some): its class map's (a `--class-map` may list
+    classes without images), else one more than its largest label; None if labels are not exposed."""
     while isinstance(dataset, DatasetView):
         dataset = dataset.dataset
+    classes = dataset_class_map(dataset)
+    if classes:
+        return max(classes.values()) + 1
     labels = dataset_labels(dataset)
     return None if labels is None or not labels.size else int(labels.max()) + 1
 
@@ -369,10 +406,138 @@ def worker_failures_found_by_the_loader():
         signal_handling._SIGCHLD_handler_set = installed
 
 
+def _image_dataset(dataset: Dataset) -> Optional[ImageDataset]:
+    """The timm `ImageDataset` under `dataset`'s views, if any."""
+    while isinstance(dataset, DatasetView):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, ImageDataset) else None
+
+
+class UnreadableImages:
+    """The training images that cannot be read, found by whichever process reads them and counted per batch.
+
+    timm's `ImageDataset` replaces an image it cannot read by the next one and warns at every read. A loader from
+    `read_through` replaces it the same way (`_Substituting`: batches keep their shape, every method its layout) and
+    flags it in a table shared with the workers; the main process takes each batch's indices as the sampler hands
+    them out. `rows()`, once per training step, gives the rows of the step's batch whose image could not be read,
+    and names each such image once, in one warning line. Batches nobody counts (a loop of one's own) are named
+    when older than the loader can have in flight, or at the next pass.
+
+    Args:
+        dataset: The training set, indexed as the sampler's indices.
+        in_flight: The most batches the loader takes from the sampler before the loop trains the first of them.
+    """
+
+    def __init__(self, dataset: Dataset, in_flight: int):
+        self.dataset = dataset
+        self.flags = torch.zeros(len(dataset), dtype=torch.uint8).share_memory_()
+        self._batches: Deque[np.ndarray] = deque()
+        self._in_flight = in_flight
+        self._named: Set[int] = set()
+
+    def dispatched(self, indices: np.ndarray) -> None:
+        """The loader took a batch of these indices from the sampler."""
+        if len(self._batches) >= self._in_flight:
+            self._name(self._batches.popleft())  # read long ago, and nobody counts them
+        self._batches.append(indices)
+
+    def restart(self) -> None:
+        """A new pass of the sampler: the batches of the last one were all read."""
+        while self._batches:
+            self._name(self._batches.popleft())
+
+    def rows(self) -> int:
+        """Rows of the oldest batch not yet counted (the step's) whose image could not be read."""
+        return self._name(self._batches.popleft())
+
+    def _name(self, indices: np.ndarray) -> int:
+        bad = indices[self.flags.numpy()[indices].astype(bool)]
+        for index in sorted(set(bad.tolist()) - self._named):
+            self._named.add(index)
+            path = self._filename(index)
+            why = _read_error(path)
+            _logger.warning(f'cannot read training image {path}{f" ({why})" if why else ""}: each read of it is '
+                            'replaced by the next image, and not counted in train_images')
+        return int(bad.size)
+
+    def _filename(self, index: int) -> str:
+        dataset = self.dataset
+        while isinstance(dataset, DatasetView):
+            dataset, index = dataset.dataset, int(dataset.indices[index])
+        return dataset.filename(index, absolute=True)
+
+
+def _read_error(path: str) -> str:
+    """Why the image file `path` cannot be decoded ('' when it can, or is no file here, e.g. a tar member)."""
+    if not os.path.isfile(path):
+        return ''
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as e:  # PIL raises many kinds for a damaged file
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ''
+
+
+class _Substituting(Dataset):
+    """A data set over a timm `ImageDataset` that replaces an image it cannot read by the next index, as timm does,
+    flagging it in `flags` (shared with the main process) instead of timm's warning at every read."""
+
+    def __init__(self, dataset: Dataset, flags: torch.Tensor):
+        self.dataset = dataset
+        self.flags = flags
+        image_dataset = _image_dataset(dataset)
+        self.retries = max(image_dataset._max_retries, 1)  # timm's: consecutive failures before it gives up
+        image_dataset._max_retries = 1  # its first failure raises, to be handled here
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        timm_log = logging.getLogger(ImageDataset.__module__)
+        quiet = timm_log.disabled
+        for _ in range(self.retries):
+            timm_log.disabled = True  # its warning at every failed read; `UnreadableImages` names the image once
+            try:
+                return self.dataset[index]
+            except RuntimeError as e:  # timm's "Failed to load 1 consecutive samples"
+                if not str(e).startswith('Failed to load'):
+                    raise
+            finally:
+                timm_log.disabled = quiet
+            self.flags[index] = 1
+            index = (index + 1) % len(self.dataset)
+        raise RuntimeError(f'failed to read {self.retries} consecutive training images')
+
+
+class _CountedBatches(Sampler[List]):
+    """A batch stream whose batches' indices go to `unreadable` as the loader takes them."""
+
+    def __init__(self, stream: BatchStream, unreadable: UnreadableImages):
+        self.stream = stream
+        self.unreadable = unreadable
+
+    def __iter__(self):
+        self.unreadable.restart()
+        for keys in self.stream:
+            self.unreadable.dispatched(np.fromiter((key.index for key in keys), dtype=np.int64, count=len(keys)))
+            yield keys
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+
+def unreadable_images(loader) -> Optional[UnreadableImages]:
+    """The `UnreadableImages` of a loader from `read_through` (None unless it reads a timm image set)."""
+    inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
+    return getattr(inner.batch_sampler, 'unreadable', None)
+
+
 def read_through(loader, stream: BatchStream):
     """The timm training `loader` rebuilt to read its batches from `stream` (each item a `SampleKey`, read by a
     `KeyedDataset`); transforms, collate (fast collate, mixup), workers and the prefetcher stay timm's, and the
-    workers ignore SIGTERM and SIGINT (`workers_ignore_stop_signals`).
+    workers ignore SIGTERM and SIGINT (`workers_ignore_stop_signals`). Over a timm image set, an image that cannot
+    be read is replaced as timm does and counted (`unreadable_images`).
 
     Returns:
         The same `PrefetchLoader` with its inner `DataLoader` replaced, or the rebuilt `DataLoader`.
@@ -388,7 +553,12 @@ def read_through(loader, stream: BatchStream):
     )
     if inner.num_workers > 0:
         kwargs['prefetch_factor'] = inner.prefetch_factor
-    rebuilt = DataLoader(KeyedDataset(inner.dataset), **kwargs)
+    dataset = inner.dataset
+    if _image_dataset(dataset) is not None:
+        # taken ahead of the loop: the workers' prefetch, one batch more in the prefetcher, one being trained
+        unreadable = UnreadableImages(dataset, in_flight=max(inner.num_workers, 1) * (inner.prefetch_factor or 1) + 4)
+        dataset, kwargs['batch_sampler'] = _Substituting(dataset, unreadable.flags), _CountedBatches(stream, unreadable)
+    rebuilt = DataLoader(KeyedDataset(dataset), **kwargs)
     if isinstance(loader, PrefetchLoader):
         loader.loader = rebuilt
         return loader
