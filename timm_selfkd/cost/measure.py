@@ -287,21 +287,67 @@ def _peak_memory(setting: Setting, make: Callable[[], Trainer], pool: List[Batch
     return max(level for (when, _), level in zip(allocations, live) if window.start_ns() <= when <= window.end_ns())
 
 
-def _prepare(run: MethodRun, result: Result, make: Callable[..., Trainer], setting: Setting) -> Trainer:
-    """The row's trainer, with its reading pattern and per-sample state (and its variants') filled into `result`."""
-    trainer = make(run)
-    result.steps_per_epoch = steps_per_epoch(trainer.task, setting.num_classes, setting.num_samples,
-                                             setting.batch_size)
-    result.per_sample_bytes = per_sample_state_bytes(trainer.task,
-                                                     lambda n: make(run, replace(setting, num_samples=n)).task)
-    for label, change in run.state_variants.items():
-        variant = MethodRun(label, run.method, {**run.hparams, **change})
-        try:
-            result.variant_per_sample_bytes[label] = per_sample_state_bytes(
-                trainer.task, lambda n: make(variant, replace(setting, num_samples=n)).task)
-        except ValueError:  # a variant this model cannot take (top-10 of 4 classes) is left out
-            pass
-    return trainer
+class _Survey:
+    """One measurement's shared model and pool, and each row's result (a failure: its one-line reason)."""
+
+    def __init__(self, setting: Setting, runs: List[MethodRun]):
+        self.setting = setting
+        self.runs = runs
+        self.template = build_model(setting)
+        self.pool = make_pool(setting, bake_group())
+        self.results = {run.label: Result(run) for run in runs}
+        self.failures: Dict[str, str] = {}
+
+    def make(self, run: MethodRun, setting: Optional[Setting] = None) -> Trainer:
+        return (run.trainer or Trainer)(setting or self.setting, run, copy.deepcopy(self.template))
+
+    def _per_sample_bytes(self, task, run: MethodRun) -> float:
+        return per_sample_state_bytes(task, lambda n: self.make(run, replace(self.setting, num_samples=n)).task)
+
+    def prepare(self, run: MethodRun) -> Trainer:
+        """The row's trainer, with its reading pattern and per-sample state (and its variants') in its result."""
+        result, setting = self.results[run.label], self.setting
+        trainer = self.make(run)
+        result.steps_per_epoch = steps_per_epoch(trainer.task, setting.num_classes, setting.num_samples,
+                                                 setting.batch_size)
+        result.per_sample_bytes = self._per_sample_bytes(trainer.task, run)
+        for label, change in run.state_variants.items():
+            try:
+                result.variant_per_sample_bytes[label] = self._per_sample_bytes(
+                    trainer.task, MethodRun(label, run.method, {**run.hparams, **change}))
+            except ValueError:  # a variant this model cannot take (top-10 of 4 classes) is left out
+                pass
+        return trainer
+
+    def trainers(self) -> Dict[str, Trainer]:
+        trainers = {}
+        for run in self.runs:
+            try:
+                trainers[run.label] = self.prepare(run)
+            except Exception as error:  # noqa: BLE001 (out of memory, refused, or broken on this model)
+                self.failures[run.label] = failure_reason(error)
+                _free(self.setting.device)
+        return trainers
+
+    def measure_memory(self) -> None:
+        """Each row's peak, from a trainer of its own (the per-sample state, host memory, taken off on the CPU)."""
+        for run in self.runs:
+            if run.label in self.failures:
+                continue
+            result = self.results[run.label]
+            try:
+                result.peak_bytes = _peak_memory(self.setting, lambda: self.make(run), self.pool)
+                if not self.setting.device.startswith('cuda'):  # SoftTargetMemory's tables are in host memory
+                    result.peak_bytes -= round(result.per_sample_bytes * self.setting.num_samples)
+            except Exception as error:  # noqa: BLE001
+                self.failures[run.label] = failure_reason(error)
+            _free(self.setting.device)
+
+    def outcome(self) -> List[Result]:
+        for label, reason in self.failures.items():
+            self.results[label].failure = reason
+            self.results[label].times = None
+        return [self.results[run.label] for run in self.runs]
 
 
 def measure(setting: Setting, runs: List[MethodRun], steps: int, warmup: int,
@@ -323,47 +369,27 @@ def measure(setting: Setting, runs: List[MethodRun], steps: int, warmup: int,
     if setting.device.startswith('cuda'):  # as train.py: fastest kernels for fixed shapes, TF32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    template = build_model(setting)
-    pool = make_pool(setting, bake_group())
-    results = {run.label: Result(run) for run in runs}
-    failures: Dict[str, str] = {}
+    survey = _Survey(setting, runs)
+    gc.collect()
+    gc.freeze()  # what exists now is never garbage: the collections between methods then skip it (torch, timm)
+    try:
+        trainers = survey.trainers()
+        built = time.perf_counter()
+        profiled = 1 if setting.device.startswith('cuda') else 2  # the CPU profiler slows the memory steps
 
-    def make(run: MethodRun, run_setting: Setting = setting) -> Trainer:
-        return (run.trainer or Trainer)(run_setting, run, copy.deepcopy(template))
+        def stop_after(rounds: int) -> bool:
+            now = time.perf_counter()
+            per_round = (now - built) / (rounds + warmup)
+            memory_steps = (built - started) + profiled * (MEMORY_WARMUP + 1) * per_round
+            return time_limit is not None and now - started + per_round + memory_steps > time_limit
 
-    trainers = {}
-    for run in runs:
-        try:
-            trainers[run.label] = _prepare(run, results[run.label], make, setting)
-        except Exception as error:  # noqa: BLE001 (out of memory, refused, or broken on this model)
-            failures[run.label] = failure_reason(error)
-            _free(setting.device)
-    built = time.perf_counter()
-    profiled = 1 if setting.device.startswith('cuda') else 2  # the CPU profiler slows the memory steps
-
-    def stop_after(rounds: int) -> bool:
-        now = time.perf_counter()
-        per_round = (now - built) / (rounds + warmup)
-        memory_steps = (built - started) + profiled * (MEMORY_WARMUP + 1) * per_round
-        return time_limit is not None and now - started + per_round + memory_steps > time_limit
-
-    times = _time_round_robin(trainers, pool, steps, warmup, clock, _sync(setting.device), failures, stop_after)
-    for label, trainer in trainers.items():
-        results[label].times = times[label]
-        results[label].state_bytes = state_bytes(trainer.task)
-    trainers.clear()
-    for run in runs:
-        result = results[run.label]
-        if run.label in failures:
-            continue
-        try:
-            result.peak_bytes = _peak_memory(setting, lambda: make(run), pool)
-            if not setting.device.startswith('cuda'):  # the per-sample state is host memory (SoftTargetMemory)
-                result.peak_bytes -= round(result.per_sample_bytes * setting.num_samples)
-        except Exception as error:  # noqa: BLE001
-            failures[run.label] = failure_reason(error)
-        _free(setting.device)
-    for label, reason in failures.items():
-        results[label].failure = reason
-        results[label].times = None
-    return [results[run.label] for run in runs]
+        times = _time_round_robin(trainers, survey.pool, steps, warmup, clock, _sync(setting.device),
+                                  survey.failures, stop_after)
+        for label, trainer in trainers.items():
+            survey.results[label].times = times[label]
+            survey.results[label].state_bytes = state_bytes(trainer.task)
+        trainers.clear()
+        survey.measure_memory()
+        return survey.outcome()
+    finally:
+        gc.unfreeze()
