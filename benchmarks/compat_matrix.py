@@ -164,12 +164,12 @@ def render(results: Dict[str, Dict[str, dict]], methods: Sequence[str]) -> str:
     return '\n'.join(lines)
 
 
-def splice(text: str, section: str) -> str:
-    """`text` with the part between the matrix markers replaced by `section`."""
-    pattern = re.compile(re.escape(BEGIN) + r'.*?' + re.escape(END), re.S)
+def splice(text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
+    """`text` with the part between the markers (the matrix's by default) replaced by `section`."""
+    pattern = re.compile(re.escape(begin) + r'.*?' + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f'no {BEGIN} ... {END} markers')
-    return pattern.sub(lambda _: f'{BEGIN}\n{section}\n{END}', text, count=1)
+        raise ValueError(f'no {begin} ... {end} markers')
+    return pattern.sub(lambda _: f'{begin}\n{section}\n{end}', text, count=1)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -194,3 +194,14 @@ def test_the_module_reports_a_bad_method_in_one_line_without_a_traceback():
     assert result.stderr.strip().splitlines() == [
         "python -m timm_selfkd.cost: error: unknown self-KD method 'bakee' (did you mean 'bake'?); choose from: "
         + ', '.join(timm_selfkd.list_methods())]
+
+
+def test_the_readme_s_first_screen_command_parses():
+    import re
+    import shlex
+    with open(os.path.join(REPO, 'README.md')) as f:
+        block = re.search(r'```bash\n(python -m timm_selfkd\.cost .*?)```', f.read(), re.S).group(1)
+    argv = shlex.split(block.replace('\\\n', ' ').split('#')[0])[3:]
+    args, runs = command.parse_args(argv)
+    assert args.model == 'convnext_tiny' and args.dataset_size == 1281167 and args.amp
+    assert [run.method for run in runs] == timm_selfkd.list_methods() + ['ddgsd+dlb']

@@ -4,7 +4,7 @@ Both are read from the method itself, not from a table: the state from `task.get
 checkpoint keeps beyond the model: training-only parts, weight copies, per-sample tables), the reading pattern from
 its batch sampler (`timm_selfkd.batch_sampler`) over N images.
 """
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ import torch
 from timm_selfkd.attach import batch_sampler
 from timm_selfkd.methods.base import SelfKDTask
 
-__all__ = ['state_bytes', 'per_sample_state_bytes', 'steps_per_epoch']
+__all__ = ['state_bytes', 'per_sample_state_bytes', 'balanced_labels', 'steps_per_epoch']
 
 PROBE_SAMPLES = 256  # data-set sizes of the two probe tasks whose state difference gives the per-sample bytes
 
@@ -43,8 +43,12 @@ def per_sample_state_bytes(task: SelfKDTask, build_task: Callable[[int], SelfKDT
     return (large - small) / PROBE_SAMPLES
 
 
-def steps_per_epoch(task: SelfKDTask, num_classes: int, num_samples: int, batch_size: int) -> int:
-    """Steps of one epoch of the method's batches over `num_samples` images of `num_classes` balanced classes:
-    `num_samples` / steps images per step are new, `steps * batch_size / num_samples` reads per image."""
-    labels = (np.arange(num_samples) % num_classes).tolist()
+def balanced_labels(num_classes: int, num_samples: int) -> List[int]:
+    """Labels of `num_samples` images in `num_classes` classes of (nearly) equal size."""
+    return (np.arange(num_samples) % num_classes).tolist()
+
+
+def steps_per_epoch(task: SelfKDTask, labels: List[int], batch_size: int) -> int:
+    """Steps of one epoch of the method's batches over images of these labels: `len(labels)` / steps images per
+    step are new, steps x `batch_size` / `len(labels)` reads per image."""
     return len(batch_sampler(task, labels, batch_size))

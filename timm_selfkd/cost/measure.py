@@ -25,7 +25,7 @@ from timm.optim import create_optimizer_v2
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from timm_selfkd.attach import create_task
-from timm_selfkd.cost.footprint import per_sample_state_bytes, state_bytes, steps_per_epoch
+from timm_selfkd.cost.footprint import balanced_labels, per_sample_state_bytes, state_bytes, steps_per_epoch
 from timm_selfkd.errors import UsageError
 from timm_selfkd.registry import get_method
 
@@ -295,6 +295,7 @@ class _Survey:
         self.runs = runs
         self.template = build_model(setting)
         self.pool = make_pool(setting, bake_group())
+        self.labels = balanced_labels(setting.num_classes, setting.num_samples)  # of the N images of the run
         self.results = {run.label: Result(run) for run in runs}
         self.failures: Dict[str, str] = {}
 
@@ -306,10 +307,9 @@ class _Survey:
 
     def prepare(self, run: MethodRun) -> Trainer:
         """The row's trainer, with its reading pattern and per-sample state (and its variants') in its result."""
-        result, setting = self.results[run.label], self.setting
+        result = self.results[run.label]
         trainer = self.make(run)
-        result.steps_per_epoch = steps_per_epoch(trainer.task, setting.num_classes, setting.num_samples,
-                                                 setting.batch_size)
+        result.steps_per_epoch = steps_per_epoch(trainer.task, self.labels, self.setting.batch_size)
         result.per_sample_bytes = self._per_sample_bytes(trainer.task, run)
         for label, change in run.state_variants.items():
             try:
