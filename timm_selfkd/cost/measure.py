@@ -49,7 +49,7 @@ class Setting:
     batch_size: int = 64
     device: str = 'cpu'
     amp: bool = False
-    amp_dtype: str = 'bfloat16'
+    amp_dtype: str = 'float16'
     channels_last: bool = False
     grad_checkpointing: bool = False
     torchcompile: Optional[str] = None  # a torch.compile backend
@@ -221,28 +221,22 @@ def _time_round_robin(trainers: Dict[str, Trainer], pool: List[Batch], steps: in
     gc.collect()
     gc.disable()  # a collection inside one method's step would be charged to that method
     try:
-        for r in range(warmup + steps):
+        for r in range(warmup + steps if labels else 0):
             batch = pool[r % POOL_BATCHES]
             shift = r % len(labels)
-            for label in labels[shift:] + labels[:shift]:
-                if label not in trainers:
-                    continue
+            for label in [label for label in labels[shift:] + labels[:shift] if label in trainers]:
                 try:
                     sync()
                     start = clock()
                     trainers[label].step(batch)
                     sync()
-                    elapsed = clock() - start
+                    if r >= warmup:
+                        times[label].append(clock() - start)
                 except Exception as error:  # noqa: BLE001 (out of memory, refused, or broken on this model)
                     failures[label] = failure_reason(error)
-                else:
-                    if r >= warmup:
-                        times[label].append(elapsed)
-                    continue
-                del trainers[label]
-                gc.enable()
-                _free(str(batch[0].device))
-                gc.disable()
+                if label in failures:  # outside the handler, whose traceback holds the step's tensors
+                    del trainers[label]
+                    _free(str(batch[0].device))
             if r >= warmup and stop_after(r + 1 - warmup):
                 break
     finally:
