@@ -9,6 +9,7 @@ Usage:
 """
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -75,9 +76,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = '\n'.join(lines) + '\n'
     print(text)
     if args.output:
-        env = environment('cpu')
-        args.output.write_text(f'# Cost command vs overhead benchmark\n\n- command: `python {" ".join(sys.argv)}`\n'
-                               f'- torch {env["torch"]}, timm {env["timm"]}; CPU: {env["cpu"]}; {env["date"]}\n\n{text}')
+        env = environment('cpu', shlex.join(['python', *sys.argv]))
+        args.output.write_text(f'# Cost command vs overhead benchmark\n\n- command: `{env["command"]}`\n'
+                               f'- torch {env["torch"]}, timm {env["timm"]}; CPU: {env["cpu"]}; {env["date"]}\n\n'
+                               + text)
         print(f'wrote {args.output}')
     return 0 if agree else 1
 

@@ -16,6 +16,7 @@ Usage:
         --methods none,self_guidance,multi_exit --output benchmarks/results/overhead_cpu_swin_tiny.md
 """
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -195,7 +196,7 @@ def report(args: argparse.Namespace, results: Dict[str, Result]) -> str:
 
 def environment(args: argparse.Namespace) -> str:
     """Command line, versions, hardware and date for the saved report."""
-    env = cost_environment(args.device)
+    env = cost_environment(args.device, shlex.join(sys.argv))
     return '\n'.join([
         f'# Self-KD overhead: {args.device}, {args.model}',
         '',

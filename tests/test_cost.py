@@ -3,6 +3,8 @@ its JSON, the state and reading pattern each method declares, out-of-memory and 
 reason, recipes and one-line errors; the projections against hand-computed values."""
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 
 import timm_selfkd
 from timm_selfkd.components.soft_target_memory import memory_bytes
@@ -57,6 +60,7 @@ def test_every_method_and_the_stack_get_a_measured_row_with_every_field(rows, ev
     assert rows['none']['time_ratio'] == 1 and rows['none']['memory_ratio'] == 1
     assert every_method['setting']['input_size'] == [3, 32, 32] and every_method['epochs'] == EPOCHS
     assert {'torch', 'timm', 'device', 'date', 'command'} <= set(every_method['environment'])
+    assert every_method['environment']['command'].startswith('python -m timm_selfkd.cost --model test_resnet ')
     assert '| ddgsd+dlb |' in every_method['markdown']
     assert 'compare at equal images): bake, cskd, ddgsd, dlb, ddgsd+dlb.' in every_method['markdown']
 
@@ -136,7 +140,6 @@ def test_the_projections_against_hand_computed_values():
 
 
 def recipe(tmp_path, **values):
-    import yaml
     path = tmp_path / 'recipe.yaml'
     path.write_text(yaml.safe_dump(values))
     return str(path)
@@ -197,8 +200,6 @@ def test_the_module_reports_a_bad_method_in_one_line_without_a_traceback():
 
 
 def test_the_readme_s_first_screen_command_parses():
-    import re
-    import shlex
     with open(os.path.join(REPO, 'README.md')) as f:
         block = re.search(r'```bash\n(python -m timm_selfkd\.cost .*?)```', f.read(), re.S).group(1)
     argv = shlex.split(block.replace('\\\n', ' ').split('#')[0])[3:]

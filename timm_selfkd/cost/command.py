@@ -13,6 +13,7 @@ Examples:
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -126,9 +127,9 @@ def method_runs(args: argparse.Namespace, given: set) -> List[MethodRun]:
         hparams = method_hparams(own)
         values = {field.name: getattr(hparams, field.name) for field in dataclasses.fields(hparams)}
         variant = STATE_VARIANTS.get(name, {})
-        unchanged = all(values[key] == value for key, value in variant.items())
-        runs.append(MethodRun(_label(name, hparams), name, values, state_variants={} if unchanged else {
-            f'{name} ({", ".join(f"{key}={value}" for key, value in variant.items())})': variant}))
+        other = dataclasses.replace(hparams, **variant)
+        runs.append(MethodRun(_label(name, hparams), name, values,
+                              state_variants={_label(name, other): variant} if other != hparams else {}))
     return runs
 
 
@@ -186,6 +187,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, runs = parse_args(argv)
     if args.list_selfkd:
         print(format_methods())
@@ -199,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ValueError as e:  # the model cannot be built, or plain training cannot run on it
         print(f'{build_parser().prog}: error: {str(e).splitlines()[0]}', file=sys.stderr)
         sys.exit(2)
-    env = environment(setting.device)
+    env = environment(setting.device, shlex.join(['python', '-m', 'timm_selfkd.cost', *argv]))
     text = markdown(rows, setting, args.epochs, env['device'])
     print(text + f'\n(measured in {time.perf_counter() - start:.0f} s)', flush=True)
     if args.json:

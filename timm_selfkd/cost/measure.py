@@ -156,7 +156,6 @@ class Trainer:
     fp16 loss scaler on CUDA, as train.py), the optimizer step and zero_grad."""
 
     def __init__(self, setting: Setting, run: MethodRun, model: nn.Module):
-        torch.manual_seed(setting.seed)  # the same draws for a method's own parts, whatever ran before it
         device_type = torch.device(setting.device).type
         # with --mixup/--cutmix, timm's batch-form Mixup: the step mixes the batch before the task (as the loop
         # or the loader's collate does), or the task mixes it itself (Needs.mixup == 'task': DLB, CS-KD, ...)
@@ -288,12 +287,17 @@ class _Survey:
         self.setting = setting
         self.runs = runs
         self.template = build_model(setting)
+        self.rng_after_model = torch.get_rng_state()
         self.pool = make_pool(setting, bake_group())
         self.labels = balanced_labels(setting.num_classes, setting.num_samples)  # of the N images of the run
         self.results = {run.label: Result(run) for run in runs}
         self.failures: Dict[str, str] = {}
 
     def make(self, run: MethodRun, setting: Optional[Setting] = None) -> Trainer:
+        """A trainer on a copy of the model, drawing what the method draws as if the model had just been built
+        (the same draws for every method, whatever ran before it)."""
+        torch.manual_seed(self.setting.seed)
+        torch.set_rng_state(self.rng_after_model)
         return (run.trainer or Trainer)(setting or self.setting, run, copy.deepcopy(self.template))
 
     def _per_sample_bytes(self, task, run: MethodRun) -> float:

@@ -4,7 +4,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -160,9 +159,9 @@ def cpu_name() -> str:
     return f'{name}, {os.cpu_count()} logical cores'
 
 
-def environment(device: str) -> Dict[str, str]:
+def environment(device: str, command: str) -> Dict[str, str]:
     """Command line, versions, hardware and date of a measurement."""
-    return {'command': ' '.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    return {'command': command,
             'torch': torch.__version__, 'timm': timm.__version__, 'timm_selfkd': timm_selfkd.__version__,
             'python': platform.python_version(), 'cpu': cpu_name(), 'platform': platform.platform(),
             'device': torch.cuda.get_device_name(device) if device.startswith('cuda') else 'cpu',
