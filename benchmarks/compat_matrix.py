@@ -164,8 +164,9 @@ def render(results: Dict[str, Dict[str, dict]], methods: Sequence[str]) -> str:
     return '\n'.join(lines)
 
 
-def splice(text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
-    """`text` with the part between the markers (the matrix's by default) replaced by `section`."""
+def splice(text: str, section: str, markers: Tuple[str, str] = (BEGIN, END)) -> str:
+    """`text` with the part between the markers (default: the matrix's) replaced by `section`."""
+    begin, end = markers
     pattern = re.compile(re.escape(begin) + r'.*?' + re.escape(end), re.S)
     if not pattern.search(text):
         raise ValueError(f'no {begin} ... {end} markers')

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout, installed or not
 from compat_matrix import splice  # noqa: E402  (benchmarks/ is this script's folder)
 from timm_selfkd.cost import command as cost  # noqa: E402
+from timm_selfkd.cost.measure import failure_reason  # noqa: E402
 
 README = REPO / 'README.md'
 BEGIN, END = '<!-- gpu-evidence -->', '<!-- /gpu-evidence -->'
@@ -94,6 +95,8 @@ def run_cost(phase: Phase, limit: float, folder: Path) -> str:
         cost.main([*phase.argv, '--time-limit', f'{limit:.0f}', '--json', str(folder / phase.file)])
     except SystemExit as e:  # plain training could not run (the reason is on stderr)
         return f'failed with status {e.code}'
+    except Exception as e:  # noqa: BLE001 (the next phases still run)
+        return failure_reason(e)
     return 'ok'
 
 
@@ -106,8 +109,8 @@ def run(quick: bool, budget: float, folder: Path) -> Dict:
                 'torch': torch.__version__, 'budget_s': budget, 'phases': []}
     for i, phase in enumerate(phases):
         left = budget - (time.perf_counter() - start)
-        later = sum(min(later.seconds, MIN_SECONDS) for later in phases[i + 1:])
-        limit = min(phase.seconds, left - later)
+        reserved = sum(min(following.seconds, MIN_SECONDS) for following in phases[i + 1:])
+        limit = min(phase.seconds, left - reserved)
         began = time.perf_counter()
         if limit < min(phase.seconds, MIN_SECONDS):
             status = f'skipped: {left:.0f} s left of the {budget:.0f} s budget'
@@ -182,7 +185,7 @@ def _column(phase_name: str) -> str:
 
 
 def write_readme(folder: Path, readme: Path) -> None:
-    readme.write_text(splice(readme.read_text(), render(folder), BEGIN, END))
+    readme.write_text(splice(readme.read_text(), render(folder), (BEGIN, END)))
     print(f'wrote the GPU evidence table of {folder} into {readme}')
 
 

@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from timm.utils import ParseKwargs
 
-from timm_selfkd.attach import read_recipe, read_recipe_path
-from timm_selfkd.cli import _OneLineParser, _dest, _flag, add_selfkd_arguments, format_methods, method_hparams
+from timm_selfkd.cli import (_OneLineParser, _dest, add_selfkd_arguments, format_methods, method_hparams, read_recipe,
+                              read_recipe_path)
 from timm_selfkd.cli import parse_args as parse_train_args
 from timm_selfkd.cost.measure import MethodRun, Setting, measure
 from timm_selfkd.cost.report import cost_rows, environment, markdown
@@ -92,8 +92,8 @@ def _recipe_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Di
 
 def _hparam_flags():
     """(method, dest, flag) of every method hyper-parameter flag."""
-    return [(name, _dest(name, field.name), _flag(name, field.name))
-            for name in list_methods() for field in hparam_fields(get_method(name))]
+    dests = [(name, _dest(name, field.name)) for name in list_methods() for field in hparam_fields(get_method(name))]
+    return [(name, dest, '--' + dest.replace('_', '-')) for name, dest in dests]
 
 
 def _method_names(selfkd: str) -> List[str]:

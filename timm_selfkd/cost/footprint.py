@@ -9,7 +9,7 @@ from typing import Any, Callable, List
 import numpy as np
 import torch
 
-from timm_selfkd.attach import batch_sampler
+import timm_selfkd
 from timm_selfkd.methods.base import SelfKDTask
 
 __all__ = ['state_bytes', 'per_sample_state_bytes', 'balanced_labels', 'steps_per_epoch']
@@ -51,4 +51,4 @@ def balanced_labels(num_classes: int, num_samples: int) -> List[int]:
 def steps_per_epoch(task: SelfKDTask, labels: List[int], batch_size: int) -> int:
     """Steps of one epoch of the method's batches over images of these labels: `len(labels)` / steps images per
     step are new, steps x `batch_size` / `len(labels)` reads per image."""
-    return len(batch_sampler(task, labels, batch_size))
+    return len(timm_selfkd.batch_sampler(task, labels, batch_size))

@@ -24,7 +24,7 @@ from timm.data import Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from timm_selfkd.attach import create_task
+import timm_selfkd
 from timm_selfkd.cost.footprint import balanced_labels, per_sample_state_bytes, state_bytes, steps_per_epoch
 from timm_selfkd.errors import UsageError
 from timm_selfkd.registry import get_method
@@ -73,8 +73,8 @@ class MethodRun:
     method: str
     hparams: Dict[str, Any] = field(default_factory=dict)
     trainer: Optional[type] = None  # a Trainer subclass (default: Trainer)
-    state_variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # label -> other hyper-parameters
-    # whose per-sample state is measured too (e.g. PS-KD's top-k table)
+    # label -> other hyper-parameters whose per-sample state is measured too (e.g. PS-KD's top-k table)
+    state_variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,7 +161,7 @@ class Trainer:
         # or the loader's collate does), or the task mixes it itself (Needs.mixup == 'task': DLB, CS-KD, ...)
         mixup = Mixup(mixup_alpha=setting.mixup, cutmix_alpha=setting.cutmix, num_classes=setting.num_classes) \
             if setting.mixup or setting.cutmix else None
-        self.task = create_task(run.method, model, num_epochs=setting.num_epochs,
+        self.task = timm_selfkd.create_task(run.method, model, num_epochs=setting.num_epochs,
                                 steps_per_epoch=setting.steps_per_epoch, num_samples=setting.num_samples,
                                 batch_size=setting.batch_size, mixup=mixup, **run.hparams)
         if setting.torchcompile:

@@ -44,20 +44,20 @@ def cost_rows(results: List[Result], setting: Setting, epochs: int) -> List[Dict
         r1, ratio, r3 = np.percentile(result.times / base.times, [25, 50, 75])
         reads = result.steps_per_epoch * setting.batch_size / setting.num_samples
         wall = epochs * result.steps_per_epoch * step
+        plain_same_images = base_wall * reads / base_reads
         row.update(
             step_ms=step * 1e3, step_ms_iqr=[q1 * 1e3, q3 * 1e3], time_ratio=ratio, time_ratio_iqr=[r1, r3],
             timed_steps=len(result.times), images_per_s=setting.batch_size / step,
             new_images_per_s=setting.num_samples / result.steps_per_epoch / step,
             peak_memory_bytes=result.peak_bytes,
-            memory_ratio=result.peak_bytes / results[0].peak_bytes if results[0].peak_bytes else None,
+            memory_ratio=result.peak_bytes / base.peak_bytes if base.peak_bytes else None,
             state_bytes=result.state_bytes, per_sample_state_bytes=result.per_sample_bytes,
             per_sample_state_total_bytes=round(result.per_sample_bytes * setting.num_samples),
             per_sample_state_variants={label: round(per_image * setting.num_samples)
                                        for label, per_image in result.variant_per_sample_bytes.items()},
             steps_per_epoch=result.steps_per_epoch, new_images_per_step=setting.num_samples / result.steps_per_epoch,
             reads_per_image=reads, wall_s=wall, wall_ratio_equal_epochs=wall / base_wall,
-            plain_wall_s_equal_images=base_wall * reads / base_reads,
-            wall_ratio_equal_images=wall / (base_wall * reads / base_reads))
+            plain_wall_s_equal_images=plain_same_images, wall_ratio_equal_images=wall / plain_same_images)
     return rows
 
 
@@ -134,8 +134,8 @@ def markdown(rows: List[Dict[str, Any]], setting: Setting, epochs: int, device_n
         '',
         'Time ratio: median over rounds of the step time / plain training\'s in the same round (quartiles in '
         'brackets). images/s: images read per second (rows of the batch). Peak memory: one steady-state step '
-        f'({peak}: model, '
-        'gradients, optimizer and task state, activations), without per-sample tables. Kept state: what the method '
+        f'({peak}: model, gradients, optimizer and task state, activations), without per-sample tables. Kept '
+        'state: what the method '
         'keeps between steps beyond the model and its optimizer (its checkpoint\'s task state: training-only parts, '
         'weight copies, per-sample tables for N images). Wall: steps of E epochs of the method\'s batches x its '
         'median step (no data loading, no validation); equal images: against plain training reading as many '
