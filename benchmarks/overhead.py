@@ -16,25 +16,20 @@ Usage:
         --methods none,self_guidance,multi_exit --output benchmarks/results/overhead_cpu_swin_tiny.md
 """
 import argparse
-import datetime
-import gc
-import itertools
-import os
-import platform
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import timm
-from timm.data import Mixup
 import torch
 import yaml
-from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
+from timm_selfkd.cost.measure import MethodRun, Result, Setting, Trainer, measure  # noqa: E402
+from timm_selfkd.cost.report import environment as cost_environment  # noqa: E402
 from timm_selfkd.runtime.run_guard import RunGuard  # noqa: E402
 from timm_selfkd.runtime.batch_stream import seed_everything, seed_host, step_seed  # noqa: E402
 
@@ -52,12 +47,7 @@ TARGETS = {'dlb': (1.03, 1.02), 'bake': (1.05, 1.03), 'none+checks': (1.01, 1.01
            'uskd': (1.03, 1.02), 'zipfls': (1.05, 1.01), 'rdrop': (2.25, 1.6), 'dks': (2.1, 2.1),
            'frskd': (2.4, 2.7), 'mixskd': (5.5, 3.5)}
 RUN_EPOCHS, RUN_SAMPLES = 100, 50_000  # the run every task is told about (create_task): a CIFAR-size data set
-POOL_BATCHES = 4  # distinct synthetic batches cycled through by every method
 CHECKED = 'none+checks'  # plain training with the loop's per-step seeding and guard (timm_selfkd.train)
-MEMORY_WARMUP = 2  # steps before the memory-measured one: DLB then holds last-batch logits, SGD its momentum
-MEASURED_STEP = 'overhead::measured_step'
-
-Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -122,89 +112,34 @@ def method_hparams(spec: str) -> Dict[str, object]:
     return dict(_key_value(item) for item in spec.split(':')[1:])
 
 
-def make_pool(args: argparse.Namespace, group: int) -> List[Batch]:
-    """Random images and labels in DLB order (batch i = [second half of batch i-1, new half]).
-
-    Inside each half, labels come in runs of `group` equal classes, so BAKE's per-class groups exist.
-    """
-    generator = torch.Generator().manual_seed(args.seed)
-    half = args.batch_size // 2
-    images = [torch.randn(half, 3, args.img_size, args.img_size, generator=generator) for _ in range(POOL_BATCHES)]
-    labels = [torch.randint(args.num_classes, (-(-half // group),), generator=generator)
-              .repeat_interleave(group)[:half] for _ in range(POOL_BATCHES)]
-    return [(torch.cat([images[i - 1], images[i]]).to(args.device),
-             torch.cat([labels[i - 1], labels[i]]).to(args.device)) for i in range(POOL_BATCHES)]
-
-
-class Trainer:
-    """One method's task and optimizer; `step` runs forward, backward, SGD step and zero_grad."""
-
-    def __init__(self, method: str, args: argparse.Namespace):
-        torch.manual_seed(args.seed)  # same architecture and initial weights for every method
-        model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
-        self.steps_per_epoch = RUN_SAMPLES // args.batch_size
-        # with --mixup/--cutmix, timm's batch-form Mixup: the step mixes the batch before the task (as the loop
-        # or the loader's collate does), or the task mixes it itself (Needs.mixup == 'task': DLB, CS-KD, ...)
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, num_classes=args.num_classes) \
-            if args.mixup or args.cutmix else None
-        self.task = timm_selfkd.create_task(base_method(method), model.to(args.device).train(),
-                                            num_epochs=RUN_EPOCHS, steps_per_epoch=self.steps_per_epoch,
-                                            num_samples=RUN_SAMPLES, batch_size=args.batch_size, mixup=mixup,
-                                            **method_hparams(method))
-        self.mixing = mixup is not None
-        self.mixup = mixup if self.mixing and self.task.needs.mixup == 'loader' else None
-        # a method that reads sample indices (PS-KD) gets them as a hand-written loop passes them: pool batch b
-        # holds dataset indices b * batch_size ... (b + 1) * batch_size - 1
-        self.indices = [torch.arange(args.batch_size) + b * args.batch_size for b in range(POOL_BATCHES)] \
-            if self.task.needs.sample_indices else None
-        self.batches = 0
-        self.optimizer = torch.optim.SGD(self.task.trainable_module.parameters(), lr=0.01, momentum=0.9,
-                                         weight_decay=5e-4, nesterov=True)
-        self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp)
-        self.loss = torch.zeros(())
-
-    def step(self, batch: Batch) -> None:
-        if self.mixing:  # timm's Mixup mixes in place: every method gets a fresh copy of the pool's batch
-            batch = (batch[0].clone(), batch[1])
-        if self.mixup is not None:
-            batch = self.mixup(*batch)
-        with self.autocast:
-            if self.indices is None:
-                out = self.task(*batch)
-            else:
-                self.task.set_epoch(self.batches // self.steps_per_epoch)
-                out = self.task(*batch, indices=self.indices[self.batches % POOL_BATCHES])
-        out['loss'].backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss = out['loss'].detach()
-        self.batches += 1
-        return out
-
-    def table_bytes(self) -> int:
-        """Bytes of a per-sample table the method keeps (PS-KD's memory), reported apart from the peak."""
-        memory = getattr(self.task, 'memory', None)
-        return memory.nbytes if memory is not None else 0
+def setting(args: argparse.Namespace) -> Setting:
+    """The measuring core's setting: every task is told of a run of RUN_EPOCHS epochs of RUN_SAMPLES images."""
+    return Setting(model=args.model, model_kwargs=args.model_kwargs, num_classes=args.num_classes,
+                   input_size=(3, args.img_size, args.img_size), batch_size=args.batch_size, device=args.device,
+                   amp=args.amp, amp_dtype='bfloat16', mixup=args.mixup, cutmix=args.cutmix, num_epochs=RUN_EPOCHS,
+                   num_samples=RUN_SAMPLES, seed=args.seed)
 
 
 class CheckedTrainer(Trainer):
     """A step of `timm_selfkd.train`'s loop: re-seed every generator, train, feed the guard, poll it."""
 
-    def __init__(self, method: str, args: argparse.Namespace):
-        super().__init__(method, args)
-        self.guard = RunGuard(torch.device(args.device), distributed=False)
+    def __init__(self, setting: Setting, run: MethodRun, model: torch.nn.Module):
+        super().__init__(setting, run, model)
+        self.guard = RunGuard(torch.device(setting.device), distributed=False)
         self.steps = 0
 
-    def step(self, batch: Batch) -> None:
+    def step(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> Dict[str, torch.Tensor]:
         seed_everything(step_seed(0, 0, 0, self.steps))
         out = super().step(batch)
         self.guard.observe(self.steps, {n: v for n, v in out.items() if n.startswith('loss')})
         self.guard.poll()
         self.steps += 1
+        return out
 
 
-def make_trainer(method: str, args: argparse.Namespace) -> Trainer:
-    return CheckedTrainer(method, args) if method == CHECKED else Trainer(method, args)
+def method_runs(args: argparse.Namespace) -> List[MethodRun]:
+    return [MethodRun(m, base_method(m), method_hparams(m), CheckedTrainer if m == CHECKED else None)
+            for m in args.methods]
 
 
 def seeding_cost(samples: int = 20000) -> float:
@@ -215,83 +150,10 @@ def seeding_cost(samples: int = 20000) -> float:
     return (time.perf_counter() - start) / samples
 
 
-def time_methods(args: argparse.Namespace, pool: List[Batch], sync: Callable[[], None]) -> Dict[str, np.ndarray]:
-    """Step times (s) per method, shape (steps,): round r runs every method once, in an order rotated by r."""
-    trainers = {m: make_trainer(m, args) for m in args.methods}
-    for r in range(args.warmup):
-        for trainer in trainers.values():
-            trainer.step(pool[r % POOL_BATCHES])
-    times = {m: np.zeros(args.steps) for m in args.methods}
-    clock = time.process_time if args.clock == 'cpu' else time.perf_counter
-    gc.collect()
-    gc.disable()  # a collection inside one method's step would be charged to that method
-    try:
-        for r in range(args.steps):
-            batch = pool[(args.warmup + r) % POOL_BATCHES]
-            shift = r % len(args.methods)
-            for method in args.methods[shift:] + args.methods[:shift]:
-                sync()
-                start = clock()
-                trainers[method].step(batch)
-                sync()
-                times[method][r] = clock() - start
-    finally:
-        gc.enable()
-    for method, trainer in trainers.items():
-        if not torch.isfinite(trainer.loss):
-            print(f'warning: {method} loss is {trainer.loss.item()} after the timed steps', file=sys.stderr)
-    return times
-
-
-def peak_memory(method: str, args: argparse.Namespace, pool: List[Batch]) -> Tuple[int, int]:
-    """Peak bytes of live tensors during one steady-state step, counting all the method allocated since setup
-    except a per-sample table (PS-KD's memory, which grows with the data set), and that table's bytes.
-
-    CPU: the profiler's allocation/free events (`profile_memory=True`) from before the model is built, summed
-    in time order; the peak of that running sum inside the measured step is the live-tensor peak. It is exact
-    and deterministic (the same on every run), unlike peak RSS, which also moves with the allocator's caching,
-    page reuse and the interpreter, and would need one process per method. Tensors that existed before
-    profiling (the shared input pool) never appear, so every method is charged only for what it allocates.
-    CUDA: `max_memory_allocated` over the step minus what was allocated before the model was built.
-    """
-    gc.collect()
-    if args.device == 'cuda':
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        method_trainer = make_trainer(method, args)
-        for r in range(MEMORY_WARMUP):
-            method_trainer.step(pool[r % POOL_BATCHES])
-        torch.cuda.reset_peak_memory_stats()
-        method_trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
-        table = method_trainer.table_bytes()
-        return torch.cuda.max_memory_allocated() - base - table, table
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        method_trainer = make_trainer(method, args)
-        for r in range(MEMORY_WARMUP):
-            method_trainer.step(pool[r % POOL_BATCHES])
-        with record_function(MEASURED_STEP):
-            method_trainer.step(pool[MEMORY_WARMUP % POOL_BATCHES])
-    events = prof.profiler.kineto_results.events()
-    window = next(e for e in events if e.name() == MEASURED_STEP)
-    allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]')
-    live = itertools.accumulate(nbytes for _, nbytes in allocations)
-    peak = max(level for (when, _), level in zip(allocations, live) if window.start_ns() <= when <= window.end_ns())
-    return peak - method_trainer.table_bytes(), method_trainer.table_bytes()
-
-
-def new_images(method: str, batch_size: int, group: int) -> str:
-    """Images per step that are new to the epoch (the rest are repeats, same-class partners or second views)."""
-    per_method = {'dlb': batch_size // 2, 'bake': batch_size // group,
-                  'cskd': batch_size // 2,  # anchors; their partners are a no-grad teacher pass
-                  'ddgsd': batch_size // 2,  # images, each read as two views
-                  'ddgsd+dlb': batch_size // 4}  # DLB's new half of B/2 images, two views each
-    return str(per_method.get(base_method(method), batch_size))
-
-
-def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[str, int], group: int,
-           tables: Dict[str, int]) -> str:
+def report(args: argparse.Namespace, results: Dict[str, Result]) -> str:
     """The markdown table, the costs in words and the targets."""
-    base = times['none']
+    base = results['none'].times
+    memory = {method: result.peak_bytes for method, result in results.items()}
     lines = [
         f'Model `{args.model}`{"".join(f" {k}={v}" for k, v in args.model_kwargs.items())} '
         f'({args.num_classes} classes), {args.img_size}x{args.img_size} images, '
@@ -304,21 +166,22 @@ def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[
         '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     ratios = {}
-    for method in args.methods:
-        step = times[method]
-        q1, median, q3 = np.percentile(step, [25, 50, 75]) * 1e3
-        r1, ratio, r3 = np.percentile(step / base, [25, 50, 75])
+    for method, result in results.items():
+        q1, median, q3 = np.percentile(result.times, [25, 50, 75]) * 1e3
+        r1, ratio, r3 = np.percentile(result.times / base, [25, 50, 75])
         ratios[method] = float(ratio), memory[method] / memory['none']
-        lines.append(f'| {method} | {args.batch_size} | {new_images(method, args.batch_size, group)} | {median:.1f} '
+        new_images = round(RUN_SAMPLES / result.steps_per_epoch)  # images new to the epoch, from its batches
+        lines.append(f'| {method} | {args.batch_size} | {new_images} | {median:.1f} '
                      f'| {q3 - q1:.1f} | {ratio:.3f}x | {r1:.3f}-{r3:.3f} | {memory[method] / 2 ** 20:.2f} '
                      f'| {ratios[method][1]:.4f}x |')
     lines += ['', 'Time ratio: median (and quartiles) over rounds of the method\'s step time / `none`\'s in the same '
               'round. Peak memory: live tensors (model, gradients, optimizer and task state, activations).', '']
     lines += [f'- {m.upper()}: {t:.2f}x time, {mem:.2f}x memory ({(memory[m] - memory["none"]) / 2 ** 10:+.1f} KiB '
               'peak)' for m, (t, mem) in ratios.items() if m != 'none']
-    lines += [f'- {m.upper()} per-sample table, not in its peak memory: {table / 2 ** 20:.2f} MiB for {RUN_SAMPLES} '
-              f'images x {args.num_classes} classes (benchmarks/memory_pskd.py: ImageNet)'
-              for m, table in tables.items() if table]
+    lines += [f'- {m.upper()} per-sample table, not in its peak memory: '
+              f'{result.per_sample_bytes * RUN_SAMPLES / 2 ** 20:.2f} MiB for {RUN_SAMPLES} images x '
+              f'{args.num_classes} classes (benchmarks/memory_pskd.py: ImageNet)'
+              for m, result in results.items() if result.per_sample_bytes]
     targets = [(m, TARGETS[m.split(':')[0]]) for m in ratios if m.split(':')[0] in TARGETS]
     if targets:
         lines += ['', 'Targets (from the issues):', '']
@@ -331,28 +194,17 @@ def report(args: argparse.Namespace, times: Dict[str, np.ndarray], memory: Dict[
     return '\n'.join(lines) + '\n'
 
 
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux) and logical core count."""
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path('/proc/cpuinfo')
-    if cpuinfo.exists():
-        name = next((line.split(':', 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                     if line.startswith('model name')), name)
-    return f'{name}, {os.cpu_count()} logical cores'
-
-
 def environment(args: argparse.Namespace) -> str:
     """Command line, versions, hardware and date for the saved report."""
-    device = torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'
+    env = cost_environment(args.device, shlex.join(sys.argv))
     return '\n'.join([
         f'# Self-KD overhead: {args.device}, {args.model}',
         '',
         f'- command: `python {" ".join(sys.argv)}`',
-        f'- torch {torch.__version__}, timm {timm.__version__}, timm_selfkd {timm_selfkd.__version__}, '
-        f'python {platform.python_version()}',
-        f'- CPU: {cpu_name()}; platform {platform.platform()}',
-        f'- device: {device}; torch threads: {args.threads}',
-        f'- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}',
+        f'- torch {env["torch"]}, timm {env["timm"]}, timm_selfkd {env["timm_selfkd"]}, python {env["python"]}',
+        f'- CPU: {env["cpu"]}; platform {env["platform"]}',
+        f'- device: {env["device"]}; torch threads: {args.threads}',
+        f'- date: {env["date"]}',
         '', '',
     ])
 
@@ -361,17 +213,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f'torch threads: {torch.get_num_threads()}; methods: {", ".join(args.methods)}', flush=True)
-    group = timm_selfkd.get_method('bake').hparams_cls().same_class + 1
-    pool = make_pool(args, group)
-    sync = torch.cuda.synchronize if args.device == 'cuda' else (lambda: None)
     start = time.perf_counter()
-    times = time_methods(args, pool, sync)
-    measured = {method: peak_memory(method, args, pool) for method in args.methods}
-    memory = {method: peak for method, (peak, _) in measured.items()}
-    text = report(args, times, memory, group, {method: table for method, (_, table) in measured.items()})
+    clock = time.process_time if args.clock == 'cpu' else time.perf_counter
+    results = {result.run.label: result
+               for result in measure(setting(args), method_runs(args), args.steps, args.warmup, clock=clock)}
+    failed = [f'{method}: {result.failure}' for method, result in results.items() if result.failure]
+    if failed:
+        sys.exit('\n'.join(failed))
+    text = report(args, results)
     if args.loop_checks:
         per_image = seeding_cost()
-        share = per_image * args.batch_size / np.median(times['none'])
+        share = per_image * args.batch_size / np.median(results['none'].times)
         text += (f'\nPer-image seeding in the data loader (`KeyedDataset`): {per_image * 1e6:.1f} us per image, '
                  f'{args.batch_size} images = {share * 100:.2f}% of a plain step (paid by the loader\'s workers, '
                  f'in parallel with training when `-j` > 0).\n')
