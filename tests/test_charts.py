@@ -18,6 +18,7 @@ import evidence  # noqa: E402
 import guide  # noqa: E402
 import overhead  # noqa: E402
 from compat_matrix import matrix_methods  # noqa: E402
+from timm_selfkd.cost.measure import MethodRun, Result  # noqa: E402
 
 RUNS_FILES = sorted(evidence.RESULTS.glob('*_runs.csv'))
 
@@ -115,8 +116,9 @@ def test_step_costs_read_what_the_overhead_benchmark_writes(tmp_path):
     args = overhead.parse_args(['--methods', 'none,dlb,self_guidance:skip_dropped=false', '--steps', '4'])
     times = {'none': np.array([1., 1., 2., 2.]), 'dlb': np.array([1., 2., 3., 4.]),
              'self_guidance:skip_dropped=false': np.array([2., 2., 4., 4.])}
-    memory = dict.fromkeys(times, 100)
-    table = overhead.report(args, times, memory, 2, dict.fromkeys(times, 0))
+    results = {label: Result(MethodRun(label, label.split(':')[0]), times=value, peak_bytes=100, steps_per_epoch=1)
+               for label, value in times.items()}
+    table = overhead.report(args, results)
     (tmp_path / 'overhead.md').write_text('# title\n\n- a line\n\n' + table)
     costs = evidence.read_step_costs(tmp_path / 'overhead.md')
     assert list(costs) == ['none', 'dlb', 'self_guidance:skip_dropped=false']

@@ -13,23 +13,19 @@ from timm.utils import ParseKwargs
 from timm_selfkd.options import REFUSED_OPTIONS, read_recipe, read_recipe_path
 from timm_selfkd.errors import UsageError
 from timm_selfkd.methods.stack import is_layout
-from timm_selfkd.registry import (build_hparams, constraint_text, did_you_mean, get_method, hparam_fields, hparam_flag,
-                                  list_methods, method_parts)
+from timm_selfkd.registry import (build_hparams, constraint_text, did_you_mean, get_method, hparam_dest, hparam_fields,
+                                  hparam_flag, list_methods, method_parts)
 from timm_selfkd.runtime.transforms import TRAIN_CROP_MODES
 
-__all__ = ['UsageError', 'parse_args', 'add_selfkd_arguments', 'resolve_selfkd_args', 'method_hparams', 'recipe_values',
-           'format_methods']
+__all__ = ['UsageError', 'OneLineParser', 'parse_args', 'add_selfkd_arguments', 'resolve_selfkd_args', 'method_hparams',
+           'recipe_values', 'format_methods']
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Reports a usage error as a single line naming the problem (the full usage is in `--help`)."""
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message}\n')
-
-
-def _dest(method: str, field_name: str) -> str:
-    return f'{method}_{field_name}'
 
 
 class _Switch(argparse.Action):
@@ -72,7 +68,7 @@ def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
     for name in list_methods():
         spec = get_method(name)
         for field in hparam_fields(spec):
-            kwargs: Dict[str, Any] = dict(dest=_dest(name, field.name), default=None,
+            kwargs: Dict[str, Any] = dict(dest=hparam_dest(name, field.name), default=None,
                                           help=f'{name}: {field.metadata.get("help", "")} ({_default_and_range(field)})')
             field_type = _TYPES.get(field.type, field.type)
             if field_type is bool:
@@ -101,7 +97,7 @@ _REFUSED_KEYS = {option.dest: option.reason for option in REFUSED_OPTIONS}  # as
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog='train.py', description='Train a timm model with a self-knowledge-distillation method')
+    p = OneLineParser(prog='train.py', description='Train a timm model with a self-knowledge-distillation method')
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe; its keys set the defaults')
 
     g = p.add_argument_group('Dataset')
@@ -427,7 +423,7 @@ def _drop_recipe_hparams_of_other_methods(args: argparse.Namespace, recipe: Dict
         return
     for name in list_methods():
         for field in hparam_fields(get_method(name)):
-            dest = _dest(name, field.name)
+            dest = hparam_dest(name, field.name)
             if name not in method_parts(args.selfkd) and dest in recipe and dest not in given:
                 setattr(args, dest, None)
 
@@ -439,11 +435,11 @@ def method_hparams(args: argparse.Namespace):
     values = {name: {} for name in method_parts(spec.name)}
     for name in list_methods():
         for field in hparam_fields(get_method(name)):
-            value = getattr(args, _dest(name, field.name))
+            value = getattr(args, hparam_dest(name, field.name))
             if value is None:
                 continue
             if name not in values:
-                raise UsageError(f'{hparam_flag(name, field.name)} ({_dest(name, field.name)}) is a hyper-parameter of '
+                raise UsageError(f'{hparam_flag(name, field.name)} ({hparam_dest(name, field.name)}) is a hyper-parameter of '
                                  f'{name}, but the method is {spec.name!r}')
             values[name][field.name] = value
     return build_hparams(spec, values if len(values) > 1 else values[spec.name])
@@ -477,7 +473,7 @@ def format_methods() -> str:
         for field in hparam_fields(spec):
             help_text = field.metadata.get('help', '')
             constraint = constraint_text(field)
-            lines.append(f'    {hparam_flag(name, field.name):<26} {_dest(name, field.name):<22} '
+            lines.append(f'    {hparam_flag(name, field.name):<26} {hparam_dest(name, field.name):<22} '
                          f'default {_default(field):<6} {help_text}{f" ({constraint})" if constraint else ""}')
     layouts = [name for name in list_methods() if is_layout(get_method(name))]
     lines.append(f'LAYOUT+METHOD: a batch layout ({", ".join(layouts)}) stacked on another method, e.g. ddgsd+dlb '

@@ -40,7 +40,8 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 __all__ = ['MethodSpec', 'register_method', 'register_stack_builder', 'get_method', 'list_methods', 'method_parts',
-           'hparam', 'Bounds', 'hparam_fields', 'hparam_flag', 'build_hparams', 'check_hparams', 'constraint_text']
+           'hparam', 'Bounds', 'hparam_fields', 'hparam_flag', 'hparam_dest', 'build_hparams', 'check_hparams',
+           'constraint_text']
 
 ENTRY_POINT_GROUP = 'timm_selfkd.methods'
 
@@ -167,6 +168,11 @@ def hparam_fields(spec: MethodSpec) -> List[dataclasses.Field]:
 def hparam_flag(method: str, field_name: str) -> str:
     """The command-line flag of a registered method's hyper-parameter: `--{method}-{field}`, `_` -> `-`."""
     return f'--{method}-{field_name}'.replace('_', '-')
+
+
+def hparam_dest(method: str, field_name: str) -> str:
+    """The argparse destination and YAML key of a registered method's hyper-parameter: `{method}_{field}`."""
+    return f'{method}_{field_name}'
 
 
 def build_hparams(spec: MethodSpec, values: Dict[str, Any]):

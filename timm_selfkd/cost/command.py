@@ -21,13 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from timm.utils import ParseKwargs
 
-from timm_selfkd.cli import (_OneLineParser, _dest, add_selfkd_arguments, format_methods, method_hparams, read_recipe,
+from timm_selfkd.cli import (OneLineParser, add_selfkd_arguments, format_methods, method_hparams, read_recipe,
                               read_recipe_path)
 from timm_selfkd.cli import parse_args as parse_train_args
 from timm_selfkd.cost.measure import MethodRun, Setting, measure
 from timm_selfkd.cost.report import cost_rows, environment, markdown
 from timm_selfkd.errors import UsageError
-from timm_selfkd.registry import get_method, hparam_fields, list_methods, method_parts
+from timm_selfkd.registry import get_method, hparam_dest, hparam_fields, list_methods, method_parts
 
 __all__ = ['build_parser', 'method_runs', 'main', 'STACKS']
 
@@ -37,7 +37,7 @@ STATE_VARIANTS = {'pskd': {'topk': 10}}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog='python -m timm_selfkd.cost', description=__doc__.split('\n\n')[0],
+    p = OneLineParser(prog='python -m timm_selfkd.cost', description=__doc__.split('\n\n')[0],
                        epilog='Each method\'s own flags (--dlb-alpha, ...) are train.py\'s; see --list-selfkd.')
     p.add_argument('-c', '--config', default='', metavar='FILE',
                    help='a train.py recipe (YAML): its model, input, batch, precision, epochs, method and '
@@ -92,7 +92,7 @@ def _recipe_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Di
 
 def _hparam_flags():
     """(method, dest, flag) of every method hyper-parameter flag."""
-    dests = [(name, _dest(name, field.name)) for name in list_methods() for field in hparam_fields(get_method(name))]
+    dests = [(name, hparam_dest(name, field.name)) for name in list_methods() for field in hparam_fields(get_method(name))]
     return [(name, dest, '--' + dest.replace('_', '-')) for name, dest in dests]
 
 
