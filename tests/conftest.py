@@ -53,6 +53,16 @@ def image_folder(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope='session')
+def small_image_folder(tmp_path_factory):
+    """`train/` with 4 classes x 8 images (4 plain steps of 8 per epoch; DLB's epoch 0: 7) and `validation/` with
+    4 x 2, 32x32 RGB PNGs: the short runs of the robustness and run-folder tests."""
+    root = tmp_path_factory.mktemp('small_images')
+    write_image_folder(str(root / 'train'), 8, seed=0)
+    write_image_folder(str(root / 'validation'), 2, seed=1)
+    return str(root)
+
+
 # The six model families of the sub-network methods at small sizes: (timm name, create_model kwargs, image size).
 # Residual branches start non-zero (timm zero-initialises ResNet's last BN and scales ConvNeXt's by 1e-6), so that
 # dropping a block changes the output from the first step.

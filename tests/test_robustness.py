@@ -68,13 +68,9 @@ def test_pskd_shared_table_file_is_private_whatever_the_umask(tmp_path):
 
 # --- a checkpoint that cannot be written ---------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def folder(tmp_path_factory):
-    """4 classes x 8 training images (4 steps of 8 per epoch), 4 x 2 validation images, 32x32."""
-    root = tmp_path_factory.mktemp('robust')
-    write_image_folder(str(root / 'train'), 8, seed=0)
-    write_image_folder(str(root / 'validation'), 2, seed=1)
-    return str(root)
+@pytest.fixture
+def folder(small_image_folder):
+    return small_image_folder
 
 
 WRITE_ERROR = re.compile(r'train\.py: error: cannot write checkpoint (\S+): (.+) \(it needs (\d+) bytes[^,]*, '

@@ -26,13 +26,9 @@ from timm_selfkd.wiring import batch_sampler
 pytestmark = pytest.mark.usefixtures('fresh_logging')
 
 
-@pytest.fixture(scope='module')
-def folder(tmp_path_factory):
-    """4 classes x 8 training images (DLB: 7 steps of 8 in epoch 0, 8 after), 4 x 2 validation images, 32x32."""
-    root = tmp_path_factory.mktemp('runs')
-    write_image_folder(str(root / 'train'), 8, seed=0)
-    write_image_folder(str(root / 'validation'), 2, seed=1)
-    return str(root)
+@pytest.fixture
+def folder(small_image_folder):
+    return small_image_folder
 
 
 def run_args(data, output, experiment, *extra, method='dlb', epochs=1, workers=0):

@@ -347,7 +347,7 @@ def test_a_self_mixing_method_without_prefetcher_mixes_once_and_stops_at_the_off
         def spy(*a, **kw):
             call = inspect.signature(train_one_epoch).bind(*a, **kw)
             assert 'mixup_fn' in call.arguments and call.arguments['mixup_fn'] is None  # the loop does not mix
-            enabled.append(self.task_mixup.mixup_enabled)
+            enabled.append(self.mixing.mixer.mixup_enabled)
             return train_one_epoch(*a, **kw)
         return real(self, spy)
 
