@@ -51,8 +51,8 @@ PINS: Dict[str, List[str]] = {
 # (their anchors drawn from the run's index sampler, which --aug-repeats replaces by timm's RepeatAugSampler).
 # mixskd re-recorded on purpose (issue 24): its own mixup pairs image i with a random permutation's partner, as the
 # official mixup_data's torch.randperm, instead of image n-1-i.
-# The whole file re-recorded on 2026-12-06 on this release's check machine (torch 2.14.1, timm 1.0.31, 2-core AMD
-# EPYC): the file recorded before did not reproduce there even at unchanged code (every entry differed, float
+# The whole file re-recorded on 2026-12-06 on this release's check machine (torch 2.14.1, timm 1.0.31, 2-core Intel
+# Xeon): the file recorded before did not reproduce there even at unchanged code (every entry differed, float
 # kernels of another CPU or build); recorded from main after issue 24's refactor, which kept every entry of a
 # baseline recorded there from the commit before it (660c5ab) bit for bit, mixskd excepted (above). Goldens are
 # numbers of one machine: record a baseline on yours before a refactor, check after.
