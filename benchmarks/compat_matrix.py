@@ -68,8 +68,9 @@ CELLS = (
     Cell('smoothing', 'smoothing', '`--smoothing 0.1` (loss differs from `--smoothing 0`)', flags=('--smoothing',)),
     Cell('resume', 'resume', '`--resume` of a mid-epoch recovery and an epoch checkpoint, bit-identical '
                              '(tests/test_preemption.py)', flags=('--resume',)),
-    Cell('sync_bn', 'sync-BN (CUDA)', '`--sync-bn` under `torchrun --nproc_per_node 2` on two GPUs (on the CPU it is '
-                                      'refused for every method: SyncBatchNorm needs CUDA)', cuda=True,
+    Cell('sync_bn', 'sync-BN (CUDA)', '`--sync-bn` under `torchrun --nproc_per_node 2` on two GPUs (under torchrun '
+                                      'on the CPU it is refused: SyncBatchNorm needs CUDA; in one process it does '
+                                      'nothing, as in timm)', cuda=True,
          flags=('--sync-bn',)),
 )
 CPU_CELLS = tuple(cell.name for cell in CELLS if not cell.cuda)

@@ -7,6 +7,7 @@ feature's effect present, or is refused before the output folder exists with one
 `--resume` is `test_every_method_resumes_exactly...` in test_preemption.py; fp16 and sync-BN are in test_gpu.py.
 Runs are tiny: `test_resnet`, 32 px, 32 training images, batch 8, one epoch of 4-8 steps.
 """
+import argparse
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import torch
 from matrix_support import Probe, ddp_cell, parameters, refused_cell, summary_rows
 from test_train import METHOD_ARGS  # per-method flags the 4-class set needs
 from timm_selfkd import train
+from timm_selfkd.errors import UsageError
 import compat_matrix as tool
 
 METHODS = tool.matrix_methods()
@@ -175,10 +177,19 @@ def test_compile_cell(run, matrix, method):
     assert compiled.losses()[0] == pytest.approx(eager.losses()[0], rel=1e-4)
 
 
-@pytest.mark.parametrize('method', METHODS)
-def test_sync_bn_is_refused_on_the_cpu(run, method):
-    """The CPU side of the sync-BN cell (the README's legend says so): one line, for every method."""
-    assert 'SyncBatchNorm does not run on the CPU' in run(method, '--sync-bn').refusal
+@pytest.mark.parametrize('distributed, device, refused', [(False, 'cpu', False), (False, 'cuda', False),
+                                                          (True, 'cpu', True), (True, 'cuda', False)])
+def test_sync_bn_rule(distributed, device, refused, caplog):
+    """The CPU side of the sync-BN cell (the README's legend says so), for every method alike: refused in one line
+    under torchrun on the CPU; in one process it does nothing and says so, as timm's train.py converts BatchNorm
+    only when distributed (the node-recipe-on-a-laptop test trains through it)."""
+    args = argparse.Namespace(sync_bn=True, distributed=distributed)
+    if refused:
+        with pytest.raises(UsageError, match=r'^--sync-bn needs CUDA devices \(torch.nn.SyncBatchNorm does not run on '):
+            train._check_sync_bn(args, torch.device(device))
+        return
+    train._check_sync_bn(args, torch.device(device))
+    assert ('--sync-bn does nothing in a single process' in caplog.text) == (not distributed)
 
 
 def test_inductor_compile(run, matrix, monkeypatch):

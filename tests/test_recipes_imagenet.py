@@ -7,8 +7,8 @@ The only changes to a recipe are the ones a CPU and a tiny data set force, all o
   --workers 0, --num-classes 2, --data-dir/--output/--experiment;
   --amp-dtype bfloat16 when the recipe has amp (fp16 autocast on the CPU runs ~15x slower: 33 s for one
   Swin-T step of four images instead of 2 s);
-  sync_bn and pretrained are left out of the copy of the recipe the run reads (torch's SyncBatchNorm needs CUDA,
-  and a single-process run does not convert the model anyway; the tests download no weights).
+  pretrained is left out of the copy of the recipe the run reads (the tests download no weights); a recipe's
+  sync_bn stays, and does nothing in a single process, as in timm.
 Two steps: a BAKE recipe trains on 2 classes x 2 images (each image is an anchor once: 4 anchors, 2 per batch);
 the others on 2 classes x 4 images (8 images, 4 per batch).
 
@@ -16,7 +16,7 @@ Each run must exit normally and write one summary row of 2 steps and 8 images wi
 scheduler, mixup and model it built are checked against the recipe's values, and its args.yaml against the
 recipe. Each recipe's baseline (`-c recipe --selfkd none`, as its comment says) must parse, and two of them
 (a CNN protocol and Swin's) train their two steps too. One recipe for an 8-GPU node trains on a laptop with only its
-machine switched on the command line (`-b`, `--workers`, `--device`, `--no-amp`, `--no-sync-bn`).
+machine switched on the command line (`-b`, `--workers`, `--device`, `--no-amp`).
 """
 import csv
 import glob
@@ -37,7 +37,7 @@ from timm_selfkd.cli import method_hparams, parse_args
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(REPO, 'configs', '*imagenet*.yaml')))
 BATCH = 4
-LEFT_OUT = ('sync_bn', 'pretrained')  # recipe keys the offline CPU run leaves out (see the module docstring)
+LEFT_OUT = ('pretrained',)  # recipe keys the offline CPU run leaves out (see the module docstring)
 OVERRIDES = {'batch_size': BATCH, 'epochs': 1, 'device': 'cpu', 'workers': 0, 'num_classes': 2}
 
 
@@ -219,18 +219,18 @@ def test_recipe_baseline_trains_two_steps(name, tmp_path, data, monkeypatch):
 def test_a_node_recipe_runs_on_a_laptop(tmp_path, data):
     """bake_imagenet_resnet50.yaml, a recipe for an 8-GPU node (AMP, pinned memory, sync BN, 8 workers, 64 images
     per process), trains a step on the CPU with only its machine switched by the command line: `-b`, `--workers`,
-    `--device`, `--no-amp`, and `--no-sync-bn`, which a CPU cannot run. The copy the run reads swaps the model and
-    the data for tiny ones; args.yaml records what ran: the recipe with those switches."""
+    `--device` and `--no-amp` (its sync BN does nothing in one process, as in timm). The copy the run reads swaps the
+    model and the data for tiny ones; args.yaml records what ran: the recipe with those switches."""
     recipe = _read(os.path.join(REPO, 'configs', 'bake_imagenet_resnet50.yaml'))
     assert recipe['amp'] and recipe['sync_bn'] and recipe['pin_mem'] and recipe['workers'] == 8
     tiny = {**recipe, 'model': 'test_resnet', 'img_size': 32, 'num_classes': 2, 'epochs': 1,
             'data_dir': str(data / 'bake'), 'output': str(tmp_path), 'experiment': 'run'}
     local = tmp_path / 'recipe.yaml'
     local.write_text(yaml.safe_dump(tiny))
-    train_module.main(['-c', str(local), '-b', '8', '--workers', '0', '--device', 'cpu', '--no-amp', '--no-sync-bn'])
+    train_module.main(['-c', str(local), '-b', '8', '--workers', '0', '--device', 'cpu', '--no-amp'])
     with open(tmp_path / 'run' / 'summary.csv') as f:
         rows = list(csv.DictReader(f))
     assert [(row['status'], float(row['train_steps'])) for row in rows] == [('ok', 1.0)]  # 4 anchors + 4 partners
     saved = _read(tmp_path / 'run' / 'args.yaml')
-    ran = {**tiny, 'batch_size': 8, 'workers': 0, 'device': 'cpu', 'amp': False, 'sync_bn': False}
+    ran = {**tiny, 'batch_size': 8, 'workers': 0, 'device': 'cpu', 'amp': False}
     assert {key: saved[key] for key in ran} == ran

@@ -164,6 +164,17 @@ def _criterion_kwargs(args) -> dict:
     return kwargs
 
 
+def _check_sync_bn(args, device: torch.device) -> None:
+    """timm's `--sync-bn`: BatchNorm statistics synchronised across processes, which needs CUDA devices; in one
+    process it has nothing to synchronise and does nothing (as in timm), so a node's recipe runs on a laptop."""
+    if not args.sync_bn:
+        return
+    if not args.distributed:
+        _logger.warning('--sync-bn does nothing in a single process (it synchronises BatchNorm across processes)')
+    elif device.type != 'cuda':
+        raise UsageError('--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm does not run on the CPU)')
+
+
 def _init_head(model, scale: Optional[float], bias: Optional[float]) -> None:
     """timm's --head-init-scale/--head-init-bias: rescale the classifier's initial weights, set its bias."""
     classifier = model.get_classifier() if (scale is not None or bias is not None) else None
@@ -193,8 +204,7 @@ class Setup:
             _logger.warning(f'--device {args.device} requested but CUDA is not available: using the CPU')
             args.device = 'cpu'
         self.device = init_distributed_device(args)
-        if args.sync_bn and self.device.type != 'cuda':
-            raise UsageError('--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm does not run on the CPU)')
+        _check_sync_bn(args, self.device)
         if self.device.type == 'cuda':  # as timm's train.py: fastest kernels for fixed shapes, TF32 matmuls
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
