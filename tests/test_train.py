@@ -254,10 +254,6 @@ def test_plain_training_with_mixup_and_cutmix(image_folder, tmp_path):
     assert math.isfinite(float(row['train_loss']))
 
 
-def test_sync_bn_needs_cuda(image_folder, tmp_path, capsys):
-    _fails(capsys, tmp_path, ['--data-dir', image_folder, '--sync-bn'], '--sync-bn needs CUDA')
-
-
 def test_model_ema_with_wrapped_bake_model(image_folder, tmp_path):
     """EMA of BAKE's (logits, features) module is validated and saved as the plain timm model."""
     main(train_args(image_folder, tmp_path, '--selfkd', 'bake', '--img-size', '32', '--model-ema'))
