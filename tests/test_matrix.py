@@ -185,7 +185,7 @@ def test_sync_bn_rule(distributed, device, refused, caplog):
     only when distributed (the node-recipe-on-a-laptop test trains through it)."""
     args = argparse.Namespace(sync_bn=True, distributed=distributed)
     if refused:
-        with pytest.raises(UsageError, match=r'^--sync-bn needs CUDA devices \(torch.nn.SyncBatchNorm does not run on '):
+        with pytest.raises(UsageError, match=r'^--sync-bn needs CUDA devices \(torch.nn.SyncBatchNorm does not run'):
             train._check_sync_bn(args, torch.device(device))
         return
     train._check_sync_bn(args, torch.device(device))

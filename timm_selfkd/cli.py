@@ -68,8 +68,8 @@ def add_selfkd_arguments(parser: argparse.ArgumentParser) -> None:
     for name in list_methods():
         spec = get_method(name)
         for field in hparam_fields(spec):
-            kwargs: Dict[str, Any] = dict(dest=hparam_dest(name, field.name), default=None,
-                                          help=f'{name}: {field.metadata.get("help", "")} ({_default_and_range(field)})')
+            help_text = f'{name}: {field.metadata.get("help", "")} ({_default_and_range(field)})'
+            kwargs: Dict[str, Any] = dict(dest=hparam_dest(name, field.name), default=None, help=help_text)
             field_type = _TYPES.get(field.type, field.type)
             if field_type is bool:
                 kwargs['action'] = argparse.BooleanOptionalAction
@@ -439,8 +439,8 @@ def method_hparams(args: argparse.Namespace):
             if value is None:
                 continue
             if name not in values:
-                raise UsageError(f'{hparam_flag(name, field.name)} ({hparam_dest(name, field.name)}) is a hyper-parameter of '
-                                 f'{name}, but the method is {spec.name!r}')
+                raise UsageError(f'{hparam_flag(name, field.name)} ({hparam_dest(name, field.name)}) is a '
+                                 f'hyper-parameter of {name}, but the method is {spec.name!r}')
             values[name][field.name] = value
     return build_hparams(spec, values if len(values) > 1 else values[spec.name])
 

@@ -105,7 +105,8 @@ def _usage(load_name: str, recipe: Dict[str, Any]) -> str:
             'logits = model(transform(image).unsqueeze(0))  # image: a PIL image\n```\n\n'
             'Train it again with timm-selfkd: save the recipe below as `recipe.yaml` and run '
             '`python train.py -c recipe.yaml --data-dir DATA`.\n\n'
-            '<details><summary>The run\'s recipe (args.yaml without its unset keys, local paths and trackers)</summary>\n\n'
+            '<details><summary>The run\'s recipe (args.yaml without its unset keys, local paths and trackers)'
+            '</summary>\n\n'
             f'```yaml\n{yaml.safe_dump(shared, sort_keys=False)}```\n</details>\n')
 
 

@@ -330,8 +330,8 @@ class Injection:
         self.stream = attached.stream
         if args.rank == 0:
             batches = type(self.stream.batch_sampler).__name__ if self.stream is not None else 'the data set\'s stream'
-            self.module._logger.info(f'timm_selfkd: --selfkd {task.method}: {type(task).__name__} ({self.wiring.hparams}) in '
-                                     f'place of ClassificationTask; batches from {batches}, {attached.steps_per_epoch} '
+            self.module._logger.info(f'timm_selfkd: --selfkd {task.method}: {type(task).__name__} '
+                                     f'({self.wiring.hparams}) in place of ClassificationTask; batches from {batches}, {attached.steps_per_epoch} '
                                      'per epoch')
 
     def _count(self, module, args, kwargs, output) -> None:

@@ -92,7 +92,8 @@ def _recipe_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Di
 
 def _hparam_flags():
     """(method, dest, flag) of every method hyper-parameter flag."""
-    dests = [(name, hparam_dest(name, field.name)) for name in list_methods() for field in hparam_fields(get_method(name))]
+    dests = [(name, hparam_dest(name, field.name))
+             for name in list_methods() for field in hparam_fields(get_method(name))]
     return [(name, dest, '--' + dest.replace('_', '-')) for name, dest in dests]
 
 
