@@ -331,8 +331,8 @@ class Injection:
         if args.rank == 0:
             batches = type(self.stream.batch_sampler).__name__ if self.stream is not None else 'the data set\'s stream'
             self.module._logger.info(f'timm_selfkd: --selfkd {task.method}: {type(task).__name__} '
-                                     f'({self.wiring.hparams}) in place of ClassificationTask; batches from {batches}, {attached.steps_per_epoch} '
-                                     'per epoch')
+                                     f'({self.wiring.hparams}) in place of ClassificationTask; batches from {batches}, '
+                                     f'{attached.steps_per_epoch} per epoch')
 
     def _count(self, module, args, kwargs, output) -> None:
         """Forward hook of the task: its loss terms and images into the epoch's ledger."""
