@@ -194,14 +194,21 @@ def _fmt(values: Sequence[float]) -> str:
     return 'failed' if mean != mean else f'{mean:.2f} ± {sd:.2f}'
 
 
-def _ok(runs: Sequence[Run]) -> List[Run]:
+def finished(runs: Sequence[Run]) -> List[Run]:
+    """The runs that ended without an error."""
     return [r for r in runs if not r.error]
+
+
+def reads_more(matched: Sequence[Run], plain: Sequence[Run]) -> bool:
+    """Whether plain training at equal images (`matched`) runs other epochs than at equal epochs (`plain`): the
+    method reads each image more than once per epoch."""
+    return bool({r.epochs for r in matched} - {r.epochs for r in plain})
 
 
 def vs_plain(runs: Sequence[Run], plain: Sequence[Run]) -> Tuple[float, List[float]]:
     """A method's top-1 change over plain training: the difference of the means over the finished runs (the
     tables' figure), and each seed's own difference (the seeds where both runs finished)."""
-    ok, base = _ok(runs), _ok(plain)
+    ok, base = finished(runs), finished(plain)
     delta = mean_sd([r.top1 for r in ok])[0] - mean_sd([r.top1 for r in base])[0]
     plain_by_seed = {r.seed: r.top1 for r in base}
     return delta, [r.top1 - plain_by_seed[r.seed] for r in ok if r.seed in plain_by_seed]
@@ -226,7 +233,7 @@ def write_markdown(path: Path, args: argparse.Namespace, extra: List[str], rows,
                   'plain, equal images: epochs | top-1 | method vs plain |',
                   '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
         for _, method, runs, matched in group:
-            ok = _ok(runs)
+            ok = finished(runs)
             delta = f'{vs_plain(runs, plain)[0]:+.2f}' if ok and method != 'none' else ''
             row = [method, _fmt([r.top1 for r in ok]) if ok else 'failed: ' + runs[0].error.replace('|', '/'),
                    delta, f'{mean_sd([r.images for r in ok])[0]:.0f}', f'{mean_sd([r.steps for r in ok])[0]:.0f}',
@@ -329,10 +336,10 @@ def _top1_panel(ax, methods: Sequence[str], table, noise: float) -> None:
     """One row per method: its top-1 (mean, sd bars) and plain training's at equal images where that differs from
     equal epochs, against a band of plain training's at equal epochs (mean +- sd); the top-1 axis is cut to the
     data, which the axis label says."""
-    plain = mean_sd([r.top1 for r in _ok(table[(noise, 'none')][0])])
-    method = {m: mean_sd([r.top1 for r in _ok(table[(noise, m)][0])]) for m in methods}
+    plain = mean_sd([r.top1 for r in finished(table[(noise, 'none')][0])])
+    method = {m: mean_sd([r.top1 for r in finished(table[(noise, m)][0])]) for m in methods}
     matched = {m: mean_sd([r.top1 for r in table[(noise, m)][1]]) for m in methods
-               if {r.epochs for r in table[(noise, m)][1]} - {r.epochs for r in table[(noise, 'none')][0]}}
+               if reads_more(table[(noise, m)][1], table[(noise, 'none')][0])}
     shown = [s for s in [plain, *method.values(), *matched.values()] if s[0] == s[0]]
     low = max(min(mean - sd for mean, sd in shown), plain[0] - OFF_SCALE) - 1
     high = min(100, max(mean + sd for mean, sd in shown) + 1)
@@ -342,7 +349,7 @@ def _top1_panel(ax, methods: Sequence[str], table, noise: float) -> None:
     for y, m in zip(rows, methods):
         runs = table[(noise, m)][0]
         mean, sd = method[m]
-        notes = [f'{sum(bool(r.error) for r in runs)} of {len(runs)} seeds failed'] if _ok(runs) != runs else []
+        notes = [f'{sum(bool(r.error) for r in runs)} of {len(runs)} seeds failed'] if finished(runs) != runs else []
         if mean == mean and mean < low:
             notes.insert(0, f'{mean:.1f} ± {sd:.1f}: off scale')
             ax.plot(low, y, '<', color='tab:blue', ms=7, clip_on=False)
@@ -381,7 +388,7 @@ def plot_chart(path: Path, args: argparse.Namespace, rows) -> bool:
     if len(noises) > 1:
         ax = axes[-1]
         for method in args.methods:
-            stats = [mean_sd([r.top1 for r in _ok(table[(noise, method)][0])]) for noise in noises]
+            stats = [mean_sd([r.top1 for r in finished(table[(noise, method)][0])]) for noise in noises]
             ax.errorbar(noises, [s[0] for s in stats], yerr=[s[1] for s in stats], marker='o', capsize=3,
                         label='plain' if method == 'none' else method)
         ax.set(xlabel='training label noise', ylabel='validation top-1 (%)\n(axis not from 0)')

@@ -137,11 +137,6 @@ def accuracy_charts(results: Path = RESULTS) -> List[Path]:
     return written
 
 
-def render_guide() -> str:
-    costs = step_costs()
-    return guide.render({name: setting(name, costs) for name in SETTINGS}, costs)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='benchmarks/charts.py', description=__doc__.split('\n\n')[0])
     parser.add_argument('--check', action='store_true', help='only check that the README\'s guide is up to date')
@@ -149,7 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         text = args.readme.read_text()
-        updated = splice(text, render_guide(), MARKERS)
+        costs = step_costs()
+        measured = {name: setting(name, costs) for name in SETTINGS}
+        updated = splice(text, guide.render(measured, costs), MARKERS)
     except (OSError, ValueError) as e:
         print(f'{parser.prog}: error: {e}', file=sys.stderr)
         return 2
@@ -163,8 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if accuracy._pyplot() is None:
         print(f'{parser.prog}: wrote the README\'s guide; no charts: pip install matplotlib (or -e ".[bench]")')
         return 0
-    costs = step_costs()
-    gain_vs_cost_chart(RESULTS / GAIN_VS_COST, {name: setting(name, costs) for name in PANELS})
+    gain_vs_cost_chart(RESULTS / GAIN_VS_COST, {name: measured[name] for name in PANELS})
     charts = [RESULTS / GAIN_VS_COST] + accuracy_charts()
     print(f'wrote {args.readme} (guide) and ' + ', '.join(str(c.relative_to(REPO)) for c in charts))
     return 0

@@ -3,7 +3,6 @@ step-time ratio to plain training (`benchmarks/overhead.py`'s table) and its top
 equal epochs and at equal images, per seed (`benchmarks/accuracy.py`'s runs, matched as that benchmark matches
 them). The charts (`benchmarks/charts.py`) and the README's method guide (`benchmarks/guide.py`) draw on it.
 """
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Dict, List, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'benchmarks'))
-from accuracy import recorded_benchmark, vs_plain  # noqa: E402
+from accuracy import finished, mean_sd, reads_more, recorded_benchmark, vs_plain  # noqa: E402
 
 RESULTS = REPO / 'benchmarks' / 'results'
 # The step costs: CPU clock, one thread, resnet18 at 64x64, batch 64; a method is taken from the first file with it.
@@ -97,14 +96,9 @@ def setting(name: str, costs: Dict[str, StepCost]) -> Dict[str, Evidence]:
     return measured([RESULTS / file for file in SETTINGS[name]], costs)
 
 
-def _steps(runs) -> float:
-    finished = [r.steps for r in runs if not r.error]
-    return statistics.fmean(finished) if finished else float('nan')
-
-
 def _change(runs, plain, cost: StepCost) -> Change:
     delta, per_seed = vs_plain(runs, plain)
-    steps = _steps(runs) / _steps(plain)
+    steps = mean_sd([r.steps for r in finished(runs)])[0] / mean_sd([r.steps for r in finished(plain)])[0]
     return Change(delta, per_seed, cost.ratio * steps, cost.low * steps, cost.high * steps)
 
 
@@ -124,5 +118,5 @@ def measured(files: Sequence[Path], costs: Dict[str, StepCost]) -> Dict[str, Evi
                 raise ValueError(f'{method} has accuracy runs in {path.name} but no step time')
             evidence[method] = Evidence(method, costs[method], _change(runs, plain, costs[method]),
                                         _change(runs, matched, costs[method]),
-                                        any(r.epochs != args.epochs for r in matched), len(args.seeds))
+                                        reads_more(matched, plain), len(args.seeds))
     return evidence

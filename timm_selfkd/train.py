@@ -175,6 +175,13 @@ def _check_sync_bn(args, device: torch.device) -> None:
         raise UsageError('--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm does not run on the CPU)')
 
 
+def _mean_lr(optimizer) -> float:
+    """The learning rate timm's train.py reports: the mean over the parameter groups (which differ under
+    --layer-decay)."""
+    lrs = [group['lr'] for group in optimizer.param_groups]
+    return sum(lrs) / len(lrs)
+
+
 def _init_head(model, scale: Optional[float], bias: Optional[float]) -> None:
     """timm's --head-init-scale/--head-init-bias: rescale the classifier's initial weights, set its bias."""
     classifier = model.get_classifier() if (scale is not None or bias is not None) else None
@@ -471,9 +478,8 @@ class Run:
             p.seconds = time.time() - start
             self.meter.count(input.shape[0])
             if args.rank == 0 and ((p.step - 1) % args.log_interval == 0 or p.step == steps):
-                lrs = [group['lr'] for group in s.optimizer.param_groups]  # the loss read below is the host sync
                 _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps} {100 * p.step / steps:3.0f}%]  {p.ledger.text()}  '
-                             f'lr {sum(lrs) / len(lrs):.3e}  {self.meter.text()}  {p.seconds:.1f}s')
+                             f'lr {_mean_lr(s.optimizer):.3e}  {self.meter.text()}  {p.seconds:.1f}s')
                 s.log.step(p.epoch, p.batches, p.ledger)
             if not update:  # checks and checkpoints only between optimizer updates
                 continue
@@ -588,7 +594,7 @@ class Run:
                 if args.model_ema:
                     eval_metrics.update({f'ema_{k}': v for k, v in self.validate(ema=True).items()})
             metric = eval_metrics.get(args.eval_metric)
-            lrs = [group['lr'] for group in s.optimizer.param_groups]
+            lr = _mean_lr(s.optimizer)  # the epoch's, before the scheduler sets the next one
             s.scheduler.step(s.position.epoch + 1, metric)
             s.task.sync_task_state()
             s.position.gather(args.distributed)
@@ -596,7 +602,7 @@ class Run:
                 if eval_metrics:
                     _logger.info(f'Eval {s.position.epoch}: ' +
                                  '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
-                self.save(lambda: self.write_summary(train_metrics, eval_metrics, 'ok', lr=sum(lrs) / len(lrs)))
+                self.save(lambda: self.write_summary(train_metrics, eval_metrics, 'ok', lr=lr))
                 best = self.save(lambda: self.saver.save_checkpoint(s.position.epoch, metric=metric))
                 self.last_checkpoint = os.path.join(self.output_dir, 'last.pth.tar')
                 _logger.info(self.clock.end(s.position.epoch, s.position.seconds))
