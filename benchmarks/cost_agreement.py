@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, installed or not
 import overhead  # noqa: E402  (benchmarks/ is this script's folder)
 from timm_selfkd.cost import command  # noqa: E402
 from timm_selfkd.cost.measure import measure  # noqa: E402
-from timm_selfkd.cost.report import environment  # noqa: E402
+from timm_selfkd.cost.report import cost_rows, environment  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -61,10 +60,10 @@ def main(argv: Optional[List[str]] = None) -> int:
              '| method | overhead: time ratio (quartiles) | cost: time ratio | in the quartiles | overhead: memory '
              'ratio | cost: memory ratio | same |', '|---|---:|---:|---|---:|---:|---|']
     agree = True
-    base = reference['none']
+    expected = {row['method']: row for row in cost_rows(list(reference.values()), overhead.setting(bench),
+                                                         overhead.RUN_EPOCHS)}
     for method in bench.methods[1:]:
-        r1, ratio, r3 = np.percentile(reference[method].times / base.times, [25, 50, 75])
-        memory = reference[method].peak_bytes / base.peak_bytes
+        (r1, r3), ratio, memory = (expected[method][key] for key in ('time_ratio_iqr', 'time_ratio', 'memory_ratio'))
         row = rows[method]
         inside = r1 <= row['time_ratio'] <= r3
         same = abs(row['memory_ratio'] - memory) < 1e-3

@@ -16,7 +16,6 @@ Usage:
         --methods none,self_guidance,multi_exit --output benchmarks/results/overhead_cpu_swin_tiny.md
 """
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout, installed or not
 import timm_selfkd  # noqa: E402
 from timm_selfkd.cost.measure import MethodRun, Result, Setting, Trainer, measure  # noqa: E402
-from timm_selfkd.cost.report import environment as cost_environment  # noqa: E402
+from timm_selfkd.cost.report import cost_rows, environment as cost_environment  # noqa: E402
 from timm_selfkd.runtime.run_guard import RunGuard  # noqa: E402
 from timm_selfkd.runtime.batch_stream import seed_everything, seed_host, step_seed  # noqa: E402
 
@@ -151,9 +150,9 @@ def seeding_cost(samples: int = 20000) -> float:
 
 
 def report(args: argparse.Namespace, results: Dict[str, Result]) -> str:
-    """The markdown table, the costs in words and the targets."""
-    base = results['none'].times
-    memory = {method: result.peak_bytes for method, result in results.items()}
+    """The markdown table, the costs in words and the targets (the cost command's rows: `cost_rows`)."""
+    rows = cost_rows(list(results.values()), setting(args), RUN_EPOCHS)
+    memory = {row['method']: row['peak_memory_bytes'] for row in rows}
     lines = [
         f'Model `{args.model}`{"".join(f" {k}={v}" for k, v in args.model_kwargs.items())} '
         f'({args.num_classes} classes), {args.img_size}x{args.img_size} images, '
@@ -166,22 +165,20 @@ def report(args: argparse.Namespace, results: Dict[str, Result]) -> str:
         '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     ratios = {}
-    for method, result in results.items():
-        q1, median, q3 = np.percentile(result.times, [25, 50, 75]) * 1e3
-        r1, ratio, r3 = np.percentile(result.times / base, [25, 50, 75])
-        ratios[method] = float(ratio), memory[method] / memory['none']
-        new_images = round(RUN_SAMPLES / result.steps_per_epoch)  # images new to the epoch, from its batches
-        lines.append(f'| {method} | {args.batch_size} | {new_images} | {median:.1f} '
-                     f'| {q3 - q1:.1f} | {ratio:.3f}x | {r1:.3f}-{r3:.3f} | {memory[method] / 2 ** 20:.2f} '
-                     f'| {ratios[method][1]:.4f}x |')
+    for row in rows:
+        method, (q1, q3), (r1, r3) = row['method'], row['step_ms_iqr'], row['time_ratio_iqr']
+        ratios[method] = float(row['time_ratio']), row['memory_ratio']
+        lines.append(f'| {method} | {args.batch_size} | {round(row["new_images_per_step"])} | {row["step_ms"]:.1f} '
+                     f'| {q3 - q1:.1f} | {row["time_ratio"]:.3f}x | {r1:.3f}-{r3:.3f} | {memory[method] / 2 ** 20:.2f} '
+                     f'| {row["memory_ratio"]:.4f}x |')
     lines += ['', 'Time ratio: median (and quartiles) over rounds of the method\'s step time / `none`\'s in the same '
               'round. Peak memory: live tensors (model, gradients, optimizer and task state, activations).', '']
     lines += [f'- {m.upper()}: {t:.2f}x time, {mem:.2f}x memory ({(memory[m] - memory["none"]) / 2 ** 10:+.1f} KiB '
               'peak)' for m, (t, mem) in ratios.items() if m != 'none']
-    lines += [f'- {m.upper()} per-sample table, not in its peak memory: '
-              f'{result.per_sample_bytes * RUN_SAMPLES / 2 ** 20:.2f} MiB for {RUN_SAMPLES} images x '
+    lines += [f'- {row["method"].upper()} per-sample table, not in its peak memory: '
+              f'{row["per_sample_state_bytes"] * RUN_SAMPLES / 2 ** 20:.2f} MiB for {RUN_SAMPLES} images x '
               f'{args.num_classes} classes (benchmarks/memory_pskd.py: ImageNet)'
-              for m, result in results.items() if result.per_sample_bytes]
+              for row in rows if row['per_sample_state_bytes']]
     targets = [(m, TARGETS[m.split(':')[0]]) for m in ratios if m.split(':')[0] in TARGETS]
     if targets:
         lines += ['', 'Targets (from the issues):', '']
@@ -196,11 +193,11 @@ def report(args: argparse.Namespace, results: Dict[str, Result]) -> str:
 
 def environment(args: argparse.Namespace) -> str:
     """Command line, versions, hardware and date for the saved report."""
-    env = cost_environment(args.device, shlex.join(sys.argv))
+    env = cost_environment(args.device, ' '.join(sys.argv))
     return '\n'.join([
         f'# Self-KD overhead: {args.device}, {args.model}',
         '',
-        f'- command: `python {" ".join(sys.argv)}`',
+        f'- command: `python {env["command"]}`',
         f'- torch {env["torch"]}, timm {env["timm"]}, timm_selfkd {env["timm_selfkd"]}, python {env["python"]}',
         f'- CPU: {env["cpu"]}; platform {env["platform"]}',
         f'- device: {env["device"]}; torch threads: {args.threads}',

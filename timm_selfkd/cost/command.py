@@ -27,9 +27,11 @@ from timm_selfkd.cli import parse_args as parse_train_args
 from timm_selfkd.cost.measure import MethodRun, Setting, measure
 from timm_selfkd.cost.report import cost_rows, environment, markdown
 from timm_selfkd.errors import UsageError
-from timm_selfkd.registry import get_method, hparam_dest, hparam_fields, list_methods, method_parts
+from timm_selfkd.registry import get_method, hparam_dest, hparam_fields, hparam_flag, list_methods, method_parts
 
 __all__ = ['build_parser', 'method_runs', 'main', 'STACKS']
+
+PROG = 'python -m timm_selfkd.cost'
 
 STACKS = ('ddgsd+dlb',)  # the stacks `--selfkd all` measures besides every registered method (DLB paper, table 3)
 # state worth knowing of a method at another setting, reported beside its row: PS-KD's top-k table (10 classes)
@@ -37,7 +39,7 @@ STATE_VARIANTS = {'pskd': {'topk': 10}}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog='python -m timm_selfkd.cost', description=__doc__.split('\n\n')[0],
+    p = OneLineParser(prog=PROG, description=__doc__.split('\n\n')[0],
                        epilog='Each method\'s own flags (--dlb-alpha, ...) are train.py\'s; see --list-selfkd.')
     p.add_argument('-c', '--config', default='', metavar='FILE',
                    help='a train.py recipe (YAML): its model, input, batch, precision, epochs, method and '
@@ -92,9 +94,8 @@ def _recipe_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Di
 
 def _hparam_flags():
     """(method, dest, flag) of every method hyper-parameter flag."""
-    dests = [(name, hparam_dest(name, field.name))
-             for name in list_methods() for field in hparam_fields(get_method(name))]
-    return [(name, dest, '--' + dest.replace('_', '-')) for name, dest in dests]
+    return [(name, hparam_dest(name, field.name), hparam_flag(name, field.name))
+            for name in list_methods() for field in hparam_fields(get_method(name))]
 
 
 def _method_names(selfkd: str) -> List[str]:
@@ -200,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         results = measure(setting, runs, args.steps, args.warmup, time_limit=args.time_limit)
         rows = cost_rows(results, setting, args.epochs)
     except ValueError as e:  # the model cannot be built, or plain training cannot run on it
-        print(f'{build_parser().prog}: error: {str(e).splitlines()[0]}', file=sys.stderr)
+        print(f'{PROG}: error: {str(e).splitlines()[0]}', file=sys.stderr)
         sys.exit(2)
     env = environment(setting.device, shlex.join(['python', '-m', 'timm_selfkd.cost', *argv]))
     text = markdown(rows, setting, args.epochs, env['device'])
