@@ -29,15 +29,13 @@ from timm.models._hub import generate_readme
 
 from timm_selfkd.errors import UsageError
 from timm_selfkd.model_card import ExportedWeights, method_record, model_card
+from timm_selfkd.options import model_arguments
 from timm_selfkd.runtime.checkpoint import load_error, read_checkpoint
 
 __all__ = ['main']
 
 PROG = 'python -m timm_selfkd.export'
 CHECKPOINTS = {'best': 'model_best.pth.tar', 'last': 'last.pth.tar'}
-# the run's arguments that shape the model, as create_model's keyword arguments (drop rates do not: eval mode)
-ARCHITECTURE_ARGS = (('num_classes', 'num_classes'), ('in_chans', 'in_chans'), ('gp', 'global_pool'),
-                     ('bn_eps', 'bn_eps'))
 # pretrained-config entries that describe timm's published weights of the architecture, not the run's
 SOURCE_WEIGHTS_KEYS = ('tag', 'license', 'origin_url', 'paper_ids', 'paper_name', 'notes')
 
@@ -120,9 +118,7 @@ def trained_model(checkpoint: Dict[str, Any], ema: Optional[bool], path: str):
                          'trained weights without --ema')
     use_ema = kept if ema is None else ema
     run_args = checkpoint['args']
-    kwargs = dict(getattr(run_args, 'model_kwargs', None) or {})
-    kwargs.update({name: getattr(run_args, key) for key, name in ARCHITECTURE_ARGS
-                   if getattr(run_args, key, None) is not None})
+    kwargs = model_arguments(run_args, training=False)  # the drop rates do not shape the evaluated model
     try:
         model = timm.create_model(run_args.model, **kwargs)
         model.load_state_dict(clean_state_dict(checkpoint['state_dict_ema' if use_ema else 'state_dict']))

@@ -2,6 +2,7 @@
 
 - `REFUSED_OPTIONS`: the flags of timm's train.py that a self-KD run does not take, one reason each;
 - `mixup_arguments`: timm's mixup/CutMix options as the arguments of its `Mixup`;
+- `model_arguments`: timm's model options as the keyword arguments of its `create_model`;
 - `read_recipe`: the YAML recipe named by `-c`.
 
 Nothing here knows a method: what a method refuses is `timm_selfkd.wiring`'s.
@@ -15,7 +16,7 @@ import yaml
 from timm_selfkd.errors import UsageError
 
 __all__ = ['RefusedOption', 'REFUSED_OPTIONS', 'refused_options_set', 'mixup_active', 'mixup_arguments',
-           'read_recipe_path', 'read_recipe']
+           'model_arguments', 'read_recipe_path', 'read_recipe']
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,22 @@ def mixup_arguments(args: argparse.Namespace, num_classes: int) -> Optional[Dict
     return dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                 label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def model_arguments(args: argparse.Namespace, training: bool = True) -> Dict[str, Any]:
+    """timm's `create_model` keyword arguments from its options: `--model-kwargs`, then those set of the ones that
+    shape the model (`--num-classes`, `--in-chans`, `--gp`, `--bn-eps`) and, with `training`, of the drop rates and
+    the BatchNorm momentum (which an evaluated model does not use). Options a namespace lacks count as not set."""
+    option = vars(args).get  # the arguments an older run recorded may lack one
+    drop_path = option('drop_path') if option('drop_connect') is None else option('drop_connect')
+    kwargs = dict(option('model_kwargs') or {})
+    for key, value, shapes in (('num_classes', option('num_classes'), True), ('in_chans', option('in_chans'), True),
+                               ('drop_path_rate', drop_path, False), ('drop_block_rate', option('drop_block'), False),
+                               ('global_pool', option('gp'), True), ('bn_momentum', option('bn_momentum'), False),
+                               ('bn_eps', option('bn_eps'), True)):
+        if value is not None and (shapes or training):
+            kwargs[key] = value
+    return kwargs
 
 
 def read_recipe_path(argv: Sequence[str]) -> str:

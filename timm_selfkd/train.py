@@ -41,7 +41,7 @@ from timm.utils import (dispatch_clip_grad, distribute_bn, init_distributed_devi
 
 from timm_selfkd.errors import UsageError
 from timm_selfkd.cli import format_methods, parse_args, recipe_values
-from timm_selfkd.options import mixup_arguments
+from timm_selfkd.options import mixup_arguments, model_arguments
 from timm_selfkd.runtime.checkpoint import (AMP_SCALER_KEY, CheckpointWriteError, RunSaver, check_same_run,
                                              load_error, read_checkpoint)
 from timm_selfkd.runtime.data import (build_dataset, class_count, dataset_class_map, unreadable_images,
@@ -280,13 +280,7 @@ class Setup:
             args.num_classes = num_labels
         if args.fast_norm:
             set_fast_norm()
-        kwargs = dict(args.model_kwargs)
-        for key, value in (('num_classes', args.num_classes), ('in_chans', args.in_chans),
-                           ('drop_path_rate', args.drop_path if args.drop_connect is None else args.drop_connect),
-                           ('drop_block_rate', args.drop_block), ('global_pool', args.gp),
-                           ('bn_momentum', args.bn_momentum), ('bn_eps', args.bn_eps)):
-            if value is not None:
-                kwargs[key] = value
+        kwargs = model_arguments(args)
         if args.pretrained_path:  # a local file as the pretrained weights; the head adapts to num_classes
             kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
         try:
