@@ -472,9 +472,11 @@ class Run:
             p.seconds = time.time() - start
             self.meter.count(input.shape[0])
             if args.rank == 0 and ((p.step - 1) % args.log_interval == 0 or p.step == steps):
-                _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps} {100 * p.step / steps:3.0f}%]  {p.ledger.text()}  '
-                             f'lr {_mean_lr(s.optimizer):.3e}  {self.meter.text()}  {p.seconds:.1f}s')
-                s.log.step(p.epoch, p.batches, p.ledger)
+                sums = p.ledger.host_sums()  # the line's one read of the device
+                _logger.info(f'Train {p.epoch} [{p.step:>4d}/{steps} {100 * p.step / steps:3.0f}%]  '
+                             f'{p.ledger.text(sums)}  lr {_mean_lr(s.optimizer):.3e}  {self.meter.text()}  '
+                             f'{p.seconds:.1f}s')
+                s.log.step(p.epoch, p.batches, p.ledger, sums)
             if not update:  # checks and checkpoints only between optimizer updates
                 continue
             # the epoch's last step is followed by validation and the epoch checkpoint, which serves as recovery

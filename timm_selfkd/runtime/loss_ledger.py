@@ -24,9 +24,15 @@ class LossLedger:
         self.steps += 1
         self.images += images
 
-    def text(self) -> str:
-        """This process's means so far, as `name value` pairs for a log line."""
-        return '  '.join(f'{name} {float(total) / max(self.steps, 1):.4f}' for name, total in self.sums.items())
+    def host_sums(self) -> Dict[str, float]:
+        """Each term's sum so far, read from the device at once (one host sync)."""
+        return dict(zip(self.sums, torch.stack(list(self.sums.values())).tolist())) if self.sums else {}
+
+    def text(self, sums: Optional[Mapping[str, float]] = None) -> str:
+        """This process's means so far, as `name value` pairs for a log line (from `sums`, `host_sums()` already
+        read, or read here)."""
+        sums = self.host_sums() if sums is None else sums
+        return '  '.join(f'{name} {total / max(self.steps, 1):.4f}' for name, total in sums.items())
 
     def epoch_metrics(self, device: torch.device, distributed: bool) -> Dict[str, float]:
         """Each term's mean over the steps, averaged over the processes, and the images of all processes (one

@@ -119,17 +119,19 @@ class RunLog:
                     self.tensorboard.add_scalar(name, value, row['epoch'])
             self.tensorboard.flush()
 
-    def step(self, epoch: int, batches: int, ledger: LossLedger) -> None:
+    def step(self, epoch: int, batches: int, ledger: LossLedger, sums: Mapping[str, float]) -> None:
         """The loss terms at a log interval, for TensorBoard: `step/<term>`, each the mean over the steps since the
-        previous point of the epoch, at `batches`, the batches trained in the run."""
+        previous point of the epoch, at `batches`, the batches trained in the run (`sums`: the epoch's
+        `ledger.host_sums()`, as the step line read them)."""
+        if self.tensorboard is None:
+            return
         previous = self._last_point if self._last_point and self._last_point[0] == epoch else (epoch, 0, {})
         steps = ledger.steps - previous[1]
-        if self.tensorboard is None or steps <= 0:  # no step counted since (all skipped by --nonfinite skip)
+        if steps <= 0:  # no step counted since (all skipped by --nonfinite skip)
             return
-        sums = {name: float(total) for name, total in ledger.sums.items()}
         for name, total in sums.items():
             self.tensorboard.add_scalar(f'step/{name}', (total - previous[2].get(name, 0.)) / steps, batches)
-        self._last_point = (epoch, ledger.steps, sums)
+        self._last_point = (epoch, ledger.steps, dict(sums))
 
     def __enter__(self) -> 'RunLog':
         return self
