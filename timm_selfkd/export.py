@@ -27,7 +27,7 @@ from timm.data import resolve_data_config
 from timm.models import clean_state_dict, push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
 
-from timm_selfkd.errors import UsageError
+from timm_selfkd.errors import UsageError, first_line
 from timm_selfkd.model_card import ExportedWeights, method_record, model_card
 from timm_selfkd.options import model_arguments
 from timm_selfkd.runtime.checkpoint import load_error, read_checkpoint
@@ -191,7 +191,7 @@ def push(model, repo: str, card: Dict[str, Any], data_config: Dict[str, Any], pr
                                                             'with timm-selfkd', private=private, model_card=card,
                                 data_config=data_config, safe_serialization=True)
     except Exception as e:  # the Hub client's errors (network, login, permission) share no base class
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         print(f'{PROG}: error: pushing to {repo!r} failed ({reason}); {out_dir} is complete', file=sys.stderr)
         sys.exit(1)
     print(f'{PROG}: pushed to the Hugging Face Hub: {commit}')

@@ -11,6 +11,7 @@ from timm.models._efficientnet_builder import efficientnet_init_weights
 
 from timm_selfkd.components.feature_levels import model_name
 from timm_selfkd.components.training_parts import like_model
+from timm_selfkd.errors import first_line
 
 __all__ = ['LevelCapture', 'DeepBranch', 'deep_branches', 'branch_no_weight_decay']
 
@@ -179,7 +180,7 @@ class DeepBranch(nn.Module):
             if not torch.equal(got, expected):
                 raise ValueError(f'its logits differ from the model\'s by up to {(got - expected).abs().max():.3g}')
         except Exception as e:  # noqa: BLE001  any failure of the cut copy means no branch: one line
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise ValueError(f'{where}: a copy of the model run from that module does not reproduce the model '
                              f'(its forward is not a chain of modules from there: {reason})') from None
         finally:

@@ -54,12 +54,12 @@ def build_stack(layout: MethodSpec, base: MethodSpec) -> Tuple[Type, Type]:
     hparams_cls = dataclasses.make_dataclass(
         f'{layout.hparams_cls.__name__}On{base.hparams_cls.__name__}',
         [(part.name, part.hparams_cls, dataclasses.field(default_factory=part.hparams_cls)) for part in (layout, base)])
-    return _stacked_task(layout, base), hparams_cls
+    return _stacked_task(layout, base, name), hparams_cls
 
 
-def _stacked_task(layout: MethodSpec, base: MethodSpec) -> Type:
+def _stacked_task(layout: MethodSpec, base: MethodSpec, name: str) -> Type:
     layout_cls, base_cls, hooks = layout.task_cls, base.task_cls, layout.task_cls.layout
-    name, rows = f'{layout.name}{STACK_SEPARATOR}{base.name}', hooks.rows_per_image
+    rows = hooks.rows_per_image
 
     class StackedTask(base_cls):
         __doc__ = f'{layout.name} batch layout stacked on {base.name} (see timm_selfkd.methods.stack).'

@@ -23,8 +23,7 @@ from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from timm_selfkd.run_facts import BatchInfo
 
-__all__ = ['SampleKey', 'BatchInfo', 'BatchStream', 'KeyedDataset', 'seed_host', 'seed_everything',
-           'step_seed']
+__all__ = ['SampleKey', 'BatchStream', 'KeyedDataset', 'seed_host', 'seed_everything', 'step_seed']
 
 _STEP_STREAM = 1  # extra entropy word that keeps step seeds apart from the per-sample seeds of the same step
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Optional, Set
 import torch
 from timm.utils import CheckpointSaver
 
-from timm_selfkd.errors import UsageError
+from timm_selfkd.errors import UsageError, first_line
 
 __all__ = ['AMP_SCALER_KEY', 'RunSaver', 'CheckpointWriteError', 'read_checkpoint', 'check_same_run', 'load_error',
            'is_temporary', 'remove_partial_files']
@@ -206,7 +206,7 @@ def read_checkpoint(path: str, mmap: bool = False) -> Dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UsageError(f'checkpoint {path!r} is truncated or corrupt ({reason})') from e
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
         raise UsageError(f'{path!r} is not a training checkpoint (no state_dict); use --initial-checkpoint for '

@@ -26,7 +26,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 from torch.utils.data._utils import signal_handling
 
-from timm_selfkd.errors import UsageError
+from timm_selfkd.errors import UsageError, first_line
 from timm_selfkd.runtime.batch_stream import BatchStream, KeyedDataset
 
 __all__ = ['FASHION_MNIST_DIR', 'FashionMNIST', 'DatasetView', 'DatasetNotFoundError', 'build_dataset',
@@ -139,7 +139,7 @@ def build_dataset(name: str, root: Optional[str], split: str, is_training: bool,
                 return create_dataset(name, root=root, split=split, is_training=is_training, download=download,
                                       input_img_mode=img_mode, seed=seed, **{**timm_kwargs, **kwargs})
             except (RuntimeError, AssertionError, FileNotFoundError, OSError) as e:
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                reason = first_line(e)
                 raise DatasetNotFoundError(f'data set {name or "folder"!r} ({split}) could not be loaded from '
                                            f'{root!r}: {reason}') from e
 
@@ -475,7 +475,7 @@ def _read_error(path: str) -> str:
         with Image.open(path) as image:
             image.load()
     except Exception as e:  # PIL raises many kinds for a damaged file
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return first_line(e)
     return ''
 
 

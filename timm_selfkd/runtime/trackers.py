@@ -12,7 +12,7 @@ import importlib
 import os
 from typing import Any, Dict, Mapping, Optional
 
-from timm_selfkd.errors import UsageError
+from timm_selfkd.errors import UsageError, first_line
 from timm_selfkd.runtime.loss_ledger import LossLedger
 
 __all__ = ['SummaryCsv', 'RunLog']
@@ -102,8 +102,7 @@ class RunLog:
                 self.wandb_run = wandb.init(name=os.path.basename(output_dir), config=config, id=self.wandb_id,
                                             resume=resume, **self.wandb_options)
             except wandb.Error as e:
-                raise UsageError(f'--log-wandb: wandb could not start the run: {str(e).strip().splitlines()[0]}') \
-                    from e
+                raise UsageError(f'--log-wandb: wandb could not start the run: {first_line(e)}') from e
             self.wandb_id = self.wandb_run.id
         if self.tensorboard_dir is not None:
             self.tensorboard = _require('tensorboard').SummaryWriter(log_dir=self.tensorboard_dir or output_dir)
